@@ -1,0 +1,318 @@
+"""One config-driven decoder-only transformer in Flax NNX (GPT-2, OPT, Llama/Mistral/SmolLM2, Qwen2).
+
+Shapes: B batch, T new tokens, S key slots (the whole sequence, or the KV cache), D hidden, E word
+embedding (= D except OPT's projected embeddings), H query heads, K kv heads, G = H/K, Dh head dim,
+F mlp, V vocab (as stored, padding included), L layers, P learned positions.
+
+Layers are stacked on a leading `layers` axis and applied with `lax.scan`, so compile time does not grow
+with depth. Positions count real tokens only (left padding is free), as HF does with
+`position_ids = cumsum(mask) - 1`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from minillm_jax.models.config import ModelConfig, rope_inverse_frequencies
+
+_MASKED = -1e30  # finite so fully masked rows (left padding) stay NaN-free
+
+
+def _param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter with logical axis names; `sharding.py` maps them onto the mesh."""
+    assert value.ndim == len(axes), (value.shape, axes)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+    return tuple(variable.get_metadata().get("out_sharding") or ())
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, written slot by slot; passed in and out explicitly."""
+
+    k: Float[Array, "L B S K Dh"]
+    v: Float[Array, "L B S K Dh"]
+    mask: Bool[Array, "B S"]  # the slot holds a real token
+    positions: Int[Array, "B S"]  # position of the token in each slot
+    lengths: Int[Array, " B"]  # real tokens so far: the next token's position
+    index: Int[Array, ""]  # next free slot (shared by all rows)
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def mask_padded_vocab(logits: Float[Array, "... V"], num_real_tokens: int) -> Float[Array, "... V"]:
+    """Push logits of padded vocabulary ids (at or beyond the tokenizer's size) to a huge negative."""
+    if num_real_tokens >= logits.shape[-1]:
+        return logits
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where(ids < num_real_tokens, logits, _MASKED)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(ids, mask)` -> float32 logits; `prefill`/`decode_step` use a KVCache."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        pdtype = jnp.dtype(c.param_dtype)
+        L, D, E, F, V = c.num_layers, c.hidden_size, c.word_dim, c.intermediate_size, c.vocab_size
+        H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
+
+        def normal(*shape):
+            return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(pdtype)
+
+        def ones(*shape):
+            return jnp.ones(shape, pdtype)
+
+        def zeros(*shape):
+            return jnp.zeros(shape, pdtype)
+
+        self.embed_tokens = _param(normal(V, E), ("vocab", "embed"))
+        if c.positions == "learned":
+            self.embed_positions = _param(normal(c.max_position_embeddings + c.position_offset, D), (None, "embed"))
+        if c.embed_dim is not None and c.embed_dim != D:
+            self.project_in = _param(normal(E, D), ("embed", None))
+            self.project_out = _param(normal(D, E), (None, "embed"))
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(normal(E, V), ("embed", "vocab"))
+        if c.final_norm:
+            self.final_norm_scale = _param(ones(D), ("embed",))
+            if c.norm == "layernorm":
+                self.final_norm_bias = _param(zeros(D), ("embed",))
+
+        layer = {
+            "attn_norm_scale": (ones(L, D), ("layers", "embed")),
+            "q_proj": (normal(L, D, H, Dh), ("layers", "embed", "heads", "head_dim")),
+            "k_proj": (normal(L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim")),
+            "v_proj": (normal(L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim")),
+            "o_proj": (normal(L, H, Dh, D), ("layers", "heads", "head_dim", "embed")),
+            "mlp_norm_scale": (ones(L, D), ("layers", "embed")),
+            "up_proj": (normal(L, D, F), ("layers", "embed", "mlp")),
+            "down_proj": (normal(L, F, D), ("layers", "mlp", "embed")),
+        }
+        if c.norm == "layernorm":
+            layer["attn_norm_bias"] = (zeros(L, D), ("layers", "embed"))
+            layer["mlp_norm_bias"] = (zeros(L, D), ("layers", "embed"))
+        if c.qkv_bias:
+            layer["q_bias"] = (zeros(L, H, Dh), ("layers", "heads", "head_dim"))
+            layer["k_bias"] = (zeros(L, K, Dh), ("layers", "kv_heads", "head_dim"))
+            layer["v_bias"] = (zeros(L, K, Dh), ("layers", "kv_heads", "head_dim"))
+        if c.out_bias:
+            layer["o_bias"] = (zeros(L, D), ("layers", "embed"))
+        if c.gated_mlp:
+            layer["gate_proj"] = (normal(L, D, F), ("layers", "embed", "mlp"))
+        if c.mlp_bias:
+            layer["up_bias"] = (zeros(L, F), ("layers", "mlp"))
+            layer["down_bias"] = (zeros(L, D), ("layers", "embed"))
+            if c.gated_mlp:
+                layer["gate_bias"] = (zeros(L, F), ("layers", "mlp"))
+        self.layers = nnx.Dict({name: _param(value, axes) for name, (value, axes) in sorted(layer.items())})
+
+    # ------------------------------------------------------------------ public API
+
+    def __call__(
+        self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None = None
+    ) -> Float[Array, "B T V"]:
+        return self.unembed(self.hidden_states(input_ids, attention_mask))
+
+    def hidden_states(self, input_ids, attention_mask=None) -> Float[Array, "B T E"]:
+        """Final hidden states before the vocabulary projection (for chunked logits in losses)."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        keys = _Keys(mask=mask, positions=positions, slots=jnp.arange(input_ids.shape[1]))
+        hidden, _ = self._run(input_ids, positions, keys, query_slots=keys.slots, cache=None)
+        return hidden
+
+    def unembed(self, hidden: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
+        """Vocabulary logits in float32 (padded ids included; see `mask_padded_vocab`)."""
+        dtype = jnp.dtype(self.config.dtype)
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("bte,ve->btv", hidden, self.embed_tokens[...].astype(dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        c = self.config
+        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+        dtype = jnp.dtype(dtype or c.dtype)
+        return KVCache(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch_size, max_length), bool),
+            positions=jnp.zeros((batch_size, max_length), jnp.int32),
+            lengths=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32),
+        )
+
+    def prefill(
+        self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, cache: KVCache
+    ) -> tuple[Float[Array, "B T V"], KVCache]:
+        """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T)."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        B, T = input_ids.shape
+        mask = jnp.ones((B, T), bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
+        positions = cache.lengths[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        start = cache.index
+        new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
+        new_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, start))
+        keys = _Keys(mask=new_mask, positions=new_positions, slots=jnp.arange(cache.max_length))
+        query_slots = start + jnp.arange(T)
+        hidden, (k, v) = self._run(input_ids, positions, keys, query_slots=query_slots, cache=cache)
+        cache = KVCache(k=k, v=v, mask=new_mask, positions=new_positions,
+                        lengths=cache.lengths + mask.sum(axis=1, dtype=jnp.int32), index=start + T)
+        return self.unembed(hidden), cache
+
+    def decode_step(self, tokens: Int[Array, " B"], cache: KVCache) -> tuple[Float[Array, "B V"], KVCache]:
+        """One new token per row; returns next-token logits [B, V] and the advanced cache."""
+        logits, cache = self.prefill(jnp.asarray(tokens)[:, None], None, cache)
+        return logits[:, 0], cache
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, input_ids, positions, keys: "_Keys", *, query_slots, cache: KVCache | None):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        x = self.embed_tokens[...].astype(dtype)[input_ids]
+        if hasattr(self, "project_in"):
+            x = jnp.einsum("bte,ed->btd", x, self.project_in[...].astype(dtype))
+        if c.positions == "learned":
+            x = x + self.embed_positions[...].astype(dtype)[positions + c.position_offset]
+            rope = None
+        else:
+            inv_freq = jnp.asarray(rope_inverse_frequencies(c), jnp.float32)
+            angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B T Dh/2]
+            rope = (jnp.cos(angles), jnp.sin(angles))
+
+        windows = jnp.asarray(c.sliding_windows or (0,) * c.num_layers, jnp.int32)
+        params = {name: p[...] for name, p in self.layers.items()}
+        block = functools.partial(_block, config=c, rope=rope, positions=positions, keys=keys,
+                                  query_slots=query_slots, cache_index=None if cache is None else cache.index)
+        if c.remat != "none":
+            policy = None if c.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+        if cache is None:
+            x, _ = jax.lax.scan(lambda h, xs: block(h, *xs), x, (params, windows, None, None))
+            kv = None
+        else:
+            x, kv = jax.lax.scan(lambda h, xs: block(h, *xs), x, (params, windows, cache.k, cache.v))
+        if c.final_norm:
+            x = _norm(x, self.final_norm_scale[...], getattr(self, "final_norm_bias", None), c)
+        if hasattr(self, "project_out"):
+            x = jnp.einsum("btd,de->bte", x, self.project_out[...].astype(dtype))
+        return x, kv
+
+
+@flax.struct.dataclass
+class _Keys:
+    mask: Bool[Array, "B S"]
+    positions: Int[Array, "B S"]
+    slots: Int[Array, " S"]
+
+
+def _norm(x, scale, bias, c: ModelConfig):
+    """LayerNorm or RMSNorm in float32, cast back to the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    if c.norm == "rmsnorm":
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps)
+    else:
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + c.norm_eps)
+    y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _rotate(x, cos, sin):
+    """HF rotate-half RoPE: pairs (i, i + Dh/2). x [B T N Dh], cos/sin [B T Dh/2]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _activation(x, name: str):
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, rope, positions, keys: _Keys, query_slots,
+           cache_index):
+    """One transformer layer on per-layer params `p`; returns (x, (k_cache, v_cache))."""
+    c = config
+    dtype = x.dtype
+
+    def w(name):
+        return p[name].astype(dtype)
+
+    residual = x
+    h = _norm(x, p["attn_norm_scale"], p.get("attn_norm_bias"), c) if c.pre_norm else x
+    q = jnp.einsum("btd,dhk->bthk", h, w("q_proj"))
+    k = jnp.einsum("btd,dhk->bthk", h, w("k_proj"))
+    v = jnp.einsum("btd,dhk->bthk", h, w("v_proj"))
+    if c.qkv_bias:
+        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    if rope is not None:
+        cos, sin = rope
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    if k_cache is not None:
+        k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+        new_cache = (k_all, v_all)
+        k_all, v_all = k_all.astype(dtype), v_all.astype(dtype)
+    else:
+        k_all, v_all, new_cache = k, v, None
+
+    B, T, H, Dh = q.shape
+    K = k_all.shape[2]
+    q = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_all, preferred_element_type=jnp.float32) / np.sqrt(Dh)
+    allowed = keys.mask[:, None, :] & (keys.slots[None, None, :] <= query_slots[None, :, None])  # [B T S]
+    distance = positions[:, :, None] - keys.positions[:, None, :]
+    allowed &= (window <= 0) | (distance < window)
+    scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, H, Dh)
+    out = jnp.einsum("bthk,hkd->btd", out, w("o_proj"))
+    if c.out_bias:
+        out = out + w("o_bias")
+    x = residual + out
+    if not c.pre_norm:
+        x = _norm(x, p["attn_norm_scale"], p.get("attn_norm_bias"), c)
+
+    residual = x
+    h = _norm(x, p["mlp_norm_scale"], p.get("mlp_norm_bias"), c) if c.pre_norm else x
+    up = jnp.einsum("btd,df->btf", h, w("up_proj"))
+    if c.mlp_bias:
+        up = up + w("up_bias")
+    if c.gated_mlp:
+        gate = jnp.einsum("btd,df->btf", h, w("gate_proj"))
+        if c.mlp_bias:
+            gate = gate + w("gate_bias")
+        up = _activation(gate, c.activation) * up
+    else:
+        up = _activation(up, c.activation)
+    out = jnp.einsum("btf,fd->btd", up, w("down_proj"))
+    if c.mlp_bias:
+        out = out + w("down_bias")
+    x = residual + out
+    if not c.pre_norm:
+        x = _norm(x, p["mlp_norm_scale"], p.get("mlp_norm_bias"), c)
+    return x, new_cache

@@ -1,0 +1,91 @@
+"""Tiny random transformers + torch (fp32) models of every supported family and variant: the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+SMALL = dict(vocab_size=96)
+
+# name -> (config class, kwargs). Every family and variant the model code claims to cover.
+VARIANTS = {
+    "gpt2": (transformers.GPT2Config, dict(n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=80,
+                                           activation_function="gelu_new", **SMALL)),
+    "opt_pre_ln": (transformers.OPTConfig, dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                                num_attention_heads=4, max_position_embeddings=64,
+                                                word_embed_proj_dim=32, do_layer_norm_before=True, **SMALL)),
+    "opt_post_ln_project": (transformers.OPTConfig, dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                                         num_attention_heads=4, max_position_embeddings=64,
+                                                         word_embed_proj_dim=16, do_layer_norm_before=False,
+                                                         **SMALL)),
+    "llama_gqa": (transformers.LlamaConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=64, rope_theta=500000.0,
+                                                 tie_word_embeddings=False, **SMALL)),
+    "llama3_rope_scaling": (transformers.LlamaConfig, dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=128, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8), **SMALL)),
+    "llama_linear_rope_bias_headdim": (transformers.LlamaConfig, dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, attention_bias=True, mlp_bias=True, max_position_embeddings=64, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0), **SMALL)),
+    "smollm2_tied": (transformers.LlamaConfig, dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                                                    num_attention_heads=3, num_key_value_heads=1,
+                                                    max_position_embeddings=64, rope_theta=100000.0,
+                                                    tie_word_embeddings=True, **SMALL)),
+    "mistral_sliding_window": (transformers.MistralConfig, dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, sliding_window=4, head_dim=8, **SMALL)),
+    "qwen2": (transformers.Qwen2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64, tie_word_embeddings=False, **SMALL)),
+    "qwen2_tied": (transformers.Qwen2Config, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=1,
+                                                  max_position_embeddings=64, tie_word_embeddings=True, **SMALL)),
+}
+
+
+def build_hf_model(name: str, seed: int = 0):
+    """A transformers model with every parameter randomised (norm weights and biases too, so a mis-mapped
+    bias or norm cannot hide behind HF's ones/zeros initialisation)."""
+    config_cls, kwargs = VARIANTS[name]
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = model.float().eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if "norm" in pname or "ln_" in pname:
+                param.copy_(1.0 + 0.1 * noise if pname.endswith("weight") else 0.1 * noise)
+            else:
+                param.copy_(0.15 * noise)
+    return model
+
+
+def left_padded_batch(vocab: int, batch: int = 3, length: int = 12, seed: int = 0):
+    """Random ids with a different amount of left padding per row (row 0 unpadded)."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, size=(batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    for row in range(1, batch):
+        mask[row, : min(row * 3, length - 2)] = 0
+    ids = np.where(mask > 0, ids, 0).astype(np.int32)
+    return ids, mask
+
+
+def hf_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(position_ids.astype(np.int64)))
+    return out.logits.float().numpy()
+
+
+def max_diff_on_real(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    return float(np.abs(np.where(mask[..., None] > 0, np.asarray(a) - np.asarray(b), 0.0)).max())

@@ -1,0 +1,112 @@
+"""Logit parity with transformers + torch for every family and variant, both directions of conversion."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from hf_reference import VARIANTS, build_hf_model, hf_logits, left_padded_batch, max_diff_on_real
+from minillm_jax.models import load_pretrained, save_pretrained
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_import_and_export_match_transformers(variant, tmp_path):
+    hf_model = build_hf_model(variant)
+    hf_model.save_pretrained(tmp_path / "hf")
+    ids, mask = left_padded_batch(hf_model.config.vocab_size, length=12)
+    expected = hf_logits(hf_model, ids, mask)
+
+    model = load_pretrained(tmp_path / "hf")
+    ours = np.asarray(model(ids, mask))
+    assert ours.shape == expected.shape and ours.dtype == np.float32
+    assert max_diff_on_real(ours, expected, mask) <= 1e-4
+
+    save_pretrained(model, tmp_path / "ours")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    assert type(reloaded) is type(hf_model)
+    assert max_diff_on_real(hf_logits(reloaded.float().eval(), ids, mask), ours, mask) <= 1e-4
+    # Every HF tensor survives the round trip bit for bit in fp32.
+    original = hf_model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        if name in original:
+            torch.testing.assert_close(value, original[name], rtol=0, atol=0, msg=name)
+
+
+def test_sliding_window_matters():
+    """Guard against a vacuous sliding-window test: the window must change the logits."""
+    hf_model = build_hf_model("mistral_sliding_window")
+    ids, mask = left_padded_batch(hf_model.config.vocab_size, length=12)
+    windowed = hf_logits(hf_model, ids, mask)
+    hf_model.config.sliding_window = None
+    for layer in hf_model.model.layers:
+        layer.self_attn.sliding_window = None
+    full = hf_logits(hf_model, ids, mask)
+    assert max_diff_on_real(windowed, full, mask) > 1e-3
+
+
+def _word_tokenizer(size: int) -> transformers.PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(size - 1)} | {"<eos>": size - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="w0")
+
+
+def test_padded_vocabulary_keeps_checkpoint_shape(tmp_path):
+    hf_model = build_hf_model("qwen2_tied")  # vocab_size 96 in the checkpoint
+    hf_model.save_pretrained(tmp_path / "hf")
+    tokenizer = _word_tokenizer(90)
+    tokenizer.save_pretrained(tmp_path / "hf")
+
+    model = load_pretrained(tmp_path / "hf")
+    assert model.config.vocab_size == 96
+    assert model.config.real_vocab_size == 90 == model.config.num_real_tokens
+    ids, mask = left_padded_batch(90)
+    assert model(ids, mask).shape[-1] == 96
+
+    save_pretrained(model, tmp_path / "out", tokenizer=tokenizer)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 96
+    again = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "out")
+    assert again("w3 w5 w7")["input_ids"] == tokenizer("w3 w5 w7")["input_ids"] == [3, 5, 7]
+    assert load_pretrained(tmp_path / "out").config.real_vocab_size == 90
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation.get("eos_token_id") == hf_model.config.eos_token_id
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    hf_model = build_hf_model("llama_gqa")
+    model = load_pretrained(_save(hf_model, tmp_path / "hf"))
+    save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((tmp_path / "sharded" / f).exists() for f in files)
+    ids, mask = left_padded_batch(96)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", attn_implementation="eager")
+    assert max_diff_on_real(hf_logits(reloaded, ids, mask), hf_logits(hf_model, ids, mask), mask) <= 1e-5
+    ours = load_pretrained(tmp_path / "sharded")
+    assert max_diff_on_real(np.asarray(ours(ids, mask)), hf_logits(hf_model, ids, mask), mask) <= 1e-4
+
+
+def test_bfloat16_load_and_export(tmp_path):
+    hf_model = build_hf_model("smollm2_tied")
+    path = _save(hf_model, tmp_path / "hf")
+    ids, mask = left_padded_batch(96)
+    model = load_pretrained(path, dtype="bfloat16")
+    assert model.layers["q_proj"][...].dtype == np.dtype("bfloat16")
+    logits = np.asarray(model(ids, mask))
+    assert logits.dtype == np.float32
+    reference = hf_logits(hf_model, ids, mask)
+    scale = np.abs(reference).max()
+    assert max_diff_on_real(logits, reference, mask) <= 0.05 * scale
+    save_pretrained(model, tmp_path / "bf16")
+    header = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert header.get("dtype", header.get("torch_dtype")) == "bfloat16"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+
+
+def _save(hf_model, path):
+    hf_model.save_pretrained(path)
+    return path
