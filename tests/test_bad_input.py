@@ -99,3 +99,13 @@ def test_invalid_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
         load_pretrained(tmp_path)
+
+
+def test_truncated_gguf_is_named(smollm2_gguf, tmp_path):
+    from minillm_jax.models.gguf import GGUFError
+
+    bad = tmp_path / "cut.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        bad.write_bytes(f.read(1 << 20))
+    with pytest.raises(GGUFError, match="cut.gguf"):
+        load_pretrained(bad)

@@ -188,27 +188,17 @@ def _safetensors_keys(file: pathlib.Path) -> list[str]:
 
 
 class _GGUFSource(_TensorSource):
-    """GGUF tensors are dequantised in file order; each is kept only until its spec consumes it."""
-
     def __init__(self, file: pathlib.Path):
         from minillm_jax.models import gguf
 
         self.file = file
-        self._iter = gguf.iter_gguf_tensors(file)
-        self._pending: dict[str, np.ndarray] = {}
-        self._names = set(gguf.gguf_tensor_names(file))
+        self.tensors = gguf.GGUFTensors(file)
 
     def names(self) -> set[str]:
-        return self._names
+        return set(self.tensors.names())
 
     def get(self, name: str) -> np.ndarray:
-        while name not in self._pending:
-            try:
-                key, value = next(self._iter)
-            except StopIteration:
-                raise CheckpointError(f"{self.file}: tensor {name!r} not found") from None
-            self._pending[key] = value
-        return self._pending.pop(name)
+        return self.tensors.get(name)
 
     def where(self, name: str | None = None) -> str:
         return str(self.file)
