@@ -252,17 +252,32 @@ def _activation(x, name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, rope, positions, keys: _Keys, query_slots,
-           cache_index):
-    """One transformer layer on per-layer params `p`; returns (x, (k_cache, v_cache))."""
+def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, **attention_kwargs):
+    """One transformer layer on per-layer params `p`; returns (x, (k_cache, v_cache) or None).
+    Pre-norm blocks normalise each sublayer's input; post-norm blocks (OPT-350m) its residual sum."""
     c = config
-    dtype = x.dtype
+
+    def norm(h, name):
+        return _norm(h, p[f"{name}_scale"], p.get(f"{name}_bias"), c)
+
+    h = norm(x, "attn_norm") if c.pre_norm else x
+    out, new_cache = _attention(h, p, window, k_cache, v_cache, config=c, **attention_kwargs)
+    x = x + out if c.pre_norm else norm(x + out, "attn_norm")
+    h = norm(x, "mlp_norm") if c.pre_norm else x
+    out = _mlp(h, p, c)
+    x = x + out if c.pre_norm else norm(x + out, "mlp_norm")
+    return x, new_cache
+
+
+def _attention(h, p, window, k_cache, v_cache, *, config: ModelConfig, rope, positions, keys: _Keys, query_slots,
+               cache_index):
+    """Grouped-query attention over the sequence or the cache (written at `cache_index` first)."""
+    c = config
+    dtype = h.dtype
 
     def w(name):
         return p[name].astype(dtype)
 
-    residual = x
-    h = _norm(x, p["attn_norm_scale"], p.get("attn_norm_bias"), c) if c.pre_norm else x
     q = jnp.einsum("btd,dhk->bthk", h, w("q_proj"))
     k = jnp.einsum("btd,dhk->bthk", h, w("k_proj"))
     v = jnp.einsum("btd,dhk->bthk", h, w("v_proj"))
@@ -293,12 +308,15 @@ def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, rope, positio
     out = jnp.einsum("bthk,hkd->btd", out, w("o_proj"))
     if c.out_bias:
         out = out + w("o_bias")
-    x = residual + out
-    if not c.pre_norm:
-        x = _norm(x, p["attn_norm_scale"], p.get("attn_norm_bias"), c)
+    return out, new_cache
 
-    residual = x
-    h = _norm(x, p["mlp_norm_scale"], p.get("mlp_norm_bias"), c) if c.pre_norm else x
+
+def _mlp(h, p, c: ModelConfig):
+    dtype = h.dtype
+
+    def w(name):
+        return p[name].astype(dtype)
+
     up = jnp.einsum("btd,df->btf", h, w("up_proj"))
     if c.mlp_bias:
         up = up + w("up_bias")
@@ -312,7 +330,4 @@ def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, rope, positio
     out = jnp.einsum("btf,fd->btd", up, w("down_proj"))
     if c.mlp_bias:
         out = out + w("down_bias")
-    x = residual + out
-    if not c.pre_norm:
-        x = _norm(x, p["mlp_norm_scale"], p.get("mlp_norm_bias"), c)
-    return x, new_cache
+    return out
