@@ -110,3 +110,19 @@ def test_bfloat16_load_and_export(tmp_path):
 def _save(hf_model, path):
     hf_model.save_pretrained(path)
     return path
+
+
+def test_legacy_names_without_base_prefix(tmp_path):
+    """Older hub exports (e.g. the original gpt2 checkpoints) store `h.0.attn...` without `transformer.`."""
+    from safetensors.numpy import load_file, save_file
+
+    hf_model = build_hf_model("gpt2")
+    hf_model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    legacy = {name.removeprefix("transformer."): value for name, value in tensors.items()}
+    legacy["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))  # old causal-mask buffer
+    assert "h.0.attn.c_attn.weight" in legacy
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids, mask = left_padded_batch(96)
+    ours = np.asarray(load_pretrained(tmp_path)(ids, mask))
+    assert max_diff_on_real(ours, hf_logits(hf_model, ids, mask), mask) <= 1e-4

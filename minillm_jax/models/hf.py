@@ -261,8 +261,8 @@ def _load_weights(config: ModelConfig, source: _TensorSource, mesh, rules) -> Tr
                 values[target] = _set_layer(values[target], part, np.int32(spec.layer))
             filled[target].add(spec.layer)
     for name, var in by_name.items():
-        expected = {None} if len(var.get_metadata().get("out_sharding") or ()) == 0 or \
-            var.get_metadata()["out_sharding"][0] != "layers" else set(range(config.num_layers))
+        stacked = (var.get_metadata().get("out_sharding") or (None,))[0] == "layers"
+        expected = set(range(config.num_layers)) if stacked else {None}
         if filled[name] != expected:
             raise CheckpointError(f"{source.where()}: parameter {name} was not filled completely "
                                   f"(layers {sorted(expected - filled[name], key=str)} missing)")
