@@ -27,9 +27,10 @@ GPT2_XL = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=
 
 
 def write_checkpoint(directory: pathlib.Path) -> int:
+    from transformers import GPT2Config
+
     from minillm_jax.models import families
     from minillm_jax.models.hf import write_safetensors
-    from transformers import GPT2Config
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(GPT2_XL))

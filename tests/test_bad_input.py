@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from hf_reference import build_hf_model
 from safetensors.numpy import load_file, save_file
 
-from hf_reference import build_hf_model
 from minillm_jax.models import CheckpointError, UnsupportedModelError, load_pretrained
 
 

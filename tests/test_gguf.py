@@ -1,13 +1,13 @@
 """GGUF reading checked against transformers' own GGUF loader (torch, test-only) as the reference."""
 
 import math
-import pathlib
 
 import gguf
 import numpy as np
 import pytest
 
-from minillm_jax.models.gguf import GGUFError, iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config
+from minillm_jax.models.gguf import GGUFError, iter_gguf_tensors, read_gguf_config
+from minillm_jax.models.gguf_tokenizer import load_gguf_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

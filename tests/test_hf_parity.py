@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_reference import VARIANTS, build_hf_model, hf_logits, left_padded_batch, max_diff_on_real
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from hf_reference import VARIANTS, build_hf_model, hf_logits, left_padded_batch, max_diff_on_real
 from minillm_jax.models import load_pretrained, save_pretrained
 
 

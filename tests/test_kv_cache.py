@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_reference import VARIANTS, left_padded_batch, max_diff_on_real
+
 from minillm_jax.models import Transformer
 from minillm_jax.models.families import config_from_hf
 

@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import pytest
+from hf_reference import build_hf_model, hf_logits, left_padded_batch, max_diff_on_real
 from jax.sharding import PartitionSpec as P
 
-from hf_reference import build_hf_model, hf_logits, left_padded_batch, max_diff_on_real
 from minillm_jax import sharding
 from minillm_jax.models import load_pretrained
 

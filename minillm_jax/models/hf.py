@@ -404,9 +404,9 @@ def load_tokenizer(path: str | os.PathLike):
     """A transformers tokenizer for an HF directory / hub name, or one built from a `.gguf` file."""
     path = resolve_path(path)
     if path.suffix == ".gguf":
-        from minillm_jax.models import gguf
+        from minillm_jax.models.gguf_tokenizer import load_gguf_tokenizer
 
-        return gguf.load_gguf_tokenizer(path)
+        return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
