@@ -128,11 +128,8 @@ class Transformer(nnx.Module):
 
     def hidden_states(self, input_ids, attention_mask=None) -> Float[Array, "B T E"]:
         """Final hidden states before the vocabulary projection (for chunked logits in losses)."""
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-        keys = _Keys(mask=mask, positions=positions, slots=jnp.arange(input_ids.shape[1]))
-        hidden, _ = self._run(input_ids, positions, keys, query_slots=keys.slots, cache=None)
+        input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=0)
+        hidden, _ = self._run(input_ids, mask, positions, cache=None)
         return hidden
 
     def unembed(self, hidden: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
@@ -157,19 +154,21 @@ class Transformer(nnx.Module):
     def prefill(
         self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, cache: KVCache
     ) -> tuple[Float[Array, "B T V"], KVCache]:
-        """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T)."""
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        B, T = input_ids.shape
-        mask = jnp.ones((B, T), bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
-        positions = cache.lengths[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T).
+
+        Inside the layer scan the cache is only read; the new keys and values come out of the scan and
+        are written once afterwards, so a decode step writes one slot, not a copy of the cache."""
+        input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=cache.lengths[:, None])
+        hidden, (k_new, v_new) = self._run(input_ids, mask, positions, cache=cache)
         start = cache.index
-        new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
-        new_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, start))
-        keys = _Keys(mask=new_mask, positions=new_positions, slots=jnp.arange(cache.max_length))
-        query_slots = start + jnp.arange(T)
-        hidden, (k, v) = self._run(input_ids, positions, keys, query_slots=query_slots, cache=cache)
-        cache = KVCache(k=k, v=v, mask=new_mask, positions=new_positions,
-                        lengths=cache.lengths + mask.sum(axis=1, dtype=jnp.int32), index=start + T)
+        cache = KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, start, 0, 0)),
+            v=jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, 0, start, 0, 0)),
+            mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)),
+            positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, start)),
+            lengths=cache.lengths + mask.sum(axis=1, dtype=jnp.int32),
+            index=start + input_ids.shape[1],
+        )
         return self.unembed(hidden), cache
 
     def decode_step(self, tokens: Int[Array, " B"], cache: KVCache) -> tuple[Float[Array, "B V"], KVCache]:
@@ -179,7 +178,9 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, input_ids, positions, keys: "_Keys", *, query_slots, cache: KVCache | None):
+    def _run(self, input_ids, mask, positions, *, cache: KVCache | None):
+        """Embeddings, the layer scan and the final norm; also returns the new tokens' keys and values
+        stacked over layers ([L B T K Dh] each)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         x = self.embed_tokens[...].astype(dtype)[input_ids]
@@ -195,28 +196,42 @@ class Transformer(nnx.Module):
 
         windows = jnp.asarray(c.sliding_windows or (0,) * c.num_layers, jnp.int32)
         params = {name: p[...] for name, p in self.layers.items()}
-        block = functools.partial(_block, config=c, rope=rope, positions=positions, keys=keys,
-                                  query_slots=query_slots, cache_index=None if cache is None else cache.index)
+        context = _Context(mask=mask, positions=positions, rope=rope,
+                           cache_mask=None if cache is None else cache.mask,
+                           cache_positions=None if cache is None else cache.positions)
+        block = functools.partial(_block, config=c, context=context)
         if c.remat != "none":
             policy = None if c.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             block = jax.checkpoint(block, policy=policy, prevent_cse=False)
-        if cache is None:
-            x, _ = jax.lax.scan(lambda h, xs: block(h, *xs), x, (params, windows, None, None))
-            kv = None
-        else:
-            x, kv = jax.lax.scan(lambda h, xs: block(h, *xs), x, (params, windows, cache.k, cache.v))
+        cached = (None, None) if cache is None else (cache.k, cache.v)
+        x, new_kv = jax.lax.scan(lambda h, xs: block(h, *xs), x, (params, windows, *cached))
         if c.final_norm:
             x = _norm(x, self.final_norm_scale[...], getattr(self, "final_norm_bias", None), c)
         if hasattr(self, "project_out"):
             x = jnp.einsum("btd,de->bte", x, self.project_out[...].astype(dtype))
-        return x, kv
+        return x, new_kv
+
+
+def _prepare(input_ids, attention_mask, first_position):
+    """int32 ids, a bool mask and per-row positions that count real tokens only (left padding is free)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask) > 0
+    positions = first_position + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+    return input_ids, mask, positions.astype(jnp.int32)
 
 
 @flax.struct.dataclass
-class _Keys:
-    mask: Bool[Array, "B S"]
-    positions: Int[Array, "B S"]
-    slots: Int[Array, " S"]
+class _Context:
+    """What every layer needs besides its parameters: the new tokens' mask/positions/rope, and the
+    cache's slot mask and positions when decoding against one."""
+
+    mask: Bool[Array, "B T"]
+    positions: Int[Array, "B T"]
+    rope: tuple | None
+    cache_mask: Bool[Array, "B S"] | None
+    cache_positions: Int[Array, "B S"] | None
+
+
 
 
 def _norm(x, scale, bias, c: ModelConfig):
@@ -252,8 +267,8 @@ def _activation(x, name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, **attention_kwargs):
-    """One transformer layer on per-layer params `p`; returns (x, (k_cache, v_cache) or None).
+def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, context: _Context):
+    """One transformer layer on per-layer params `p`; returns (x, (k, v) of the new tokens).
     Pre-norm blocks normalise each sublayer's input; post-norm blocks (OPT-350m) its residual sum."""
     c = config
 
@@ -261,17 +276,17 @@ def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, **attention_k
         return _norm(h, p[f"{name}_scale"], p.get(f"{name}_bias"), c)
 
     h = norm(x, "attn_norm") if c.pre_norm else x
-    out, new_cache = _attention(h, p, window, k_cache, v_cache, config=c, **attention_kwargs)
+    out, new_kv = _attention(h, p, window, k_cache, v_cache, config=c, context=context)
     x = x + out if c.pre_norm else norm(x + out, "attn_norm")
     h = norm(x, "mlp_norm") if c.pre_norm else x
     out = _mlp(h, p, c)
     x = x + out if c.pre_norm else norm(x + out, "mlp_norm")
-    return x, new_cache
+    return x, new_kv
 
 
-def _attention(h, p, window, k_cache, v_cache, *, config: ModelConfig, rope, positions, keys: _Keys, query_slots,
-               cache_index):
-    """Grouped-query attention over the sequence or the cache (written at `cache_index` first)."""
+def _attention(h, p, window, k_cache, v_cache, *, config: ModelConfig, context: _Context):
+    """Grouped-query attention of the T new tokens over the cache (read only) and over themselves
+    (causally), as one softmax across both blocks of keys."""
     c = config
     dtype = h.dtype
 
@@ -283,32 +298,35 @@ def _attention(h, p, window, k_cache, v_cache, *, config: ModelConfig, rope, pos
     v = jnp.einsum("btd,dhk->bthk", h, w("v_proj"))
     if c.qkv_bias:
         q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
-    if rope is not None:
-        cos, sin = rope
+    if context.rope is not None:
+        cos, sin = context.rope
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
 
-    if k_cache is not None:
-        k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-        new_cache = (k_all, v_all)
-        k_all, v_all = k_all.astype(dtype), v_all.astype(dtype)
-    else:
-        k_all, v_all, new_cache = k, v, None
-
     B, T, H, Dh = q.shape
-    K = k_all.shape[2]
+    K = k.shape[2]
     q = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_all, preferred_element_type=jnp.float32) / np.sqrt(Dh)
-    allowed = keys.mask[:, None, :] & (keys.slots[None, None, :] <= query_slots[None, :, None])  # [B T S]
-    distance = positions[:, :, None] - keys.positions[:, None, :]
-    allowed &= (window <= 0) | (distance < window)
-    scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, H, Dh)
-    out = jnp.einsum("bthk,hkd->btd", out, w("o_proj"))
+    query_positions = context.positions[:, :, None]
+
+    def in_window(key_positions):  # [B T S]
+        return (window <= 0) | (query_positions - key_positions[:, None, :] < window)
+
+    causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    blocks = [(k, v, context.mask[:, None, :] & causal[None] & in_window(context.positions))]
+    if k_cache is not None:
+        blocks.insert(0, (k_cache.astype(dtype), v_cache.astype(dtype),
+                          context.cache_mask[:, None, :] & in_window(context.cache_positions)))
+    scores = [jnp.where(allowed[:, None, None],
+                        jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / np.sqrt(Dh),
+                        _MASKED) for keys, _, allowed in blocks]
+    top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
+    exps = [jnp.exp(s - top) for s in scores]
+    total = sum(e.sum(axis=-1, keepdims=True) for e in exps)
+    out = sum(jnp.einsum("bkgts,bskd->btkgd", (e / total).astype(dtype), values)
+              for e, (_, values, _) in zip(exps, blocks))
+    out = jnp.einsum("bthk,hkd->btd", out.reshape(B, T, H, Dh), w("o_proj"))
     if c.out_bias:
         out = out + w("o_bias")
-    return out, new_cache
+    return out, (k, v)
 
 
 def _mlp(h, p, c: ModelConfig):
