@@ -89,3 +89,20 @@ def hf_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def max_diff_on_real(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(np.where(mask[..., None] > 0, np.asarray(a) - np.asarray(b), 0.0)).max())
+
+
+def random_model(variant: str, seed: int = 0, noise: float = 0.1):
+    """Our Transformer for a variant's config, randomly initialised, with every parameter (norms and
+    biases included) perturbed so that all of them take part."""
+    import jax
+    from flax import nnx
+
+    from minillm_jax.models import Transformer
+    from minillm_jax.models.families import config_from_hf
+
+    config_cls, kwargs = VARIANTS[variant]
+    model = Transformer(config_from_hf(config_cls(**kwargs)), rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
+    state = jax.tree.map(lambda x: x + noise * jax.random.normal(next(keys), x.shape, x.dtype), state)
+    return nnx.merge(graphdef, state)

@@ -5,26 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_reference import VARIANTS, left_padded_batch, max_diff_on_real
-
-from minillm_jax.models import Transformer
-from minillm_jax.models.families import config_from_hf
-
-
-def _random_model(variant: str, seed: int = 0) -> Transformer:
-    config_cls, kwargs = VARIANTS[variant]
-    model = Transformer(config_from_hf(config_cls(**kwargs)), rngs=nnx.Rngs(seed))
-    # Give norms and biases non-trivial values so every parameter takes part.
-    graphdef, state = nnx.split(model)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
-    state = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype), state)
-    return nnx.merge(graphdef, state)
+from hf_reference import left_padded_batch, max_diff_on_real, random_model
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "opt_post_ln_project", "llama3_rope_scaling",
                                      "mistral_sliding_window", "qwen2"])
 def test_prefill_then_decode_matches_full_forward(variant):
-    model = _random_model(variant)
+    model = random_model(variant)
     ids, mask = left_padded_batch(model.config.vocab_size, batch=3, length=14)
     full = np.asarray(model(ids, mask))
 
@@ -43,7 +30,7 @@ def test_prefill_then_decode_matches_full_forward(variant):
 
 
 def test_left_padding_gives_the_same_logits_as_no_padding():
-    model = _random_model("llama_gqa")
+    model = random_model("llama_gqa")
     ids, _ = left_padded_batch(model.config.vocab_size, batch=1, length=9)
     alone = np.asarray(model(ids))
     padded = np.concatenate([np.zeros((1, 5), np.int32), ids], axis=1)
@@ -56,7 +43,7 @@ def test_left_padding_gives_the_same_logits_as_no_padding():
 
 
 def test_chunked_prefill_equals_one_prefill():
-    model = _random_model("qwen2")
+    model = random_model("qwen2")
     ids, mask = left_padded_batch(model.config.vocab_size, batch=2, length=12)
     whole, _ = model.prefill(ids, mask, model.init_cache(2, 12))
     cache = model.init_cache(2, 12)
@@ -66,7 +53,7 @@ def test_chunked_prefill_equals_one_prefill():
 
 
 def test_remat_changes_nothing_numerically():
-    model = _random_model("llama_gqa")
+    model = random_model("llama_gqa")
     ids, mask = left_padded_batch(model.config.vocab_size)
 
     def loss(m):

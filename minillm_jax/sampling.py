@@ -1,0 +1,281 @@
+"""Compiled sampling: one prefill, then one jitted `lax.while_loop` of KV-cache decode steps that stops
+when every row is done; with a teacher, MiniLLM's teacher-mixed sampling steps both models' caches in
+the same loop and draws each token from (1 - alpha) * q + alpha * p.
+
+Shapes: B batch, P prompt (left-padded to a bucket), R max new tokens, V the real vocabulary (ids of a
+padded checkpoint vocabulary beyond the tokenizer's size are sliced off, so they are never sampled).
+
+Distributions, all in float32: q = softmax(student_logits / T) and p = softmax(teacher_logits / T);
+tokens are drawn from the mixture after no-repeat-n-gram, top-k and top-p filtering (in that order, as
+transformers does). `logprobs` is log q(y) and `teacher_logprobs` log p(y) of the drawn token, and
+`weights` is q(y) / ((1 - alpha) q(y) + alpha p(y)), the unfiltered mixture's importance weight.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from minillm_jax.models.transformer import Transformer
+
+# Incremented at trace time: tests use it to check that shapes within a bucket compile once.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Decode settings; frozen and hashable (a static argument of the compiled loop)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_token_id: int | tuple[int, ...] | None = None
+    no_repeat_ngram_size: int = 0
+    prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens}: expected >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature}: expected > 0 (use greedy=True)")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k={self.top_k}: expected >= 0 (0 disables)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p}: expected in (0, 1]")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"SamplingConfig.no_repeat_ngram_size={self.no_repeat_ngram_size}: expected >= 0")
+        buckets = tuple(int(b) for b in self.prompt_buckets)
+        if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"SamplingConfig.prompt_buckets={self.prompt_buckets}: expected increasing positive "
+                             "lengths")
+        object.__setattr__(self, "prompt_buckets", buckets)
+        eos = self.eos_token_id
+        object.__setattr__(self, "eos_token_id",
+                           () if eos is None else (int(eos),) if np.ndim(eos) == 0 else tuple(int(e) for e in eos))
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    tokens: Int[Array, "B R"]  # generated ids; pad_token_id after EOS
+    mask: Bool[Array, "B R"]  # True on generated tokens up to and including EOS
+    lengths: Int[Array, " B"]
+    logprobs: Float[Array, "B R"]  # log q(y_t), the student's
+    prompt_tokens: Int[Array, "B P"]  # the left-padded, bucketed prompts the loop ran on
+    prompt_mask: Bool[Array, "B P"]
+    teacher_logprobs: Float[Array, "B R"] | None = None  # log p(y_t)
+    weights: Float[Array, "B R"] | None = None  # q / ((1 - alpha) q + alpha p)
+
+
+@flax.struct.dataclass
+class _LoopState:
+    step: Int[Array, ""]
+    done: Bool[Array, " B"]
+    tokens: Int[Array, "B R"]
+    mask: Bool[Array, "B R"]
+    logprobs: Float[Array, "B R"]
+    teacher_logprobs: Float[Array, "B R"]
+    weights: Float[Array, "B R"]
+    history: Int[Array, "B P+R"]  # prompt and generated ids, for n-gram blocking
+    history_mask: Bool[Array, "B P+R"]
+    logits: Float[Array, "B V"]  # student's next-token logits
+    teacher_logits: Float[Array, "B V"] | None
+    cache: object
+    teacher_cache: object
+
+
+def generate(model: Transformer, prompts, config: SamplingConfig, rng: jax.Array, *,
+             teacher: Transformer | None = None, mix_alpha: float = 0.0) -> SampleOutput:
+    """Sample up to `config.max_new_tokens` for each prompt.
+
+    `prompts` is a list of token-id lists, or a pair (ids [B, T], mask [B, T]) already left-padded.
+    With a `teacher`, tokens come from (1 - mix_alpha) * q + mix_alpha * p and the teacher's log-probs
+    and importance weights are returned too. The same prompts and key give the same tokens.
+    """
+    ids, mask = pad_prompts(prompts, config.prompt_buckets, config.pad_token_id)
+    num_real = model.config.num_real_tokens
+    if teacher is not None:
+        if teacher.config.num_real_tokens != num_real:
+            raise ValueError(
+                f"teacher and student must share a tokenizer: real vocabulary sizes differ (student "
+                f"{num_real}, teacher {teacher.config.num_real_tokens}; checkpoint sizes "
+                f"{model.config.vocab_size} / {teacher.config.vocab_size})")
+        if not 0.0 <= mix_alpha <= 1.0:
+            raise ValueError(f"mix_alpha={mix_alpha}: expected in [0, 1]")
+    elif mix_alpha:
+        raise ValueError(f"mix_alpha={mix_alpha} needs a teacher")
+    for m, role in ((model, "student"), (teacher, "teacher")):
+        if m is not None and m.config.positions == "learned":
+            longest = int(mask.sum(1).max()) + config.max_new_tokens
+            if longest > m.config.max_position_embeddings:
+                raise ValueError(f"{role}: prompt + max_new_tokens reaches position {longest}, beyond its "
+                                 f"max_position_embeddings={m.config.max_position_embeddings}")
+
+    student_def, student_state = nnx.split(model)
+    teacher_def, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+    return _generate(student_def, student_state, teacher_def, teacher_state, jnp.asarray(ids), jnp.asarray(mask),
+                     rng, jnp.float32(mix_alpha), config=config, num_real=num_real)
+
+
+def pad_prompts(prompts, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts to the smallest bucket that holds the longest one: ids int32, mask bool [B, P]."""
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+        ids, mask = np.asarray(prompts[0], np.int32), np.asarray(prompts[1]) > 0
+        if ids.shape != mask.shape:
+            raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} differ in shape")
+        if not mask[:, -1].all():
+            raise ValueError("prompts must be left-padded: the last column of the mask must be 1 in every row")
+        rows = [row[m].tolist() for row, m in zip(ids, mask)]
+    else:
+        rows = [list(map(int, p)) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts given")
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+    longest = max(map(len, rows))
+    fitting = [b for b in buckets if b >= longest]
+    if not fitting:
+        raise ValueError(f"prompt of {longest} tokens exceeds the largest bucket {buckets[-1]} "
+                         "(truncate prompts or add a bucket)")
+    width = fitting[0]
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = True
+    return ids, mask
+
+
+@functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "config", "num_real"))
+def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask, rng, alpha, *,
+              config: SamplingConfig, num_real: int) -> SampleOutput:
+    TRACE_COUNTS["generate"] += 1
+    student = nnx.merge(student_def, student_state)
+    teacher = nnx.merge(teacher_def, teacher_state) if teacher_def is not None else None
+    B, P = ids.shape
+    R = config.max_new_tokens
+
+    def start(model):
+        logits, cache = model.prefill(ids, mask, model.init_cache(B, P + R))
+        return logits[:, -1, :num_real], cache
+
+    logits, cache = start(student)
+    teacher_logits, teacher_cache = start(teacher) if teacher is not None else (None, None)
+    zeros = jnp.zeros((B, R), jnp.float32)
+    state = _LoopState(
+        step=jnp.int32(0), done=jnp.zeros((B,), bool), tokens=jnp.full((B, R), config.pad_token_id, jnp.int32),
+        mask=jnp.zeros((B, R), bool), logprobs=zeros, teacher_logprobs=zeros, weights=jnp.ones((B, R), jnp.float32),
+        history=jnp.concatenate([ids, jnp.zeros((B, R), jnp.int32)], axis=1),
+        history_mask=jnp.concatenate([mask, jnp.zeros((B, R), bool)], axis=1),
+        logits=logits, teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
+
+    def body(s: _LoopState) -> _LoopState:
+        key = jax.random.fold_in(rng, s.step)
+        token, logq, logp, weight = _choose(s, P + s.step, key, alpha, config)
+        live = ~s.done
+        token = jnp.where(live, token, config.pad_token_id)
+        is_eos = jnp.isin(token, jnp.asarray(config.eos_token_id or (-1,), jnp.int32)) & live
+
+        def put(buffer, values):
+            return jax.lax.dynamic_update_slice(buffer, values[:, None].astype(buffer.dtype), (0, s.step))
+
+        logits, cache = student.decode_step(token, s.cache)
+        if teacher is not None:
+            teacher_logits, teacher_cache = teacher.decode_step(token, s.teacher_cache)
+            teacher_logits = teacher_logits[:, :num_real]
+        else:
+            teacher_logits, teacher_cache = None, None
+        return _LoopState(
+            step=s.step + 1, done=s.done | is_eos, tokens=put(s.tokens, token), mask=put(s.mask, live),
+            logprobs=put(s.logprobs, jnp.where(live, logq, 0.0)),
+            teacher_logprobs=put(s.teacher_logprobs, jnp.where(live, logp, 0.0)),
+            weights=put(s.weights, jnp.where(live, weight, 1.0)),
+            history=jax.lax.dynamic_update_slice(s.history, token[:, None], (0, P + s.step)),
+            history_mask=jax.lax.dynamic_update_slice(s.history_mask, live[:, None], (0, P + s.step)),
+            logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
+
+    s = jax.lax.while_loop(lambda s: (s.step < R) & ~jnp.all(s.done), body, state)
+    with_teacher = teacher is not None
+    return SampleOutput(
+        tokens=s.tokens, mask=s.mask, lengths=s.mask.sum(axis=1, dtype=jnp.int32), logprobs=s.logprobs,
+        prompt_tokens=ids, prompt_mask=mask, teacher_logprobs=s.teacher_logprobs if with_teacher else None,
+        weights=s.weights if with_teacher else None)
+
+
+def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):
+    """Pick one token per row; returns (token, log q(token), log p(token), importance weight)."""
+    temperature = 1.0 if config.greedy else config.temperature
+    log_q = jax.nn.log_softmax(s.logits.astype(jnp.float32) / temperature, axis=-1)
+    if s.teacher_logits is not None:
+        log_p = jax.nn.log_softmax(s.teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+        log_mix = jnp.logaddexp(jnp.log1p(-alpha) + log_q, jnp.log(alpha) + log_p)
+    else:
+        log_p, log_mix = log_q, log_q
+    scores = log_mix
+    if config.no_repeat_ngram_size:
+        scores = jnp.where(_banned_ngrams(s.history, s.history_mask, filled, config.no_repeat_ngram_size,
+                                          scores.shape[-1]), -jnp.inf, scores)
+    if config.top_k:
+        scores = top_k_filter(scores, config.top_k)
+    if config.top_p < 1.0:
+        scores = top_p_filter(scores, config.top_p)
+    token = jnp.argmax(scores, axis=-1) if config.greedy else jax.random.categorical(key, scores, axis=-1)
+    token = token.astype(jnp.int32)
+
+    def at(table):
+        return jnp.take_along_axis(table, token[:, None], axis=-1)[:, 0]
+
+    logq = at(log_q)
+    return token, logq, at(log_p), jnp.exp(logq - at(log_mix))
+
+
+def top_k_filter(scores: Float[Array, "B V"], k: int) -> Float[Array, "B V"]:
+    """Keep the k highest scores (ties with the k-th kept, as transformers does); others become -inf."""
+    if k >= scores.shape[-1]:
+        return scores
+    kth = jax.lax.top_k(scores, k)[0][:, -1:]
+    return jnp.where(scores < kth, -jnp.inf, scores)
+
+
+def top_p_filter(scores: Float[Array, "B V"], top_p: float) -> Float[Array, "B V"]:
+    """Keep the smallest set of highest-probability ids whose mass reaches top_p (at least one)."""
+    ordered = jnp.sort(scores, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: the first has mass_before 0
+    threshold = jnp.take_along_axis(ordered, keep - 1, axis=-1)
+    return jnp.where(scores < threshold, -jnp.inf, scores)
+
+
+def _banned_ngrams(history, history_mask, filled, n: int, vocab: int) -> Bool[Array, "B V"]:
+    """Ids that would complete an n-gram already present among the real tokens (prompt included)."""
+    B, L = history.shape
+    windows = L - n + 1
+    if windows <= 0:
+        return jnp.zeros((B, vocab), bool)
+    prefix = jax.lax.dynamic_slice(history, (0, jnp.maximum(filled - (n - 1), 0)), (B, n - 1))
+    prefix_ok = jax.lax.dynamic_slice(history_mask, (0, jnp.maximum(filled - (n - 1), 0)), (B, n - 1)).all(-1)
+    prefix_ok &= filled >= n - 1
+    match = jnp.ones((B, windows), bool)
+    for i in range(n - 1):
+        match &= history[:, i:i + windows] == prefix[:, i:i + 1]
+    for i in range(n):
+        match &= history_mask[:, i:i + windows]
+    match &= (jnp.arange(windows) + n - 1 < filled)[None, :]
+    match &= prefix_ok[:, None]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, windows))
+    return jnp.zeros((B, vocab), bool).at[rows, history[:, n - 1:]].max(match)

@@ -1,0 +1,267 @@
+"""The compiled sampler against transformers' generate, the full forward pass, and exact distributions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from flax import nnx
+from hf_reference import VARIANTS, build_hf_model, random_model
+
+from minillm_jax import sampling
+from minillm_jax.models import ModelConfig, Transformer, load_pretrained
+from minillm_jax.sampling import SamplingConfig, generate
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _hf_greedy(hf_model, prompts, max_new_tokens, pad_id=0, **kwargs):
+    """transformers' greedy generate on left-padded prompts; returns the new tokens [B, <=R]."""
+    ids, mask = sampling.pad_prompts(prompts, (max(map(len, prompts)),), pad_id)
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                                attention_mask=torch.from_numpy(mask.astype(np.int64)), do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kwargs)
+    return out[:, ids.shape[1]:].numpy()
+
+
+def _compare_greedy(ours, hf_tokens, pad_id=0):
+    tokens, mask = np.asarray(ours.tokens), np.asarray(ours.mask)
+    width = hf_tokens.shape[1]
+    np.testing.assert_array_equal(np.where(mask[:, :width], tokens[:, :width], pad_id), hf_tokens)
+    assert not mask[:, width:].any()
+
+
+def _peaked_model(real_vocab=10, vocab=12, seed=0, spread=1.3) -> Transformer:
+    """A tiny Llama whose next-token logits after PROMPT have standard deviation `spread`: far from
+    uniform (so temperature matters) without being one-hot."""
+    config = ModelConfig(model_type="llama", vocab_size=vocab, real_vocab_size=real_vocab, hidden_size=16,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=24,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    model = Transformer(config, rngs=nnx.Rngs(seed))
+    logits = np.asarray(model(np.asarray([PROMPT], np.int32)))[0, -1, :real_vocab]
+    model.lm_head[...] = model.lm_head[...] * (spread / logits.std())
+    return model
+
+
+def _next_token_probs(model, prompt, temperature=1.0) -> np.ndarray:
+    """float64 softmax over the real vocabulary from the plain forward pass."""
+    logits = np.asarray(model(np.asarray([prompt], np.int32)), np.float64)[0, -1, : model.config.num_real_tokens]
+    z = logits / temperature
+    z -= z.max()
+    return np.exp(z) / np.exp(z).sum()
+
+
+def _chi2_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
+    counts = np.bincount(samples, minlength=len(probs))
+    assert counts[probs == 0].sum() == 0, "an id with probability 0 was sampled"
+    keep = probs > 0
+    expected = probs[keep] * len(samples)
+    stat = ((counts[keep] - expected) ** 2 / expected).sum()
+    return float(scipy.stats.chi2.sf(stat, df=keep.sum() - 1))
+
+
+def _first_tokens(model, prompt, config, n=4000, seed=0, **kwargs):
+    out = generate(model, [prompt] * n, config, jax.random.key(seed), **kwargs)
+    return out, np.asarray(out.tokens[:, 0])
+
+
+PROMPT = [1, 2, 3, 4]
+
+# ------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_equals_transformers_generate(variant, tmp_path):
+    hf_model = build_hf_model(variant)
+    hf_model.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    prompts = [[5, 17, 3, 9, 44, 2, 8], [7, 1, 30], [11, 12, 13, 14, 15]]
+    eos = hf_model.generation_config.eos_token_id
+    ours = generate(model, prompts, SamplingConfig(max_new_tokens=16, greedy=True, eos_token_id=eos),
+                    jax.random.key(0))
+    _compare_greedy(ours, _hf_greedy(hf_model, prompts, 16))
+
+
+def test_smollm2_greedy_chat_equals_transformers(smollm2_gguf, smollm2_reference):
+    tokenizer, hf_model = smollm2_reference
+    model = load_pretrained(smollm2_gguf)
+    texts = ["What is the capital of France?", "Give me two tips for staying focused while studying.",
+             "Write a short poem about autumn leaves."]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"] for t in texts]
+    config = SamplingConfig(max_new_tokens=40, greedy=True, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    ours = generate(model, prompts, config, jax.random.key(0))
+    hf_tokens = _hf_greedy(hf_model, prompts, 40, pad_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+    _compare_greedy(ours, hf_tokens, pad_id=tokenizer.pad_token_id)
+    assert sorted(np.asarray(ours.lengths).tolist())[1:] == [40, 40]  # two long answers compared in full
+    assert tokenizer.decode(np.asarray(ours.tokens[0])).startswith("The capital of France is Paris")
+
+
+def test_no_repeat_ngram_equals_transformers(tmp_path):
+    hf_model = build_hf_model("llama_gqa", seed=3)
+    prompts = [[5, 6, 5, 6, 7, 5], [9, 9, 8, 9, 9, 8]]
+    hf_model.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    config = SamplingConfig(max_new_tokens=24, greedy=True, no_repeat_ngram_size=2)
+    ours = generate(model, prompts, config, jax.random.key(0))
+    _compare_greedy(ours, _hf_greedy(hf_model, prompts, 24, no_repeat_ngram_size=2, eos_token_id=None))
+    for prompt, row in zip(prompts, np.asarray(ours.tokens)):
+        sequence = prompt + row.tolist()
+        for end in range(len(prompt), len(sequence)):  # every generated token completes a new bigram
+            earlier = set(zip(sequence[: end - 1], sequence[1:end]))
+            assert (sequence[end - 1], sequence[end]) not in earlier
+
+
+# ------------------------------------------------------------------------------------ cache and masks
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "mistral_sliding_window", "qwen2"])
+def test_logprobs_at_every_step_equal_full_forward(variant):
+    student, teacher = random_model(variant, seed=0), random_model(variant, seed=1)
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    out = generate(student, prompts, SamplingConfig(max_new_tokens=12), jax.random.key(1), teacher=teacher,
+                   mix_alpha=0.3)
+    ids = np.concatenate([out.prompt_tokens, out.tokens], 1)
+    mask = np.concatenate([out.prompt_mask, out.mask], 1)
+    P = out.prompt_tokens.shape[1]
+    gen_mask = np.asarray(out.mask)
+    for model, returned in ((student, out.logprobs), (teacher, out.teacher_logprobs)):
+        logp = jax.nn.log_softmax(model(ids, mask)[:, P - 1:-1], axis=-1)
+        expected = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens)[..., None], -1)[..., 0]
+        np.testing.assert_allclose(np.where(gen_mask, returned, 0), np.where(gen_mask, expected, 0), atol=1e-5)
+
+
+def test_eos_masks_lengths_and_padding():
+    model = random_model("llama_gqa", noise=0.3)
+    eos = tuple(range(0, 96, 2))  # half the vocabulary ends a row
+    config = SamplingConfig(max_new_tokens=20, eos_token_id=eos, pad_token_id=95)
+    out = generate(model, [[1, 3, 5], [7, 9, 11, 13], [15]] * 4, config, jax.random.key(2))
+    tokens, mask, lengths = np.asarray(out.tokens), np.asarray(out.mask), np.asarray(out.lengths)
+    assert (lengths < 20).any()
+    for row_tokens, row_mask, length in zip(tokens, mask, lengths):
+        is_eos = np.isin(row_tokens, eos)
+        first = int(np.argmax(is_eos)) + 1 if is_eos[:length].any() else 20
+        assert length == first == row_mask.sum()
+        assert row_mask[:length].all() and not row_mask[length:].any()
+        assert (row_tokens[length:] == 95).all()
+        assert not is_eos[: length - 1].any()
+    assert (np.asarray(out.logprobs)[~mask] == 0).all()
+
+
+def test_alone_and_in_padded_batch_give_same_greedy_tokens():
+    model = random_model("qwen2")
+    config = SamplingConfig(max_new_tokens=10, greedy=True)
+    alone = generate(model, [[4, 8, 15]], config, jax.random.key(0))
+    batch = generate(model, [[16, 23, 42, 7, 7, 7, 1, 2, 3], [4, 8, 15], [9] * 20], config, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(batch.tokens[1]), np.asarray(alone.tokens[0]))
+
+
+def test_one_compile_per_bucket():
+    model = random_model("smollm2_tied")
+    config = SamplingConfig(max_new_tokens=4, prompt_buckets=(16, 32))
+    before = sampling.TRACE_COUNTS["generate"]
+    for length in (5, 9, 13):
+        generate(model, [list(range(1, length + 1))] * 2, config, jax.random.key(length))
+    assert sampling.TRACE_COUNTS["generate"] - before == 1
+    generate(model, [list(range(1, 20))] * 2, config, jax.random.key(0))  # next bucket: one more
+    assert sampling.TRACE_COUNTS["generate"] - before == 2
+
+
+def test_reproducible_with_the_same_key():
+    model = random_model("gpt2")
+    config = SamplingConfig(max_new_tokens=8)
+    a = generate(model, [[1, 2, 3]] * 4, config, jax.random.key(7))
+    b = generate(model, [[1, 2, 3]] * 4, config, jax.random.key(7))
+    c = generate(model, [[1, 2, 3]] * 4, config, jax.random.key(8))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+# ------------------------------------------------------------------------------------ distributions
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_samples_follow_softmax_with_temperature(temperature):
+    model = _peaked_model()
+    probs = _next_token_probs(model, PROMPT, temperature)
+    assert probs.max() < 0.9 and np.sort(probs)[-3] > 0.01  # informative, not degenerate
+    _, first = _first_tokens(model, PROMPT, SamplingConfig(max_new_tokens=1, temperature=temperature))
+    assert first.max() < 10  # padded vocabulary ids never drawn
+    assert _chi2_pvalue(first, probs) > 1e-3
+    wrong = _next_token_probs(model, PROMPT, 1.6 - temperature)  # the other temperature: must be rejected
+    assert _chi2_pvalue(first, wrong) < 1e-6
+
+
+def test_top_k_and_top_p_exclude_and_renormalise():
+    model = _peaked_model(seed=1)
+    probs = _next_token_probs(model, PROMPT)
+    order = np.argsort(-probs)
+
+    top_k = np.zeros_like(probs)
+    top_k[order[:3]] = probs[order[:3]]
+    _, first = _first_tokens(model, PROMPT, SamplingConfig(max_new_tokens=1, top_k=3))
+    assert set(first.tolist()) <= set(order[:3].tolist())
+    assert _chi2_pvalue(first, top_k / top_k.sum()) > 1e-3
+
+    top_p = 0.8
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    kept = order[mass_before < top_p]
+    assert 1 < len(kept) < len(probs) - 1
+    nucleus = np.zeros_like(probs)
+    nucleus[kept] = probs[kept]
+    _, first = _first_tokens(model, PROMPT, SamplingConfig(max_new_tokens=1, top_p=top_p), seed=1)
+    assert set(first.tolist()) <= set(kept.tolist())
+    assert _chi2_pvalue(first, nucleus / nucleus.sum()) > 1e-3
+    assert _chi2_pvalue(first, probs) < 1e-6  # unfiltered sampling would be caught
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5])
+def test_teacher_mixture_distribution_and_weights(alpha):
+    student, teacher = _peaked_model(seed=2), _peaked_model(seed=3)
+    q, p = _next_token_probs(student, PROMPT), _next_token_probs(teacher, PROMPT)
+    mixture = (1 - alpha) * q + alpha * p
+    out, first = _first_tokens(student, PROMPT, SamplingConfig(max_new_tokens=1), teacher=teacher,
+                               mix_alpha=alpha)
+    assert _chi2_pvalue(first, mixture) > 1e-3
+    assert _chi2_pvalue(first, q) < 1e-6 and _chi2_pvalue(first, p) < 1e-6
+    np.testing.assert_allclose(np.asarray(out.weights[:, 0]), (q / mixture)[first], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), np.log(q[first]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.teacher_logprobs[:, 0]), np.log(p[first]), atol=1e-5)
+    assert float(jnp.max(out.weights)) <= 1 / (1 - alpha) + 1e-6
+
+
+def test_pure_teacher_and_pure_student_endpoints():
+    student, teacher = _peaked_model(seed=4), _peaked_model(seed=5)
+    config = SamplingConfig(max_new_tokens=1, greedy=True)
+    q, p = _next_token_probs(student, PROMPT), _next_token_probs(teacher, PROMPT)
+    assert q.argmax() != p.argmax()
+    assert int(generate(student, [PROMPT], config, jax.random.key(0), teacher=teacher).tokens[0, 0]) == q.argmax()
+    out = generate(student, [PROMPT], config, jax.random.key(0), teacher=teacher, mix_alpha=1.0)
+    assert int(out.tokens[0, 0]) == p.argmax()
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_is_refused():
+    student = _peaked_model()
+    config = SamplingConfig(max_new_tokens=2, prompt_buckets=(8,))
+    with pytest.raises(ValueError, match="real vocabulary sizes differ"):
+        generate(student, [PROMPT], config, jax.random.key(0), teacher=_peaked_model(real_vocab=11))
+    with pytest.raises(ValueError, match="exceeds the largest bucket 8"):
+        generate(student, [list(range(9))], config, jax.random.key(0))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(student, [PROMPT, []], config, jax.random.key(0))
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(student, (np.ones((1, 4)), np.array([[1, 1, 1, 0]])), config, jax.random.key(0))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        generate(student, [PROMPT], config, jax.random.key(0), mix_alpha=0.2)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(max_new_tokens=2, top_p=0.0)
+    gpt2 = random_model("gpt2")  # learned positions: 64
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        generate(gpt2, [list(range(1, 40))], SamplingConfig(max_new_tokens=30), jax.random.key(0))
