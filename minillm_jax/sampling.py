@@ -233,7 +233,7 @@ def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):
         scores = top_k_filter(scores, config.top_k)
     if config.top_p < 1.0:
         scores = top_p_filter(scores, config.top_p)
-    token = jnp.argmax(scores, axis=-1) if config.greedy else jax.random.categorical(key, scores, axis=-1)
+    token = jnp.argmax(scores, axis=-1) if config.greedy else sample_categorical(key, scores)
     token = token.astype(jnp.int32)
 
     def at(table):
@@ -241,6 +241,15 @@ def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):
 
     logq = at(log_q)
     return token, logq, at(log_p), jnp.exp(logq - at(log_mix))
+
+
+def sample_categorical(key, scores: Float[Array, "B V"]) -> Int[Array, " B"]:
+    """One draw per row from softmax(scores) by inverting the float32 CDF with one uniform per row
+    (what torch.multinomial does); a Gumbel draw would need V random numbers per row and step."""
+    probs = jax.nn.softmax(scores, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, (scores.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), scores.shape[-1] - 1)
 
 
 def top_k_filter(scores: Float[Array, "B V"], k: int) -> Float[Array, "B V"]:

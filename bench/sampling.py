@@ -1,0 +1,202 @@
+"""Sampling throughput: our compiled sampler against `transformers.generate` (torch) on the same weights.
+Prints one Markdown table.
+
+    python bench/sampling.py --suite cpu        # ~10M Llama-style fp32, B=8, prompt 64, 64 new tokens
+    python bench/sampling.py --suite gpu        # GPT-2 124M bf16, B in {32, 128}, prompt 256, 256 new;
+                                                # teacher-mixed 124M + GPT-2 XL 1.5B at B=128, with the
+                                                # fraction of the memory-bandwidth bound
+    python bench/sampling.py --suite gpu --smoke    # the GPU suite's code path at tiny shapes
+
+Random weights are written once as an HF checkpoint; each side then runs in its own process on the same
+files (torch's OpenMP workers spin after each op and would slow JAX in the same process, and JAX
+preallocates GPU memory). New tokens/s count every sampled token: no EOS, every row runs to the end.
+Timings are medians over --repeats runs after one warm-up, with device synchronisation; each side runs
+in --processes fresh processes and the fastest counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LLAMA_10M = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+GPT2_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+GPT2_XL = dict(vocab_size=50257, n_positions=1024, n_embd=1600, n_layer=48, n_head=25)
+GPT2_TINY = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+GPT2_TINY_TEACHER = dict(vocab_size=512, n_positions=128, n_embd=128, n_layer=3, n_head=4)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (compiles)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_checkpoint(kind: str, dims: dict, dtype: str, directory: Path) -> int:
+    """Random HF weights of the given shape; returns the parameter count."""
+    import torch
+    import transformers
+
+    config = {"llama": transformers.LlamaConfig, "gpt2": transformers.GPT2Config}[kind](**dims)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+def hf_worker(case: dict) -> dict:
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(case["student"], dtype=getattr(torch, case["dtype"]))
+    model = model.to(device).eval()
+    b, p, n = case["batch"], case["prompt"], case["new"]
+    ids = torch.randint(3, case["vocab"], (b, p), device=device)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                 top_p=1.0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape == (b, p + n)
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    return {"seconds": _median_seconds(run, case["repeats"]), "device": name}
+
+
+def ours_worker(case: dict) -> dict:
+    import jax
+
+    from minillm_jax.models import load_pretrained
+    from minillm_jax.sampling import SamplingConfig, generate
+
+    student = load_pretrained(case["student"], dtype=case["dtype"])
+    teacher = load_pretrained(case["teacher"], dtype=case["dtype"]) if case.get("teacher") else None
+    b, p, n = case["batch"], case["prompt"], case["new"]
+    prompts = np.random.default_rng(0).integers(3, case["vocab"], (b, p)).tolist()
+    config = SamplingConfig(max_new_tokens=n, prompt_buckets=(p,))
+    keys = iter(jax.random.split(jax.random.key(0), case["repeats"] + 1))
+
+    def run():
+        out = generate(student, prompts, config, next(keys), teacher=teacher, mix_alpha=case.get("alpha", 0.0))
+        jax.block_until_ready(out.tokens)
+        assert int(out.lengths.min()) == n
+
+    result = {"seconds": _median_seconds(run, case["repeats"]), "device": jax.devices()[0].device_kind}
+    if teacher is not None:
+        context = p + n // 2  # mean context length over the decode
+        result["bytes_per_step"] = _bytes_per_step(student, b, context) + _bytes_per_step(teacher, b, context)
+        result["copy_bytes_per_second"] = _copy_bandwidth()
+    return result
+
+
+def _bytes_per_step(model, batch: int, context: int) -> int:
+    """Weights plus the whole KV cache, each read once per decode step."""
+    import jax
+    from flax import nnx
+
+    c = model.config
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    cache = 2 * c.num_layers * batch * context * c.num_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
+    return weights + cache
+
+
+def _copy_bandwidth() -> float:
+    """Device copy bandwidth, bytes read + written per second, on a 1 GiB array."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((256, 1024, 1024), jnp.float32)
+    copy = jax.jit(lambda a: a + 1)
+    return 2 * x.nbytes / _median_seconds(lambda: copy(x).block_until_ready(), 10)
+
+
+def _spawn(which: str, case: dict, processes: int = 1) -> dict:
+    """Run a worker in `processes` fresh processes; keep the fastest (thread placement at process start
+    makes a small machine bimodal, the same for both sides)."""
+    results = []
+    for _ in range(processes):
+        out = subprocess.run([sys.executable, __file__, "--worker", which, "--case", json.dumps(case)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"{which} worker failed:\n{out.stderr[-4000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return min(results, key=lambda r: r["seconds"])
+
+
+# ------------------------------------------------------------------------------------------ suites
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per side; the fastest counts")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to test the script itself")
+    parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps((hf_worker if args.worker == "hf" else ours_worker)(json.loads(args.case))))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.suite == "cpu":
+            kind, dims, dtype, batches, prompt, new = "llama", LLAMA_10M, "float32", (8,), 64, 64
+            teacher_dims, mixed_batch = None, None
+        elif args.smoke:
+            kind, dims, dtype, batches, prompt, new = "gpt2", GPT2_TINY, "bfloat16", (4,), 16, 16
+            teacher_dims, mixed_batch = GPT2_TINY_TEACHER, 4
+        else:
+            kind, dims, dtype, batches, prompt, new = "gpt2", GPT2_124M, "bfloat16", (32, 128), 256, 256
+            teacher_dims, mixed_batch = GPT2_XL, 128
+        params = write_checkpoint(kind, dims, dtype, tmp / "student")
+        base = dict(student=str(tmp / "student"), dtype=dtype, vocab=dims["vocab_size"], prompt=prompt, new=new,
+                    repeats=args.repeats)
+        label = f"{kind} {params / 1e6:.1f}M {dtype}"
+        print("| model | device | batch | prompt | new | HF generate tok/s | ours tok/s | ours / HF |")
+        print("|---|---|---|---|---|---|---|---|")
+        for batch in batches:
+            case = dict(base, batch=batch)
+            hf, ours = _spawn("hf", case, args.processes), _spawn("ours", case, args.processes)
+            hf_tps, our_tps = batch * new / hf["seconds"], batch * new / ours["seconds"]
+            print(f"| {label} | {ours['device']} | {batch} | {prompt} | {new} | {hf_tps:,.0f} | {our_tps:,.0f} | "
+                  f"{our_tps / hf_tps:.1f}x |", flush=True)
+        if teacher_dims is None:
+            return
+        teacher_params = write_checkpoint(kind, teacher_dims, dtype, tmp / "teacher")
+        mixed = _spawn("ours", dict(base, batch=mixed_batch, teacher=str(tmp / "teacher"), alpha=0.2))
+        tps = mixed_batch * new / mixed["seconds"]
+        bound = mixed_batch * mixed["copy_bytes_per_second"] / mixed["bytes_per_step"]
+        print()
+        print("| teacher-mixed, alpha 0.2 | device | batch | prompt | new | ours tok/s | bandwidth bound tok/s | "
+              "fraction | copy GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| {label} + {teacher_params / 1e6:.0f}M teacher | {mixed['device']} | {mixed_batch} | {prompt} | "
+              f"{new} | {tps:,.0f} | {bound:,.0f} | {tps / bound:.0%} | "
+              f"{mixed['copy_bytes_per_second'] / 1e9:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
