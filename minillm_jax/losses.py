@@ -1,0 +1,187 @@
+"""Distillation objectives as pure, masked float32 functions.
+
+Shapes: B batch, T time, V vocabulary. `student_logits` give q, `teacher_logits` give p. Every loss is a
+mean over valid tokens: the sum over `mask` divided by the mask's count over the batch it is given
+(under jit on a sharded global batch, the global count). `num_real_tokens` slices a padded vocabulary to
+the tokenizer's size, so padding ids never carry probability.
+
+Divergence conventions (one fixed choice, tested at the endpoints):
+  forward_kl = KL(p || q), reverse_kl = KL(q || p);
+  jsd(beta) = beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q, which is
+  special-cased to forward KL at beta = 0 and reverse KL at beta = 1 (GKD; the interior formula itself
+  tends to 0 there);
+  skew_kl(alpha) = KL(p || alpha p + (1 - alpha) q), skew_reverse_kl(alpha) = KL(q || alpha q + (1 - alpha) p)
+  (DistiLLM; alpha = 0 gives the plain KLs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+Logits = Float[Array, "B T V"]
+Mask = Float[Array, "B T"]
+
+
+def log_probs(logits: Logits, num_real_tokens: int | None = None) -> Logits:
+    """float32 log-softmax over the real vocabulary."""
+    logits = logits.astype(jnp.float32)
+    if num_real_tokens is not None:
+        logits = logits[..., :num_real_tokens]
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def masked_mean(values: Float[Array, "B T"], mask: Mask) -> Float[Array, ""]:
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def token_logprobs(logits: Logits, tokens: Int[Array, "B T"], num_real_tokens: int | None = None):
+    """log q(token) at every position, float32 [B, T]."""
+    return jnp.take_along_axis(log_probs(logits, num_real_tokens), tokens[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits: Logits, labels: Int[Array, "B T"], mask: Mask, *, num_real_tokens=None):
+    """Mean negative log-likelihood of `labels` (already shifted to align with `logits`)."""
+    return masked_mean(-token_logprobs(logits, labels, num_real_tokens), mask)
+
+
+def _kl(log_a, log_b):
+    """Per-position KL(a || b) from log-probabilities; 0 * log 0 counts as 0."""
+    a = jnp.exp(log_a)
+    return jnp.sum(jnp.where(a > 0, a * (log_a - log_b), 0.0), axis=-1)
+
+
+def _mixture(log_a, log_b, weight_a: float):
+    """log(weight_a * a + (1 - weight_a) * b), stable."""
+    return jnp.logaddexp(jnp.log(weight_a) + log_a, jnp.log1p(-weight_a) + log_b)
+
+
+def forward_kl(student_logits: Logits, teacher_logits: Logits, mask: Mask, *, num_real_tokens=None):
+    """KL(p || q), full vocabulary."""
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    return masked_mean(_kl(log_p, log_q), mask)
+
+
+def reverse_kl(student_logits: Logits, teacher_logits: Logits, mask: Mask, *, num_real_tokens=None):
+    """KL(q || p), full vocabulary."""
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    return masked_mean(_kl(log_q, log_p), mask)
+
+
+def soft_cross_entropy(student_logits: Logits, teacher_logits: Logits, mask: Mask, *, num_real_tokens=None):
+    """-sum_v p(v) log q(v): forward KL plus the teacher's entropy (word-level KD's soft term)."""
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    return masked_mean(-jnp.sum(jnp.exp(log_p) * log_q, axis=-1), mask)
+
+
+def jsd(student_logits: Logits, teacher_logits: Logits, mask: Mask, beta: float, *, num_real_tokens=None):
+    """Generalised Jensen-Shannon divergence (GKD); beta = 0 is forward KL and beta = 1 reverse KL."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta={beta}: expected in [0, 1]")
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    if beta == 0.0:
+        return masked_mean(_kl(log_p, log_q), mask)
+    if beta == 1.0:
+        return masked_mean(_kl(log_q, log_p), mask)
+    log_m = _mixture(log_p, log_q, beta)
+    return masked_mean(beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m), mask)
+
+
+def skew_kl(student_logits: Logits, teacher_logits: Logits, mask: Mask, alpha: float = 0.1, *,
+            num_real_tokens=None):
+    """DistiLLM's skew KL: KL(p || alpha p + (1 - alpha) q)."""
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    log_m = log_q if alpha == 0.0 else _mixture(log_p, log_q, alpha)
+    return masked_mean(_kl(log_p, log_m), mask)
+
+
+def skew_reverse_kl(student_logits: Logits, teacher_logits: Logits, mask: Mask, alpha: float = 0.1, *,
+                    num_real_tokens=None):
+    """DistiLLM's skew reverse KL: KL(q || alpha q + (1 - alpha) p)."""
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    log_m = log_p if alpha == 0.0 else _mixture(log_q, log_p, alpha)
+    return masked_mean(_kl(log_q, log_m), mask)
+
+
+def tvd(student_logits: Logits, teacher_logits: Logits, mask: Mask, *, num_real_tokens=None):
+    """Total variation distance 0.5 * sum_v |p - q|."""
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    return masked_mean(0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1), mask)
+
+
+def kd_loss(student_logits: Logits, teacher_logits: Logits, labels, mask: Mask, *, kd_ratio: float = 0.5,
+            num_real_tokens=None):
+    """(1 - kd_ratio) * CE(labels) + kd_ratio * soft CE(p || q): word-level KD and MiniLLM's L_PT."""
+    ce = cross_entropy(student_logits, labels, mask, num_real_tokens=num_real_tokens)
+    soft = soft_cross_entropy(student_logits, teacher_logits, mask, num_real_tokens=num_real_tokens)
+    return (1.0 - kd_ratio) * ce + kd_ratio * soft
+
+
+# ------------------------------------------------------------------------------------------ MiniLLM
+
+
+def minillm_advantages(rewards: Float[Array, "B T"], mask: Mask, gamma: float = 0.95, *, length_norm: bool = True,
+                       whiten: bool = True, masked_whiten: bool = True,
+                       include_current_reward: bool = True) -> Float[Array, "B T"]:
+    """Per-token advantages for MiniLLM's long-term policy-gradient term (no critic).
+
+    G_t = sum_{t' >= t} gamma^(t'-t) r_t' over valid tokens (a reverse scan in float32: no gamma**t powers
+    to underflow); with `include_current_reward=False` the paper's R_{t+1} (sum from t + 1) instead of the
+    reference code's G_t. `length_norm` divides by the number of valid tokens from t (or t + 1) to the end
+    (0 counts as 1). `whiten` standardises over the batch's valid tokens, or, with `masked_whiten=False`,
+    over every entry, padding zeros included, as the reference code does; the mean is not added back.
+    Padding positions come out as 0.
+    """
+    mask = mask.astype(jnp.float32)
+    rewards = rewards.astype(jnp.float32) * mask
+
+    def step(carry, x):
+        ret, remaining = carry
+        reward, valid = x
+        ret = reward + gamma * ret
+        remaining = remaining + valid
+        return (ret, remaining), (ret, remaining)
+
+    zero = jnp.zeros(rewards.shape[0], jnp.float32)
+    _, (returns, remaining) = jax.lax.scan(step, (zero, zero), (rewards.T, mask.T), reverse=True)
+    returns, remaining = returns.T, remaining.T  # [B, T], sums from t to the end
+    if not include_current_reward:  # shift: sums from t + 1
+        returns = jnp.concatenate([returns[:, 1:], jnp.zeros_like(returns[:, :1])], axis=1)
+        remaining = jnp.concatenate([remaining[:, 1:], jnp.zeros_like(remaining[:, :1])], axis=1)
+    advantages = returns / jnp.maximum(remaining, 1.0) if length_norm else returns
+    advantages = advantages * mask
+    if whiten:
+        weight = mask if masked_whiten else jnp.ones_like(mask)
+        count = jnp.maximum(jnp.sum(weight), 1.0)
+        mean = jnp.sum(advantages * weight) / count
+        var = jnp.sum(((advantages - mean) ** 2) * weight) / count
+        advantages = (advantages - mean) * jax.lax.rsqrt(var + 1e-8) * mask
+    return advantages
+
+
+def policy_gradient_loss(logprobs: Float[Array, "B T"], old_logprobs: Float[Array, "B T"],
+                         advantages: Float[Array, "B T"], mask: Mask, *, weights: Float[Array, "B T"] | None = None,
+                         clip: float | None = 0.2) -> Float[Array, ""]:
+    """PPO-clipped policy term: rho = exp(log q - log q_old) * w, loss max(-A rho, -A clip(rho, 1 +- eps)).
+    `clip=None` drops the clipping (the plain importance-weighted policy gradient)."""
+    ratio = jnp.exp(logprobs.astype(jnp.float32) - old_logprobs.astype(jnp.float32))
+    if weights is not None:
+        ratio = ratio * weights.astype(jnp.float32)
+    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
+    loss = -advantages * ratio
+    if clip is not None:
+        loss = jnp.maximum(loss, -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip))
+    return masked_mean(loss, mask)
+
+
+def single_step_loss(student_logits: Logits, teacher_logits: Logits, mask: Mask, *,
+                     weights: Float[Array, "B T"] | None = None, num_real_tokens=None) -> Float[Array, ""]:
+    """MiniLLM's single-step term: the exact per-position reverse KL(q(.|y<t) || p(.|y<t)) over the full
+    vocabulary. The reference code uses no importance weight here; `weights` gives the paper's w_t."""
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    per_position = _kl(log_q, jax.lax.stop_gradient(log_p))
+    if weights is not None:
+        per_position = per_position * jax.lax.stop_gradient(weights.astype(jnp.float32))
+    return masked_mean(per_position, mask)

@@ -1,0 +1,317 @@
+"""Objectives against float64 numpy, and MiniLLM's gradient estimators against exact enumeration."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minillm_jax import losses
+
+# ------------------------------------------------------------------------------------ numpy references
+
+
+def _np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_kl(a, b):
+    return np.sum(np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0), -1)
+
+
+def _np_mean(values, mask):
+    return float((values * mask).sum() / mask.sum())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    student = rng.normal(size=(3, 5, 11)).astype(np.float32) * 2
+    teacher = rng.normal(size=(3, 5, 11)).astype(np.float32) * 2
+    student[..., 9:] = 50.0  # padded vocabulary ids with huge logits: must be ignored when sliced
+    teacher[..., 9:] = 50.0
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0]], np.float32)
+    labels = rng.integers(0, 9, size=(3, 5))
+    q = np.exp(_np_log_softmax(student[..., :9]))
+    p = np.exp(_np_log_softmax(teacher[..., :9]))
+    return dict(student=student, teacher=teacher, mask=mask, labels=labels, q=q, p=p)
+
+
+def test_divergences_match_float64(batch):
+    s, t, m, q, p = batch["student"], batch["teacher"], batch["mask"], batch["q"], batch["p"]
+    kw = dict(num_real_tokens=9)
+    close = dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses.forward_kl(s, t, m, **kw), _np_mean(_np_kl(p, q), m), **close)
+    np.testing.assert_allclose(losses.reverse_kl(s, t, m, **kw), _np_mean(_np_kl(q, p), m), **close)
+    np.testing.assert_allclose(losses.soft_cross_entropy(s, t, m, **kw), _np_mean(-(p * np.log(q)).sum(-1), m), **close)
+    np.testing.assert_allclose(losses.tvd(s, t, m, **kw), _np_mean(0.5 * np.abs(p - q).sum(-1), m), **close)
+    for beta in (0.1, 0.5, 0.9):
+        mix = beta * p + (1 - beta) * q
+        expected = _np_mean(beta * _np_kl(p, mix) + (1 - beta) * _np_kl(q, mix), m)
+        np.testing.assert_allclose(losses.jsd(s, t, m, beta, **kw), expected, **close)
+    for alpha in (0.1, 0.3):
+        np.testing.assert_allclose(losses.skew_kl(s, t, m, alpha, **kw),
+                                   _np_mean(_np_kl(p, alpha * p + (1 - alpha) * q), m), **close)
+        np.testing.assert_allclose(losses.skew_reverse_kl(s, t, m, alpha, **kw),
+                                   _np_mean(_np_kl(q, alpha * q + (1 - alpha) * p), m), **close)
+    nll = -np.log(np.take_along_axis(q, batch["labels"][..., None], -1)[..., 0])
+    np.testing.assert_allclose(losses.cross_entropy(s, batch["labels"], m, **kw), _np_mean(nll, m), **close)
+    np.testing.assert_allclose(losses.kd_loss(s, t, batch["labels"], m, kd_ratio=0.5, **kw),
+                               0.5 * _np_mean(nll, m) + 0.5 * _np_mean(-(p * np.log(q)).sum(-1), m), **close)
+
+
+def test_endpoints_are_exact(batch):
+    s, t, m = batch["student"], batch["teacher"], batch["mask"]
+    kw = dict(num_real_tokens=9)
+    assert float(losses.jsd(s, t, m, 0.0, **kw)) == float(losses.forward_kl(s, t, m, **kw))
+    assert float(losses.jsd(s, t, m, 1.0, **kw)) == float(losses.reverse_kl(s, t, m, **kw))
+    assert float(losses.skew_kl(s, t, m, 0.0, **kw)) == float(losses.forward_kl(s, t, m, **kw))
+    assert float(losses.skew_reverse_kl(s, t, m, 0.0, **kw)) == float(losses.reverse_kl(s, t, m, **kw))
+    # near the endpoints the interior formula vanishes (hence the special case), it does not approach the KL
+    assert float(losses.jsd(s, t, m, 1e-6, **kw)) < 1e-3 * float(losses.forward_kl(s, t, m, **kw))
+    with pytest.raises(ValueError, match="beta"):
+        losses.jsd(s, t, m, 1.5)
+
+
+def test_padded_vocabulary_is_masked(batch):
+    s, t, m = batch["student"], batch["teacher"], batch["mask"]
+    sliced = float(losses.reverse_kl(s, t, m, num_real_tokens=9))
+    unsliced = float(losses.reverse_kl(s, t, m))
+    assert sliced != pytest.approx(unsliced)  # the padding ids would dominate otherwise
+
+
+# ------------------------------------------------------------------------------------ advantages
+
+
+def _np_advantages(rewards, mask, gamma, length_norm, whiten, masked_whiten, include_current):
+    rewards = np.asarray(rewards, np.float64) * mask
+    B, T = rewards.shape
+    adv = np.zeros((B, T))
+    for b in range(B):
+        for t in range(T):
+            start = t if include_current else t + 1
+            ret = sum(gamma ** (k - start) * rewards[b, k] for k in range(start, T))
+            count = max(mask[b, start:].sum(), 1)
+            adv[b, t] = ret / count if length_norm else ret
+    adv *= mask
+    if whiten:
+        weight = mask if masked_whiten else np.ones_like(mask)
+        mean = (adv * weight).sum() / weight.sum()
+        var = (((adv - mean) ** 2) * weight).sum() / weight.sum()
+        adv = (adv - mean) / np.sqrt(var + 1e-8) * mask
+    return adv
+
+
+@pytest.mark.parametrize("gamma", [0.95, 1.0])
+@pytest.mark.parametrize("length_norm,whiten,masked_whiten,include_current", [
+    (True, True, True, True), (True, True, False, True), (False, False, True, True), (True, False, True, False),
+    (False, True, True, False)])
+def test_advantages_match_float64(gamma, length_norm, whiten, masked_whiten, include_current):
+    rng = np.random.default_rng(1)
+    rewards = rng.normal(size=(4, 7)) * 3
+    mask = np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 1 + [0] * 6, [0] * 7], np.float32)
+    ours = losses.minillm_advantages(rewards, mask, gamma, length_norm=length_norm, whiten=whiten,
+                                     masked_whiten=masked_whiten, include_current_reward=include_current)
+    expected = _np_advantages(rewards, mask, gamma, length_norm, whiten, masked_whiten, include_current)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_long_responses_with_large_rewards_stay_finite():
+    rng = np.random.default_rng(2)
+    rewards = rng.choice([-100.0, 100.0], size=(8, 256))
+    mask = (np.arange(256)[None, :] < rng.integers(1, 257, size=(8, 1))).astype(np.float32)
+    for gamma in (0.95, 1.0):
+        adv = losses.minillm_advantages(rewards, mask, gamma)
+        assert np.isfinite(np.asarray(adv)).all()
+        expected = _np_advantages(rewards, mask, gamma, True, True, True, True)
+        np.testing.assert_allclose(np.asarray(adv), expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ brute force
+
+# A tabular policy: vocabulary {0 = EOS, 1, 2}, responses of at most 3 tokens. The next-token logits
+# depend on the prefix (which holds no EOS); 7 prefixes in all.
+VOCAB, MAX_LEN = 3, 3
+PREFIXES = [()] + [(a,) for a in (1, 2)] + [(a, b) for a in (1, 2) for b in (1, 2)]
+PREFIX_INDEX = {prefix: i for i, prefix in enumerate(PREFIXES)}
+
+
+def _responses():
+    out = [(0,)]
+    out += [(a, 0) for a in (1, 2)]
+    out += [(a, b, c) for a in (1, 2) for b in (1, 2) for c in range(VOCAB)]
+    return out
+
+
+def _as_batch(responses):
+    """Token ids [N, 3], mask [N, 3] and the prefix index of each position [N, 3]."""
+    n = len(responses)
+    tokens = np.zeros((n, MAX_LEN), np.int32)
+    mask = np.zeros((n, MAX_LEN), np.float32)
+    prefix = np.zeros((n, MAX_LEN), np.int32)
+    for i, y in enumerate(responses):
+        for t, token in enumerate(y):
+            tokens[i, t], mask[i, t], prefix[i, t] = token, 1.0, PREFIX_INDEX[tuple(y[:t])]
+    return tokens, mask, prefix
+
+
+def _sequence_logprob(table, tokens, mask, prefix):
+    logp = jax.nn.log_softmax(table[prefix], axis=-1)
+    return jnp.sum(jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0] * mask, axis=-1)
+
+
+def _exact_reverse_kl(theta_q, theta_p):
+    tokens, mask, prefix = _as_batch(_responses())
+    log_q = _sequence_logprob(theta_q, tokens, mask, prefix)
+    log_p = _sequence_logprob(theta_p, tokens, mask, prefix)
+    return jnp.sum(jnp.exp(log_q) * (log_q - log_p))
+
+
+def _sample(table_probs, n, rng):
+    """n responses from a tabular policy given next-token probabilities per prefix [7, 3] (float64)."""
+    table_probs = np.asarray(table_probs, np.float64)
+    table_probs = table_probs / table_probs.sum(-1, keepdims=True)
+    cumulative = np.cumsum(table_probs, -1)
+    tokens = np.zeros((n, MAX_LEN), np.int64)
+    alive = np.ones(n, bool)
+    prefix = np.zeros(n, np.int64)  # index into PREFIXES
+    for t in range(MAX_LEN):
+        u = rng.random(n)
+        drawn = (u[:, None] > cumulative[prefix]).sum(-1)
+        tokens[:, t] = np.where(alive, drawn, -1)
+        alive &= drawn != 0
+        if t + 1 < MAX_LEN:
+            prefix = np.array([PREFIX_INDEX.get(tuple(row[: t + 1]), 0) for row in tokens])
+    return [tuple(int(x) for x in row if x >= 0) for row in tokens]
+
+
+def _softmax64(theta):
+    return np.asarray(jax.nn.softmax(jnp.asarray(theta, jnp.float32), -1), np.float64)
+
+
+@pytest.fixture(scope="module")
+def tables():
+    rng = np.random.default_rng(3)
+    theta_q = jnp.asarray(rng.normal(size=(len(PREFIXES), VOCAB)), jnp.float32)
+    theta_p = jnp.asarray(rng.normal(size=(len(PREFIXES), VOCAB)) * 1.5, jnp.float32)
+    return theta_q, theta_p
+
+
+def _check_responses_cover_everything(theta_q):
+    tokens, mask, prefix = _as_batch(_responses())
+    total = float(jnp.sum(jnp.exp(_sequence_logprob(theta_q, tokens, mask, prefix))))
+    assert total == pytest.approx(1.0, abs=1e-6)
+
+
+def _estimator_gradient(theta_q, theta_p, responses, *, alpha=0.0, include_current=True, add_single_step=False,
+                        weights_mode="sequence"):
+    """The MiniLLM estimator's gradient, averaged over the sampled responses (gamma = 1, no clip, no length
+    normalisation, no whitening). The loss is a token mean; multiplying by tokens / responses turns it
+    into a per-response average, which is what estimates the gradient of the sequence-level KL."""
+    tokens, mask, prefix = _as_batch(responses)
+    tokens, mask, prefix = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(prefix)
+    log_p_table = jax.nn.log_softmax(theta_p, axis=-1)
+    log_p = jnp.take_along_axis(log_p_table[prefix], tokens[..., None], -1)[..., 0]
+    old = jnp.take_along_axis(jax.nn.log_softmax(theta_q, -1)[prefix], tokens[..., None], -1)[..., 0]
+    rewards = log_p - old
+    advantages = losses.minillm_advantages(rewards, mask, 1.0, length_norm=False, whiten=False,
+                                           include_current_reward=include_current)
+    weights = None
+    if alpha and weights_mode != "none":
+        token_w = jnp.exp(old) / ((1 - alpha) * jnp.exp(old) + alpha * jnp.exp(log_p))
+        token_w = jnp.where(mask > 0, token_w, 1.0)
+        weights = jnp.broadcast_to(jnp.prod(token_w, axis=1, keepdims=True), token_w.shape) \
+            if weights_mode == "sequence" else token_w
+    scale = jnp.sum(mask) / len(responses)
+
+    def loss(theta):
+        logq = jnp.take_along_axis(jax.nn.log_softmax(theta, -1)[prefix], tokens[..., None], -1)[..., 0]
+        value = losses.policy_gradient_loss(logq, old, advantages, mask, weights=weights, clip=None)
+        if add_single_step:
+            value = value + losses.single_step_loss(theta[prefix], theta_p[prefix], mask, weights=weights)
+        return value * scale
+
+    return jax.grad(loss)(theta_q)
+
+
+def _relative_error(estimate, exact):
+    return float(jnp.max(jnp.abs(estimate - exact)) / jnp.max(jnp.abs(exact)))
+
+
+def test_single_step_term_equals_exact_per_position_gradient(tables):
+    """Summed over every response weighted by its (fixed) probability, the single-step loss's gradient is
+    sum_t E_{y<t}[grad KL(q(.|y<t) || p(.|y<t))], computed here by brute force over the prefixes."""
+    theta_q, theta_p = tables
+    _check_responses_cover_everything(theta_q)
+    responses = _responses()
+    tokens, mask, prefix = (jnp.asarray(a) for a in _as_batch(responses))
+    prob = jax.lax.stop_gradient(jnp.exp(_sequence_logprob(theta_q, tokens, mask, prefix)))
+
+    def ours(theta):
+        per_response = jax.vmap(lambda pr, m: losses.single_step_loss(theta[pr][None], theta_p[pr][None], m[None]))(
+            prefix, mask)
+        return jnp.sum(prob * per_response * mask.sum(1))
+
+    def brute(theta):
+        total = 0.0
+        q_fixed = jax.nn.softmax(jax.lax.stop_gradient(theta), -1)
+        for prefix_tokens in PREFIXES:  # probability of reaching the prefix (no EOS in it)
+            reach = 1.0
+            for t, token in enumerate(prefix_tokens):
+                reach = reach * q_fixed[PREFIX_INDEX[tuple(prefix_tokens[:t])], token]
+            log_q = jax.nn.log_softmax(theta[PREFIX_INDEX[prefix_tokens]])
+            log_p = jax.nn.log_softmax(theta_p[PREFIX_INDEX[prefix_tokens]])
+            total = total + reach * jnp.sum(jnp.exp(log_q) * (log_q - log_p))
+        return total
+
+    np.testing.assert_allclose(jax.grad(ours)(theta_q), jax.grad(brute)(theta_q), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def on_policy_samples(tables):
+    theta_q, _ = tables
+    return _sample(_softmax64(theta_q), 40_000, np.random.default_rng(4))
+
+
+def test_policy_gradient_estimator_is_unbiased(tables, on_policy_samples):
+    theta_q, theta_p = tables
+    exact = jax.grad(_exact_reverse_kl)(theta_q, theta_p)
+    code_variant = _estimator_gradient(theta_q, theta_p, on_policy_samples)  # G_t includes r_t
+    assert _relative_error(code_variant, exact) < 0.05
+    paper_variant = _estimator_gradient(theta_q, theta_p, on_policy_samples, include_current=False,
+                                        add_single_step=True)  # R_{t+1} plus the exact single-step term
+    assert _relative_error(paper_variant, exact) < 0.05
+    # The test has the power to catch the classic mistakes:
+    off_by_one = _estimator_gradient(theta_q, theta_p, on_policy_samples, include_current=False)
+    assert _relative_error(off_by_one, exact) > 0.2
+    assert _relative_error(-code_variant, exact) > 1.0
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5])
+def test_teacher_mixed_importance_weighted_estimator(tables, alpha):
+    theta_q, theta_p = tables
+    q_table, p_table = _softmax64(theta_q), _softmax64(theta_p)
+    mixed = _sample((1 - alpha) * q_table + alpha * p_table, 40_000, np.random.default_rng(5))
+    exact = jax.grad(_exact_reverse_kl)(theta_q, theta_p)
+    sequence_weighted = _estimator_gradient(theta_q, theta_p, mixed, alpha=alpha)
+    assert _relative_error(sequence_weighted, exact) < 0.06
+    unweighted = _estimator_gradient(theta_q, theta_p, mixed, alpha=alpha, weights_mode="none")
+    assert _relative_error(unweighted, exact) > 0.1  # the weights are what removes the mixture's bias
+
+
+def test_clipping_bounds_the_ratio():
+    adv = jnp.array([[1.0, -1.0]])
+    mask = jnp.ones((1, 2))
+    old = jnp.zeros((1, 2))
+    far = jnp.log(jnp.array([[2.0, 0.1]]))  # ratios 2 and 0.1
+    clipped = losses.policy_gradient_loss(far, old, adv, mask, clip=0.2)
+    # token 0: max(-1*2, -1*1.2) = -1.2; token 1: max(1*0.1, 1*0.8) = 0.8
+    np.testing.assert_allclose(clipped, (-1.2 + 0.8) / 2, rtol=1e-6)
+    np.testing.assert_allclose(losses.policy_gradient_loss(far, old, adv, mask, clip=None), (-2.0 + 0.1) / 2, rtol=1e-6)
+
+
+def test_enumeration_is_complete():
+    assert len(_responses()) == 15 and len(set(itertools.chain(_responses()))) == 15
