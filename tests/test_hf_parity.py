@@ -126,3 +126,34 @@ def test_legacy_names_without_base_prefix(tmp_path):
     ids, mask = left_padded_batch(96)
     ours = np.asarray(load_pretrained(tmp_path)(ids, mask))
     assert max_diff_on_real(ours, hf_logits(hf_model, ids, mask), mask) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "gpt2", "mistral_sliding_window"])
+def test_student_from_a_subset_of_teacher_layers(variant, tmp_path):
+    """Reference: the transformers model with the other layers deleted."""
+    from minillm_jax.models import select_layers
+
+    hf_model = build_hf_model(variant)
+    hf_model.save_pretrained(tmp_path)
+    teacher = load_pretrained(tmp_path)
+    keep = [1] if teacher.config.num_layers == 2 else [0, 2]
+    student = select_layers(teacher, keep)
+    assert student.config.num_layers == len(keep)
+
+    blocks = hf_model.transformer.h if variant == "gpt2" else hf_model.model.layers
+    kept = torch.nn.ModuleList([blocks[i] for i in keep])
+    if variant == "gpt2":
+        hf_model.transformer.h = kept
+    else:
+        hf_model.model.layers = kept
+    for new_index, layer in enumerate(kept):
+        (layer.attn if variant == "gpt2" else layer.self_attn).layer_idx = new_index
+    hf_model.config.num_hidden_layers = len(keep)
+    if hasattr(hf_model.config, "layer_types") and hf_model.config.layer_types:
+        hf_model.config.layer_types = [hf_model.config.layer_types[i] for i in keep]
+    ids, mask = left_padded_batch(96)
+    assert max_diff_on_real(np.asarray(student(ids, mask)), hf_logits(hf_model, ids, mask), mask) <= 1e-4
+    np.testing.assert_array_equal(np.asarray(select_layers(teacher, range(teacher.config.num_layers))(ids, mask)),
+                                  np.asarray(teacher(ids, mask)))
+    with pytest.raises(ValueError, match="layer indices"):
+        select_layers(teacher, [5])

@@ -4,7 +4,7 @@ Hugging Face and GGUF import/export."""
 from minillm_jax.models.config import ModelConfig
 from minillm_jax.models.families import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from minillm_jax.models.hf import CheckpointError, load_pretrained, load_tokenizer, save_pretrained
-from minillm_jax.models.transformer import KVCache, Transformer, mask_padded_vocab
+from minillm_jax.models.transformer import KVCache, Transformer, mask_padded_vocab, select_layers
 
 __all__ = [
     "CheckpointError",
@@ -17,4 +17,5 @@ __all__ = [
     "load_tokenizer",
     "mask_padded_vocab",
     "save_pretrained",
+    "select_layers",
 ]

@@ -349,3 +349,22 @@ def _mlp(h, p, c: ModelConfig):
     if c.mlp_bias:
         out = out + w("down_bias")
     return out
+
+
+def select_layers(model: Transformer, indices) -> Transformer:
+    """A new model that keeps only the given layers of `model` (in that order), sharing embeddings,
+    final norm and head: a student initialised from a subset of the teacher's layers."""
+    indices = [int(i) for i in indices]
+    L = model.config.num_layers
+    if not indices or any(not 0 <= i < L for i in indices):
+        raise ValueError(f"layer indices {indices}: expected a non-empty list within [0, {L})")
+    config = model.config
+    windows = tuple(config.sliding_windows[i] for i in indices) if config.sliding_windows else ()
+    student_config = config.replace(num_layers=len(indices), sliding_windows=windows)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(student_config, rngs=nnx.Rngs(0))))
+    source = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    take = jnp.asarray(indices)
+    for path, variable in nnx.to_flat_state(state):
+        value = source[path].get_value()
+        variable.set_value(value[take] if logical_axes(variable)[:1] == ("layers",) else value)
+    return nnx.merge(graphdef, state)
