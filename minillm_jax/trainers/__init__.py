@@ -1,0 +1,1 @@
+"""One small module per method, sharing the optimizer and train state in `common.py`."""

@@ -1,0 +1,82 @@
+"""What every trainer shares: the student's train state, the optimizer, sequence layout helpers.
+
+The teacher never enters the train state: it is a read-only argument of the steps that need it, so it
+is neither optimised nor checkpointed.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from minillm_jax import losses
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Int[Array, ""]
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: int | None = None,
+                   schedule: str = "constant", end_learning_rate: float = 1e-7, weight_decay: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                   max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW after global-norm clipping; linear warm-up, then constant or cosine decay."""
+    if schedule == "constant":
+        lr = optax.warmup_constant_schedule(0.0, learning_rate, max(warmup_steps, 1))
+    elif schedule == "cosine":
+        if total_steps is None:
+            raise ValueError("schedule='cosine' needs total_steps")
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), total_steps,
+                                                end_learning_rate)
+    else:
+        raise ValueError(f"schedule={schedule!r}: expected 'constant' or 'cosine'")
+    chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*chain), lr
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params = nnx.split(model)
+    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, schedule) -> tuple[TrainState, dict]:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def shifted_logits(model, tokens: Int[Array, "B T"], attention_mask) -> Float[Array, "B T-1 V"]:
+    """Logits at positions 0..T-2, each predicting the next token (tokens[:, 1:])."""
+    return model(tokens[:, :-1], attention_mask[:, :-1])
+
+
+def response_logits(model, prompt_tokens, prompt_mask, response_tokens, response_mask):
+    """Teacher-forced logits aligned with the response tokens [B, R, V] (left-padded prompt + response)."""
+    tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
+    logits = model(tokens[:, :-1], mask[:, :-1])
+    return logits[:, prompt_tokens.shape[1] - 1:]
+
+
+def sequence_reverse_kl(student_logprobs, teacher_logprobs, mask) -> Float[Array, ""]:
+    """Monte-Carlo estimate of KL[q || p] per response: mean over responses of sum_t (log q - log p)."""
+    mask = mask.astype(jnp.float32)
+    per_response = jnp.sum((student_logprobs - teacher_logprobs) * mask, axis=1)
+    return jnp.mean(per_response)
+
+
+def entropy(logits, mask, num_real_tokens=None) -> Float[Array, ""]:
+    log_q = losses.log_probs(logits, num_real_tokens)
+    return losses.masked_mean(-jnp.sum(jnp.exp(log_q) * log_q, axis=-1), mask)
+
+
+__all__ = ["TrainState", "apply_gradients", "create_train_state", "entropy", "make_optimizer", "response_logits",
+           "sequence_reverse_kl", "shifted_logits"]
