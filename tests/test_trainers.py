@@ -97,3 +97,120 @@ def test_minillm_lowers_reverse_kl_on_held_out_prompts(importance, single_step):
     after = _held_out_reverse_kl(nnx.merge(graphdef, state.params), teacher, held_out, sampling)
     assert after < 0.7 * before, (before, after)
     assert {"pg", "entropy", "grad_norm", "lr"} | ({"single_step"} if single_step else set()) <= set(metrics)
+
+
+def _eval_divergence(graphdef, state, teacher, batch, fn):
+    from minillm_jax.trainers.common import shifted_logits
+
+    student = nnx.merge(graphdef, state.params)
+    s = shifted_logits(student, batch["tokens"], batch["attention_mask"])
+    t = shifted_logits(teacher, batch["tokens"], batch["attention_mask"])
+    return float(fn(s, t, batch["loss_mask"][:, 1:]))
+
+
+def test_gkd_mixes_on_policy_batches_and_lowers_jsd():
+    from minillm_jax import losses
+    from minillm_jax.trainers import gkd
+
+    teacher = _teacher()
+    config = gkd.GKDConfig(beta=0.5, lmbda=0.5)
+    tx, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=2)
+    graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
+    step = gkd.make_train_step(graphdef, nnx.graphdef(teacher), tx, schedule, config)
+    gold, prompts = _sequences(), _prompts(16, seed=5)
+    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
+    held_out = _sequences(seed=7)
+
+    def jsd(s, t, m):
+        return losses.jsd(s, t, m, 0.5)
+
+    before = _eval_divergence(graphdef, state, teacher, held_out, jsd)
+    coin, kinds = np.random.default_rng(0), []
+    for i in range(30):
+        batch, on_policy = gkd.choose_batch(gold, prompts, state, graphdef, sampling, jax.random.key(i), config, coin)
+        kinds.append(on_policy)
+        state, metrics = step(state, nnx.state(teacher), batch)
+    assert 5 < sum(kinds) < 25  # both kinds of batch were used
+    assert _eval_divergence(graphdef, state, teacher, held_out, jsd) < 0.7 * before
+
+
+def test_distillm_adaptive_off_policy_and_skew_reverse_kl():
+    from minillm_jax import losses
+    from minillm_jax.trainers import distillm
+    from minillm_jax.trainers.batches import from_samples
+
+    config = distillm.DistiLLMConfig(initial_sgo_prob=0.5)
+    schedule_state = distillm.AdaptiveOffPolicy(config)
+    assert schedule_state.update(1.0) == 0.5  # improved: unchanged
+    assert schedule_state.update(1.2) == pytest.approx(0.6)  # worse: more student-generated outputs
+    assert schedule_state.update(0.9) == pytest.approx(0.6)
+
+    teacher = _teacher()
+    tx, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=2)
+    graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
+    step = distillm.make_train_step(graphdef, nnx.graphdef(teacher), tx, schedule, config)
+    gold, prompts = _sequences(), _prompts(16, seed=6)
+    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
+    held_out = _sequences(seed=8)
+
+    def srkl(s, t, m):
+        return losses.skew_reverse_kl(s, t, m, 0.1)
+
+    before = _eval_divergence(graphdef, state, teacher, held_out, srkl)
+    kinds = []
+    for i in range(30):
+        def fresh(i=i):
+            return from_samples(generate(nnx.merge(graphdef, state.params), prompts, sampling, jax.random.key(i)))
+
+        batch, kind = schedule_state.choose(gold, fresh)
+        kinds.append(kind)
+        state, _ = step(state, nnx.state(teacher), batch)
+    assert {"gold", "fresh", "replay"} <= set(kinds)
+    assert _eval_divergence(graphdef, state, teacher, held_out, srkl) < 0.7 * before
+
+
+def test_seqkd_writes_teacher_answers_and_sft_learns_them(tmp_path):
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from minillm_jax.sampling import SampleOutput
+    from minillm_jax.trainers import seqkd
+    from minillm_jax.trainers.batches import from_samples
+
+    vocab = {f"w{i}": i for i in range(16)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w0", unk_token="w1")
+
+    teacher = _teacher()
+    prompts = _prompts(24, seed=11)
+    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
+    answers = seqkd.teacher_answers(teacher, prompts, sampling, jax.random.key(0), batch_size=8)
+    records = [{"instruction": " ".join(f"w{t}" for t in p), "output": "gold"} for p in prompts]
+    path = seqkd.write_teacher_data(tmp_path / "seqkd.jsonl", records, answers, tokenizer)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 24 and lines[3]["instruction"] == records[3]["instruction"]
+    assert lines[3]["output"] == " ".join(f"w{t}" for t in answers[3] if t != 0)
+
+    # SFT on the teacher's answers (the second SeqKD stage) learns them.
+    width = max(map(len, answers))
+    tokens = np.zeros((24, width), np.int32)
+    mask = np.zeros((24, width), bool)
+    for i, answer in enumerate(answers):
+        tokens[i, : len(answer)], mask[i, : len(answer)] = answer, True
+    from minillm_jax.sampling import pad_prompts
+
+    prompt_ids, prompt_mask = pad_prompts(prompts, (8,), 0)
+    batch = from_samples(SampleOutput(tokens=jnp.asarray(tokens), mask=jnp.asarray(mask), lengths=None,
+                                      logprobs=None, prompt_tokens=jnp.asarray(prompt_ids),
+                                      prompt_mask=jnp.asarray(prompt_mask)))
+    tx, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=2)
+    graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
+    step = sft.make_train_step(graphdef, tx, schedule)
+    losses_seen = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses_seen.append(float(metrics["loss"]))
+    assert losses_seen[-1] < 0.6 * losses_seen[0]
