@@ -214,3 +214,38 @@ def test_seqkd_writes_teacher_answers_and_sft_learns_them(tmp_path):
         state, metrics = step(state, batch)
         losses_seen.append(float(metrics["loss"]))
     assert losses_seen[-1] < 0.6 * losses_seen[0]
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    batch = _sequences(n=16)
+    halves = [{k: v[:8] for k, v in batch.items()}, {k: v[8:] for k, v in batch.items()}]
+    # the two halves hold the same number of loss tokens, so the mean of means is the global mean
+    assert int(halves[0]["loss_mask"][:, 1:].sum()) == int(halves[1]["loss_mask"][:, 1:].sum())
+
+    def run(batches, accumulate):
+        tx, schedule = make_optimizer(learning_rate=1e-2, accumulate_steps=accumulate)
+        graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
+        step = sft.make_train_step(graphdef, tx, schedule)
+        for b in batches:
+            state, _ = step(state, b)
+        return state.params
+
+    one = run([batch, batch], 1)
+    accumulated = run(halves + halves, 2)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(accumulated)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # Adam amplifies ~1e-7
+    moved = run([batch], 1)
+    assert not all(np.allclose(np.asarray(a), np.asarray(b)) for a, b in
+                   zip(jax.tree.leaves(moved), jax.tree.leaves(run([], 1))))
+
+
+def test_learning_rate_schedules():
+    _, constant = make_optimizer(learning_rate=0.1)
+    assert float(constant(0)) == pytest.approx(0.1)
+    _, warm = make_optimizer(learning_rate=0.1, warmup_steps=10)
+    assert [round(float(warm(s)), 4) for s in (0, 5, 10, 500)] == [0.0, 0.05, 0.1, 0.1]
+    _, cosine = make_optimizer(learning_rate=0.1, warmup_steps=10, schedule="cosine", total_steps=110,
+                               end_learning_rate=1e-7)
+    assert float(cosine(60)) == pytest.approx(0.05, rel=1e-3) and float(cosine(110)) == pytest.approx(1e-7, rel=1e-2)
+    _, accumulated = make_optimizer(learning_rate=0.1, warmup_steps=10, accumulate_steps=4)
+    assert float(accumulated(20)) == pytest.approx(0.05)  # micro-step 20 belongs to update 5

@@ -24,21 +24,28 @@ class TrainState:
 
 def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: int | None = None,
                    schedule: str = "constant", end_learning_rate: float = 1e-7, weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                   max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW after global-norm clipping; linear warm-up, then constant or cosine decay."""
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float | None = 1.0,
+                   accumulate_steps: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW after global-norm clipping; linear warm-up, then constant or cosine decay. With
+    `accumulate_steps` = k, gradients of k consecutive micro-batches are averaged into one update (the
+    returned schedule then maps micro-steps to the learning rate of their update)."""
     if schedule == "constant":
-        lr = optax.warmup_constant_schedule(0.0, learning_rate, max(warmup_steps, 1))
+        lr = optax.warmup_constant_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else \
+            optax.constant_schedule(learning_rate)
     elif schedule == "cosine":
         if total_steps is None:
             raise ValueError("schedule='cosine' needs total_steps")
-        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), total_steps,
-                                                end_learning_rate)
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps, end_learning_rate) \
+            if warmup_steps else optax.cosine_decay_schedule(learning_rate, total_steps,
+                                                              end_learning_rate / learning_rate)
     else:
         raise ValueError(f"schedule={schedule!r}: expected 'constant' or 'cosine'")
     chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    return optax.chain(*chain), lr
+    tx = optax.chain(*chain)
+    if accumulate_steps > 1:
+        return optax.MultiSteps(tx, every_k_schedule=accumulate_steps), lambda step: lr(step // accumulate_steps)
+    return tx, lr
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
