@@ -58,57 +58,51 @@ def _mixture(log_a, log_b, weight_a: float):
     return jnp.logaddexp(jnp.log(weight_a) + log_a, jnp.log1p(-weight_a) + log_b)
 
 
+def _token_mean(name: str, student_logits: Logits, teacher_logits: Logits, mask: Mask, labels=None, *,
+                num_real_tokens=None, **params):
+    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
+    return masked_mean(token_divergence(name, **params)(log_q, log_p, labels), mask)
+
+
 def forward_kl(student_logits: Logits, teacher_logits: Logits, mask: Mask, *, num_real_tokens=None):
     """KL(p || q), full vocabulary."""
-    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
-    return masked_mean(_kl(log_p, log_q), mask)
+    return _token_mean("forward_kl", student_logits, teacher_logits, mask, num_real_tokens=num_real_tokens)
 
 
 def reverse_kl(student_logits: Logits, teacher_logits: Logits, mask: Mask, *, num_real_tokens=None):
     """KL(q || p), full vocabulary."""
-    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
-    return masked_mean(_kl(log_q, log_p), mask)
+    return _token_mean("reverse_kl", student_logits, teacher_logits, mask, num_real_tokens=num_real_tokens)
 
 
 def soft_cross_entropy(student_logits: Logits, teacher_logits: Logits, mask: Mask, *, num_real_tokens=None):
     """-sum_v p(v) log q(v): forward KL plus the teacher's entropy (word-level KD's soft term)."""
-    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
-    return masked_mean(-jnp.sum(jnp.exp(log_p) * log_q, axis=-1), mask)
+    return _token_mean("soft_ce", student_logits, teacher_logits, mask, num_real_tokens=num_real_tokens)
 
 
 def jsd(student_logits: Logits, teacher_logits: Logits, mask: Mask, beta: float, *, num_real_tokens=None):
     """Generalised Jensen-Shannon divergence (GKD); beta = 0 is forward KL and beta = 1 reverse KL."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd beta={beta}: expected in [0, 1]")
-    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
-    if beta == 0.0:
-        return masked_mean(_kl(log_p, log_q), mask)
-    if beta == 1.0:
-        return masked_mean(_kl(log_q, log_p), mask)
-    log_m = _mixture(log_p, log_q, beta)
-    return masked_mean(beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m), mask)
+    return _token_mean("jsd", student_logits, teacher_logits, mask, num_real_tokens=num_real_tokens, beta=beta)
 
 
 def skew_kl(student_logits: Logits, teacher_logits: Logits, mask: Mask, alpha: float = 0.1, *,
             num_real_tokens=None):
     """DistiLLM's skew KL: KL(p || alpha p + (1 - alpha) q)."""
-    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
-    log_m = log_q if alpha == 0.0 else _mixture(log_p, log_q, alpha)
-    return masked_mean(_kl(log_p, log_m), mask)
+    return _token_mean("skew_kl", student_logits, teacher_logits, mask, num_real_tokens=num_real_tokens,
+                       alpha=alpha)
 
 
 def skew_reverse_kl(student_logits: Logits, teacher_logits: Logits, mask: Mask, alpha: float = 0.1, *,
                     num_real_tokens=None):
     """DistiLLM's skew reverse KL: KL(q || alpha q + (1 - alpha) p)."""
-    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
-    log_m = log_p if alpha == 0.0 else _mixture(log_q, log_p, alpha)
-    return masked_mean(_kl(log_q, log_m), mask)
+    return _token_mean("skew_reverse_kl", student_logits, teacher_logits, mask, num_real_tokens=num_real_tokens,
+                       alpha=alpha)
 
 
 def tvd(student_logits: Logits, teacher_logits: Logits, mask: Mask, *, num_real_tokens=None):
     """Total variation distance 0.5 * sum_v |p - q|."""
-    log_q, log_p = log_probs(student_logits, num_real_tokens), log_probs(teacher_logits, num_real_tokens)
-    return masked_mean(0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1), mask)
+    return _token_mean("tvd", student_logits, teacher_logits, mask, num_real_tokens=num_real_tokens)
 
 
 def kd_loss(student_logits: Logits, teacher_logits: Logits, labels, mask: Mask, *, kd_ratio: float = 0.5,
@@ -185,3 +179,71 @@ def single_step_loss(student_logits: Logits, teacher_logits: Logits, mask: Mask,
     if weights is not None:
         per_position = per_position * jax.lax.stop_gradient(weights.astype(jnp.float32))
     return masked_mean(per_position, mask)
+
+
+# ------------------------------------------------------------------------------------------ chunked logits
+
+
+def token_divergence(name: str, **params):
+    """A per-token function (log_q [B C V], log_p [B C V], labels [B C]) -> [B C] for `chunked_token_mean`:
+    'ce', 'soft_ce', 'forward_kl', 'reverse_kl', 'jsd' (beta), 'skew_kl' / 'skew_reverse_kl' (alpha), 'tvd'."""
+    if name == "ce":
+        return lambda log_q, log_p, labels: -jnp.take_along_axis(log_q, labels[..., None], -1)[..., 0]
+    if name == "soft_ce":
+        return lambda log_q, log_p, labels: -jnp.sum(jnp.exp(log_p) * log_q, axis=-1)
+    if name == "forward_kl":
+        return lambda log_q, log_p, labels: _kl(log_p, log_q)
+    if name == "reverse_kl":
+        return lambda log_q, log_p, labels: _kl(log_q, log_p)
+    if name == "tvd":
+        return lambda log_q, log_p, labels: 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
+    if name == "jsd":
+        beta = params["beta"]
+        if beta == 0.0:
+            return token_divergence("forward_kl")
+        if beta == 1.0:
+            return token_divergence("reverse_kl")
+
+        def jsd_tokens(log_q, log_p, labels):
+            log_m = _mixture(log_p, log_q, beta)
+            return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+
+        return jsd_tokens
+    if name == "skew_kl":
+        alpha = params["alpha"]
+        return lambda log_q, log_p, labels: _kl(log_p, log_q if alpha == 0.0 else _mixture(log_p, log_q, alpha))
+    if name == "skew_reverse_kl":
+        alpha = params["alpha"]
+        return lambda log_q, log_p, labels: _kl(log_q, log_p if alpha == 0.0 else _mixture(log_q, log_p, alpha))
+    raise ValueError(f"unknown token divergence {name!r}")
+
+
+def chunked_token_mean(token_fn, student_hidden: Float[Array, "B T E"], student_unembed,
+                       teacher_hidden: Float[Array, "B T E"] | None, teacher_unembed, mask: Mask,
+                       labels: Int[Array, "B T"] | None = None, *, chunk_size: int = 128,
+                       num_real_tokens: int | None = None) -> Float[Array, ""]:
+    """masked_mean of token_fn over time, computing both models' [B, chunk, V] logits one chunk at a time
+    and again in the backward pass (jax.checkpoint), so [B, T, V] float32 logits never exist at once.
+    The teacher's side is constant (no gradient)."""
+    B, T = mask.shape
+    chunks = -(-T // chunk_size)
+    pad = chunks * chunk_size - T
+
+    def split(x):  # [B, T, ...] -> [chunks, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(B, chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+    labels = jnp.zeros((B, T), jnp.int32) if labels is None else labels
+    mask = mask.astype(jnp.float32)
+    xs = (split(student_hidden), split(teacher_hidden) if teacher_hidden is not None else None, split(labels),
+          split(mask))
+
+    @jax.checkpoint
+    def chunk_sum(s_hidden, t_hidden, chunk_labels, chunk_mask):
+        log_q = log_probs(student_unembed(s_hidden), num_real_tokens)
+        log_p = log_q if t_hidden is None else jax.lax.stop_gradient(
+            log_probs(teacher_unembed(t_hidden), num_real_tokens))
+        return jnp.sum(token_fn(log_q, log_p, chunk_labels) * chunk_mask)
+
+    total = jnp.sum(jax.lax.map(lambda x: chunk_sum(*x), xs))
+    return total / jnp.maximum(jnp.sum(mask), 1.0)

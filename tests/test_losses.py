@@ -315,3 +315,40 @@ def test_clipping_bounds_the_ratio():
 
 def test_enumeration_is_complete():
     assert len(_responses()) == 15 and len(set(itertools.chain(_responses()))) == 15
+
+
+@pytest.mark.parametrize("name,params", [("ce", {}), ("soft_ce", {}), ("forward_kl", {}), ("reverse_kl", {}),
+                                         ("jsd", {"beta": 0.3}), ("jsd", {"beta": 1.0}),
+                                         ("skew_kl", {"alpha": 0.1}), ("skew_reverse_kl", {"alpha": 0.1}),
+                                         ("tvd", {})])
+def test_chunked_logits_equal_full_logits(name, params):
+    """Value and gradient through the chunked path equal the full [B, T, V] computation (T = 11 is not a
+    multiple of the chunk, so padding is exercised)."""
+    rng = np.random.default_rng(4)
+    B, T, E, V = 2, 11, 6, 13
+    student_hidden = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)
+    teacher_hidden = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)
+    w_student = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
+    w_teacher = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
+    mask = jnp.asarray(rng.random((B, T)) > 0.3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 11, (B, T)), jnp.int32)
+    token_fn = losses.token_divergence(name, **params)
+    public = {"ce": lambda s, t: losses.cross_entropy(s, labels, mask, num_real_tokens=11),
+              "soft_ce": lambda s, t: losses.soft_cross_entropy(s, t, mask, num_real_tokens=11),
+              "forward_kl": lambda s, t: losses.forward_kl(s, t, mask, num_real_tokens=11),
+              "reverse_kl": lambda s, t: losses.reverse_kl(s, t, mask, num_real_tokens=11),
+              "jsd": lambda s, t: losses.jsd(s, t, mask, params.get("beta"), num_real_tokens=11),
+              "skew_kl": lambda s, t: losses.skew_kl(s, t, mask, params.get("alpha"), num_real_tokens=11),
+              "skew_reverse_kl": lambda s, t: losses.skew_reverse_kl(s, t, mask, params.get("alpha"),
+                                                                     num_real_tokens=11),
+              "tvd": lambda s, t: losses.tvd(s, t, mask, num_real_tokens=11)}[name]
+
+    def full(w):
+        return public(student_hidden @ w, jax.lax.stop_gradient(teacher_hidden @ w_teacher))
+
+    def chunked(w):
+        return losses.chunked_token_mean(token_fn, student_hidden, lambda h: h @ w, teacher_hidden,
+                                         lambda h: h @ w_teacher, mask, labels, chunk_size=4, num_real_tokens=11)
+
+    np.testing.assert_allclose(chunked(w_student), full(w_student), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(chunked)(w_student), jax.grad(full)(w_student), rtol=1e-4, atol=1e-6)

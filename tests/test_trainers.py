@@ -249,3 +249,23 @@ def test_learning_rate_schedules():
     assert float(cosine(60)) == pytest.approx(0.05, rel=1e-3) and float(cosine(110)) == pytest.approx(1e-7, rel=1e-2)
     _, accumulated = make_optimizer(learning_rate=0.1, warmup_steps=10, accumulate_steps=4)
     assert float(accumulated(20)) == pytest.approx(0.05)  # micro-step 20 belongs to update 5
+
+
+def test_chunked_logits_train_like_full_logits():
+    """KD with logits made a time-chunk at a time takes the same steps as with whole [B, T, V] logits."""
+    teacher = _teacher()
+    batch = _sequences()
+
+    def run(chunk):
+        tx, schedule = make_optimizer(learning_rate=3e-3)
+        graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
+        step = kd.make_train_step(graphdef, nnx.graphdef(teacher), tx, schedule, logits_chunk_size=chunk)
+        for _ in range(3):
+            state, metrics = step(state, nnx.state(teacher), batch)
+        return state.params, metrics
+
+    (full, full_metrics), (chunked, chunked_metrics) = run(None), run(4)
+    for name in ("loss", "ce", "soft_ce", "forward_kl"):
+        np.testing.assert_allclose(chunked_metrics[name], full_metrics[name], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(chunked)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

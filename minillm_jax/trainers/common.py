@@ -7,6 +7,7 @@ is neither optimised nor checkpointed.
 from __future__ import annotations
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -87,3 +88,31 @@ def entropy(logits, mask, num_real_tokens=None) -> Float[Array, ""]:
 
 __all__ = ["TrainState", "apply_gradients", "create_train_state", "entropy", "make_optimizer", "response_logits",
            "sequence_reverse_kl", "shifted_logits"]
+
+
+def token_means(student, teacher, batch: dict, chunk_size: int | None = None):
+    """Runs both models once over the batch and returns `mean(name, **params)`: the masked mean over the
+    batch's loss tokens of `losses.token_divergence(name, **params)`. With `chunk_size`, logits are made
+    one time-chunk at a time (see `losses.chunked_token_mean`) instead of as whole [B, T, V] arrays."""
+    tokens, attention = batch["tokens"], batch["attention_mask"]
+    labels, mask = tokens[:, 1:], batch["loss_mask"][:, 1:]
+    n = student.config.num_real_tokens
+    if chunk_size is None:
+        log_q = losses.log_probs(shifted_logits(student, tokens, attention), n)
+        log_p = jax.lax.stop_gradient(losses.log_probs(shifted_logits(teacher, tokens, attention), n)) \
+            if teacher is not None else log_q
+
+        def mean(name, **params):
+            return losses.masked_mean(losses.token_divergence(name, **params)(log_q, log_p, labels), mask)
+
+        return mean
+    student_hidden = student.hidden_states(tokens[:, :-1], attention[:, :-1])
+    teacher_hidden = jax.lax.stop_gradient(teacher.hidden_states(tokens[:, :-1], attention[:, :-1])) \
+        if teacher is not None else None
+
+    def chunked_mean(name, **params):
+        return losses.chunked_token_mean(losses.token_divergence(name, **params), student_hidden, student.unembed,
+                                         teacher_hidden, teacher.unembed if teacher is not None else None, mask,
+                                         labels, chunk_size=chunk_size, num_real_tokens=n)
+
+    return chunked_mean

@@ -12,8 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from minillm_jax import losses
-from minillm_jax.trainers.common import apply_gradients, shifted_logits
+from minillm_jax.trainers.common import apply_gradients, token_means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +24,7 @@ class DistiLLMConfig:
     max_sgo_prob: float = 0.8
     replay_capacity: int = 64  # batches kept
     replay_reuse: float = 0.5  # chance to replay an old SGO batch instead of generating a new one
+    logits_chunk_size: int | None = None  # compute logits a time-chunk at a time
 
     def __post_init__(self):
         if self.divergence not in ("skew_kl", "skew_reverse_kl"):
@@ -35,11 +35,8 @@ class DistiLLMConfig:
 def distillm_loss(params, graphdef, teacher_graphdef, teacher_params, batch, config: DistiLLMConfig):
     student = nnx.merge(graphdef, params)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
-    logits = shifted_logits(student, batch["tokens"], batch["attention_mask"])
-    teacher_logits = jax.lax.stop_gradient(shifted_logits(teacher, batch["tokens"], batch["attention_mask"]))
-    divergence = getattr(losses, config.divergence)
-    loss = divergence(logits, teacher_logits, batch["loss_mask"][:, 1:], config.skew_alpha,
-                      num_real_tokens=student.config.num_real_tokens)
+    mean = token_means(student, teacher, batch, config.logits_chunk_size)
+    loss = mean(config.divergence, alpha=config.skew_alpha)
     return loss, {"loss": loss, config.divergence: loss}
 
 

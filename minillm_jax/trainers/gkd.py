@@ -11,25 +11,22 @@ import jax
 import numpy as np
 from flax import nnx
 
-from minillm_jax import losses
 from minillm_jax.sampling import SamplingConfig, generate
 from minillm_jax.trainers.batches import from_samples
-from minillm_jax.trainers.common import apply_gradients, shifted_logits
+from minillm_jax.trainers.common import apply_gradients, token_means
 
 
 @dataclasses.dataclass(frozen=True)
 class GKDConfig:
     beta: float = 0.5  # 0: forward KL, 1: reverse KL
     lmbda: float = 0.5  # fraction of on-policy batches
+    logits_chunk_size: int | None = None  # compute logits a time-chunk at a time
 
 
-def gkd_loss(params, graphdef, teacher_graphdef, teacher_params, batch, beta: float):
+def gkd_loss(params, graphdef, teacher_graphdef, teacher_params, batch, config: GKDConfig):
     student = nnx.merge(graphdef, params)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
-    logits = shifted_logits(student, batch["tokens"], batch["attention_mask"])
-    teacher_logits = jax.lax.stop_gradient(shifted_logits(teacher, batch["tokens"], batch["attention_mask"]))
-    mask = batch["loss_mask"][:, 1:]
-    loss = losses.jsd(logits, teacher_logits, mask, beta, num_real_tokens=student.config.num_real_tokens)
+    loss = token_means(student, teacher, batch, config.logits_chunk_size)("jsd", beta=config.beta)
     return loss, {"loss": loss, "jsd": loss}
 
 
@@ -37,7 +34,7 @@ def make_train_step(graphdef, teacher_graphdef, tx, schedule, config: GKDConfig)
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, teacher_params, batch):
         grad_fn = jax.value_and_grad(gkd_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, config.beta)
+        (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, config)
         state, opt_metrics = apply_gradients(state, grads, tx, schedule)
         return state, {**metrics, **opt_metrics}
 

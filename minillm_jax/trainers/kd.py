@@ -8,31 +8,27 @@ import functools
 import jax
 from flax import nnx
 
-from minillm_jax import losses
-from minillm_jax.trainers.common import apply_gradients, shifted_logits
+from minillm_jax.trainers.common import apply_gradients, token_means
 
 
-def kd_loss(params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio: float):
+def kd_loss(params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio: float, chunk_size=None):
     student = nnx.merge(graphdef, params)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
-    logits = shifted_logits(student, batch["tokens"], batch["attention_mask"])
-    teacher_logits = jax.lax.stop_gradient(shifted_logits(teacher, batch["tokens"], batch["attention_mask"]))
-    labels, mask = batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
-    n = student.config.num_real_tokens
-    ce = losses.cross_entropy(logits, labels, mask, num_real_tokens=n)
-    soft = losses.soft_cross_entropy(logits, teacher_logits, mask, num_real_tokens=n)
+    mean = token_means(student, teacher, batch, chunk_size)
+    ce, soft = mean("ce"), mean("soft_ce")
     loss = (1.0 - kd_ratio) * ce + kd_ratio * soft
-    return loss, {"loss": loss, "ce": ce, "soft_ce": soft,
-                  "forward_kl": losses.forward_kl(logits, teacher_logits, mask, num_real_tokens=n)}
+    return loss, {"loss": loss, "ce": ce, "soft_ce": soft, "forward_kl": jax.lax.stop_gradient(mean("forward_kl"))}
 
 
-def make_train_step(graphdef, teacher_graphdef, tx, schedule, kd_ratio: float = 0.5):
-    """A jitted `train_step(state, teacher_params, batch) -> (state, metrics)`; only the state is donated."""
+def make_train_step(graphdef, teacher_graphdef, tx, schedule, kd_ratio: float = 0.5, logits_chunk_size=None):
+    """A jitted `train_step(state, teacher_params, batch) -> (state, metrics)`; only the state is donated.
+    `logits_chunk_size` computes the [B, T, V] logits of both models a time-chunk at a time."""
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, teacher_params, batch):
         grad_fn = jax.value_and_grad(kd_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio)
+        (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio,
+                                      logits_chunk_size)
         state, opt_metrics = apply_gradients(state, grads, tx, schedule)
         return state, {**metrics, **opt_metrics}
 
