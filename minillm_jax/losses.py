@@ -218,14 +218,14 @@ def token_divergence(name: str, **params):
     raise ValueError(f"unknown token divergence {name!r}")
 
 
-def chunked_token_mean(token_fn, student_hidden: Float[Array, "B T E"], student_unembed,
-                       teacher_hidden: Float[Array, "B T E"] | None, teacher_unembed, mask: Mask,
-                       labels: Int[Array, "B T"] | None = None, *, chunk_size: int = 128,
-                       num_real_tokens: int | None = None) -> Float[Array, ""]:
-    """masked_mean of token_fn over time, computing both models' [B, chunk, V] logits one chunk at a time
-    and again in the backward pass (jax.checkpoint), so [B, T, V] float32 logits never exist at once.
-    The teacher's side is constant (no gradient)."""
-    B, T = mask.shape
+def chunked_token_values(token_fn, student_hidden: Float[Array, "B T E"], student_unembed,
+                         teacher_hidden: Float[Array, "B T E"] | None, teacher_unembed,
+                         labels: Int[Array, "B T"] | None = None, *, chunk_size: int = 128,
+                         num_real_tokens: int | None = None):
+    """token_fn(log_q, log_p, labels) at every position ([B, T] or [B, T, K]), computing both models'
+    [B, chunk, V] logits one chunk at a time and again in the backward pass (jax.checkpoint), so
+    [B, T, V] float32 logits never exist at once. The teacher's side is constant (no gradient)."""
+    B, T = student_hidden.shape[:2]
     chunks = -(-T // chunk_size)
     pad = chunks * chunk_size - T
 
@@ -234,16 +234,25 @@ def chunked_token_mean(token_fn, student_hidden: Float[Array, "B T E"], student_
         return jnp.moveaxis(x.reshape(B, chunks, chunk_size, *x.shape[2:]), 1, 0)
 
     labels = jnp.zeros((B, T), jnp.int32) if labels is None else labels
-    mask = mask.astype(jnp.float32)
-    xs = (split(student_hidden), split(teacher_hidden) if teacher_hidden is not None else None, split(labels),
-          split(mask))
+    xs = (split(student_hidden), split(teacher_hidden) if teacher_hidden is not None else None, split(labels))
 
     @jax.checkpoint
-    def chunk_sum(s_hidden, t_hidden, chunk_labels, chunk_mask):
+    def chunk_values(s_hidden, t_hidden, chunk_labels):
         log_q = log_probs(student_unembed(s_hidden), num_real_tokens)
         log_p = log_q if t_hidden is None else jax.lax.stop_gradient(
             log_probs(teacher_unembed(t_hidden), num_real_tokens))
-        return jnp.sum(token_fn(log_q, log_p, chunk_labels) * chunk_mask)
+        return token_fn(log_q, log_p, chunk_labels)
 
-    total = jnp.sum(jax.lax.map(lambda x: chunk_sum(*x), xs))
-    return total / jnp.maximum(jnp.sum(mask), 1.0)
+    values = jax.lax.map(lambda x: chunk_values(*x), xs)  # [chunks, B, chunk, ...]
+    values = jnp.moveaxis(values, 0, 1)
+    return values.reshape(B, chunks * chunk_size, *values.shape[3:])[:, :T]
+
+
+def chunked_token_mean(token_fn, student_hidden: Float[Array, "B T E"], student_unembed,
+                       teacher_hidden: Float[Array, "B T E"] | None, teacher_unembed, mask: Mask,
+                       labels: Int[Array, "B T"] | None = None, *, chunk_size: int = 128,
+                       num_real_tokens: int | None = None) -> Float[Array, ""]:
+    """masked_mean of token_fn over time with chunked logits (see `chunked_token_values`)."""
+    values = chunked_token_values(token_fn, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+                                  labels, chunk_size=chunk_size, num_real_tokens=num_real_tokens)
+    return masked_mean(values, mask)

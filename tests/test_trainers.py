@@ -269,3 +269,24 @@ def test_chunked_logits_train_like_full_logits():
         np.testing.assert_allclose(chunked_metrics[name], full_metrics[name], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(chunked)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_minillm_chunked_logits_match_full_logits():
+    teacher = _teacher()
+    student = Transformer(CONFIG, rngs=nnx.Rngs(0))
+    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
+    results = []
+    for chunk in (None, 4):
+        config = minillm.MiniLLMConfig(minibatch_size=16, ppo_epochs=1, logits_chunk_size=chunk)
+        rollouts, _ = minillm.make_rollouts(student, teacher, _prompts(16, 3), sampling, jax.random.key(0), config)
+        graphdef, params = nnx.split(student)
+        pt_batch = _sequences()
+        grad_fn = jax.value_and_grad(minillm.minillm_loss, has_aux=True)
+        (_, metrics), grads = grad_fn(params, graphdef, nnx.graphdef(teacher), nnx.state(teacher), rollouts, pt_batch,
+                                      config)
+        results.append((metrics, grads))
+    (full_metrics, full_grads), (chunked_metrics, chunked_grads) = results
+    for name in ("loss", "pg", "single_step", "pt", "entropy"):
+        np.testing.assert_allclose(chunked_metrics[name], full_metrics[name], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(chunked_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

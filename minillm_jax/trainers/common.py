@@ -66,12 +66,17 @@ def shifted_logits(model, tokens: Int[Array, "B T"], attention_mask) -> Float[Ar
     return model(tokens[:, :-1], attention_mask[:, :-1])
 
 
-def response_logits(model, prompt_tokens, prompt_mask, response_tokens, response_mask):
-    """Teacher-forced logits aligned with the response tokens [B, R, V] (left-padded prompt + response)."""
+def response_hidden(model, prompt_tokens, prompt_mask, response_tokens, response_mask):
+    """Teacher-forced final hidden states aligned with the response tokens [B, R, E]: position t holds the
+    state that predicts response token t (left-padded prompt, then the response)."""
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
-    logits = model(tokens[:, :-1], mask[:, :-1])
-    return logits[:, prompt_tokens.shape[1] - 1:]
+    return model.hidden_states(tokens[:, :-1], mask[:, :-1])[:, prompt_tokens.shape[1] - 1:]
+
+
+def response_logits(model, prompt_tokens, prompt_mask, response_tokens, response_mask):
+    """Teacher-forced logits aligned with the response tokens [B, R, V]."""
+    return model.unembed(response_hidden(model, prompt_tokens, prompt_mask, response_tokens, response_mask))
 
 
 def sequence_reverse_kl(student_logprobs, teacher_logprobs, mask) -> Float[Array, ""]:
@@ -81,13 +86,8 @@ def sequence_reverse_kl(student_logprobs, teacher_logprobs, mask) -> Float[Array
     return jnp.mean(per_response)
 
 
-def entropy(logits, mask, num_real_tokens=None) -> Float[Array, ""]:
-    log_q = losses.log_probs(logits, num_real_tokens)
-    return losses.masked_mean(-jnp.sum(jnp.exp(log_q) * log_q, axis=-1), mask)
-
-
-__all__ = ["TrainState", "apply_gradients", "create_train_state", "entropy", "make_optimizer", "response_logits",
-           "sequence_reverse_kl", "shifted_logits"]
+__all__ = ["TrainState", "apply_gradients", "create_train_state", "make_optimizer", "response_hidden",
+           "response_logits", "sequence_reverse_kl", "shifted_logits", "token_means"]
 
 
 def token_means(student, teacher, batch: dict, chunk_size: int | None = None):

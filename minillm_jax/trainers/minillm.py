@@ -21,7 +21,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from minillm_jax import losses
 from minillm_jax.sampling import SamplingConfig, generate
-from minillm_jax.trainers.common import apply_gradients, entropy, response_logits, shifted_logits
+from minillm_jax.trainers.common import apply_gradients, response_hidden, token_means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,7 @@ class MiniLLMConfig:
     kd_ratio: float = 0.5  # L_PT = (1 - k) CE + k soft CE
     ppo_epochs: int = 4
     minibatch_size: int = 64
+    logits_chunk_size: int | None = None  # compute logits a time-chunk at a time
 
     def __post_init__(self):
         if self.importance not in ("token", "sequence"):
@@ -88,6 +89,13 @@ def make_rollouts(student, teacher, prompts, sampling: SamplingConfig, rng, conf
     return rollouts, stats
 
 
+def _response_token_values(log_q, log_p, tokens):
+    """Per response token: log q(y_t), the student's entropy, and KL(q || p) over the full vocabulary."""
+    logq = jnp.take_along_axis(log_q, tokens[..., None], axis=-1)[..., 0]
+    entropy_tokens = -jnp.sum(jnp.exp(log_q) * log_q, axis=-1)
+    return jnp.stack([logq, entropy_tokens, losses.token_divergence("reverse_kl")(log_q, log_p, tokens)], axis=-1)
+
+
 def minillm_loss(params, graphdef, teacher_graphdef, teacher_params, batch: Rollouts, pt_batch,
                  config: MiniLLMConfig):
     student = nnx.merge(graphdef, params)
@@ -95,24 +103,32 @@ def minillm_loss(params, graphdef, teacher_graphdef, teacher_params, batch: Roll
     n = student.config.num_real_tokens
     mask = batch.mask.astype(jnp.float32)
     args = (batch.prompt_tokens, batch.prompt_mask, batch.tokens, batch.mask)
-    logits = response_logits(student, *args)
-    logprobs = losses.token_logprobs(logits, batch.tokens, n)
+    hidden = response_hidden(student, *args)
+    teacher_hidden = jax.lax.stop_gradient(response_hidden(teacher, *args)) if config.single_step else None
+    if config.logits_chunk_size:
+        values = losses.chunked_token_values(_response_token_values, hidden, student.unembed, teacher_hidden,
+                                             teacher.unembed, batch.tokens, chunk_size=config.logits_chunk_size,
+                                             num_real_tokens=n)
+    else:
+        log_q = losses.log_probs(student.unembed(hidden), n)
+        log_p = log_q if teacher_hidden is None else losses.log_probs(teacher.unembed(teacher_hidden), n)
+        values = _response_token_values(log_q, log_p, batch.tokens)
+    logprobs, entropy_tokens, reverse_kl_tokens = values[..., 0], values[..., 1], values[..., 2]
+
     pg = losses.policy_gradient_loss(logprobs, batch.old_logprobs, batch.advantages, mask, weights=batch.weights,
                                      clip=config.clip)
-    metrics = {"pg": pg, "entropy": entropy(logits, mask, n),
+    metrics = {"pg": pg, "entropy": jax.lax.stop_gradient(losses.masked_mean(entropy_tokens, mask)),
                "ratio_mean": losses.masked_mean(jnp.exp(logprobs - batch.old_logprobs), mask)}
     total = pg
     if config.single_step:
-        teacher_logits = jax.lax.stop_gradient(response_logits(teacher, *args))
-        reg = losses.single_step_loss(logits, teacher_logits, mask, num_real_tokens=n,
-                                      weights=batch.weights if config.single_step_weights else None)
+        # the reference has no importance weight here; the paper's w_t is an option
+        weights = jax.lax.stop_gradient(batch.weights) if config.single_step_weights else 1.0
+        reg = losses.masked_mean(reverse_kl_tokens * weights, mask)
         total = total + reg
         metrics["single_step"] = reg
     if pt_batch is not None and config.pt_coef:
-        pt_logits = shifted_logits(student, pt_batch["tokens"], pt_batch["attention_mask"])
-        pt_teacher = jax.lax.stop_gradient(shifted_logits(teacher, pt_batch["tokens"], pt_batch["attention_mask"]))
-        pt = losses.kd_loss(pt_logits, pt_teacher, pt_batch["tokens"][:, 1:], pt_batch["loss_mask"][:, 1:],
-                            kd_ratio=config.kd_ratio, num_real_tokens=n)
+        mean = token_means(student, teacher, pt_batch, config.logits_chunk_size)
+        pt = (1.0 - config.kd_ratio) * mean("ce") + config.kd_ratio * mean("soft_ce")
         total = total + config.pt_coef * pt
         metrics["pt"] = pt
     metrics["loss"] = total
