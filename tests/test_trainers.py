@@ -290,3 +290,16 @@ def test_minillm_chunked_logits_match_full_logits():
         np.testing.assert_allclose(chunked_metrics[name], full_metrics[name], rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(chunked_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_student_from_teacher_layers_can_be_trained_without_touching_the_teacher():
+    """Training donates the student's buffers; a student cut from the teacher must not alias them."""
+    from minillm_jax.models import select_layers
+
+    teacher = _teacher()
+    before = np.asarray(teacher(_sequences()["tokens"]))
+    tx, schedule = make_optimizer(learning_rate=1e-2)
+    graphdef, state = create_train_state(select_layers(teacher, [1]), tx)
+    step = sft.make_train_step(graphdef, tx, schedule)
+    state, _ = step(state, _sequences())
+    np.testing.assert_array_equal(np.asarray(teacher(_sequences()["tokens"])), before)

@@ -366,5 +366,6 @@ def select_layers(model: Transformer, indices) -> Transformer:
     take = jnp.asarray(indices)
     for path, variable in nnx.to_flat_state(state):
         value = source[path].get_value()
-        variable.set_value(value[take] if logical_axes(variable)[:1] == ("layers",) else value)
+        # copies, never aliases: training donates the student's buffers, the teacher keeps its own
+        variable.set_value(value[take] if logical_axes(variable)[:1] == ("layers",) else jnp.array(value, copy=True))
     return nnx.merge(graphdef, state)
