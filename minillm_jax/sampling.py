@@ -170,7 +170,7 @@ def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask,
     R = config.max_new_tokens
 
     def start(model):
-        logits, cache = model.prefill(ids, mask, model.init_cache(B, P + R))
+        logits, cache = model.prefill(ids, mask, model.init_cache(B, P + R), empty_cache=True)
         return logits[:, -1, :num_real], cache
 
     logits, cache = start(student)

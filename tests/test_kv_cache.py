@@ -18,7 +18,8 @@ def test_prefill_then_decode_matches_full_forward(variant):
     prompt = 8
     cache = model.init_cache(batch_size=3, max_length=16)
     step = nnx.jit(lambda m, token, c: m.decode_step(token, c))
-    logits, cache = nnx.jit(lambda m, i, k, c: m.prefill(i, k, c))(model, ids[:, :prompt], mask[:, :prompt], cache)
+    logits, cache = nnx.jit(lambda m, i, k, c: m.prefill(i, k, c, empty_cache=variant != "gpt2"))(
+        model, ids[:, :prompt], mask[:, :prompt], cache)  # both prefill paths are exercised
     pieces = [np.asarray(logits)]
     for t in range(prompt, ids.shape[1]):
         logits, cache = step(model, ids[:, t], cache)

@@ -152,14 +152,16 @@ class Transformer(nnx.Module):
         )
 
     def prefill(
-        self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, cache: KVCache
+        self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, cache: KVCache, *,
+        empty_cache: bool = False,
     ) -> tuple[Float[Array, "B T V"], KVCache]:
         """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T).
 
         Inside the layer scan the cache is only read; the new keys and values come out of the scan and
-        are written once afterwards, so a decode step writes one slot, not a copy of the cache."""
+        are written once afterwards, so a decode step writes one slot, not a copy of the cache.
+        `empty_cache=True` (a fresh cache, the usual prompt prefill) skips attending to its empty slots."""
         input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=cache.lengths[:, None])
-        hidden, (k_new, v_new) = self._run(input_ids, mask, positions, cache=cache)
+        hidden, (k_new, v_new) = self._run(input_ids, mask, positions, cache=None if empty_cache else cache)
         start = cache.index
         cache = KVCache(
             k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, start, 0, 0)),
