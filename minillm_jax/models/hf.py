@@ -295,18 +295,13 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=No
     """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads with the same
     logits: config.json, safetensors (sharded with an index above `max_shard_bytes`),
     generation_config.json, and the tokenizer files when a tokenizer is given."""
-    from transformers import CONFIG_MAPPING
-
     config = model.config
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or config.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
 
-    hf_dict = families.config_to_hf(config)
-    hf_config = CONFIG_MAPPING[config.model_type](**{k: v for k, v in hf_dict.items() if k != "model_type"})
-    hf_config.dtype = dtype
-    _atomic_write(out / "config.json", hf_config.to_json_string(use_diff=True))
+    hf_dict = save_config(config, out, dtype=dtype)
 
     params = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     entries = []
@@ -321,6 +316,19 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=No
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def save_config(config: ModelConfig, out_dir: str | os.PathLike, *, dtype: str | None = None) -> dict[str, Any]:
+    """Write the HF config.json of `config` (validated by transformers' config class); returns its fields."""
+    from transformers import CONFIG_MAPPING
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_dict = families.config_to_hf(config)
+    hf_config = CONFIG_MAPPING[config.model_type](**{k: v for k, v in hf_dict.items() if k != "model_type"})
+    hf_config.dtype = dtype or config.param_dtype
+    _atomic_write(out / "config.json", hf_config.to_json_string(use_diff=True))
+    return hf_dict
 
 
 def _hf_producer(spec, params, np_dtype):
