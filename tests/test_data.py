@@ -117,3 +117,51 @@ def test_batches_are_deterministic_and_resumable(tokenizer, dolly_train):
     prompt_length = attention[row].sum() - loss_mask[row].sum()
     assert tokens[row, -1] == tokenizer.eos_token_id and loss_mask[row, -1] == 1
     assert prompt_length > 0 and loss_mask[row, : attention.shape[1] - loss_mask[row].sum()].sum() == 0
+
+
+def test_length_filter_count_on_the_full_train_file(tokenizer):
+    """Dolly train.jsonl, Alpaca template, prompt <= 256 and sequence <= 512 tokens: the dropped count
+    against one computed here from the template text and the tokenizer alone."""
+    records, _ = read_records(DOLLY / "train.jsonl")
+    data = InstructionData.build(records, tokenizer, max_prompt_length=256, max_length=512)
+    head = "Below is an instruction that describes a task"
+    prompts = [f"{head}, paired with an input that provides further context. Write a response that appropriately "
+               f"completes the request.\n\n### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n"
+               "### Response:\n" if r["input"].strip() else
+               f"{head}. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+               f"{r['instruction']}\n\n### Response:\n" for r in records]
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    full_lengths = [len(ids) + 1 for ids in tokenizer([p + r["output"] for p, r in zip(prompts, records)])["input_ids"]]
+    expected = sum(p > 256 or f > 512 for p, f in zip(prompt_lengths, full_lengths))
+    assert data.dropped == expected and len(data) == len(records) - expected
+    assert 1000 < expected < 4000  # the long-context records MiniLLM dropped, and a few long answers
+
+
+def test_max_examples_keeps_the_first_that_pass(tokenizer, dolly_train):
+    full = InstructionData.build(dolly_train[:300], tokenizer, max_prompt_length=64, max_length=160)
+    capped = InstructionData.build(dolly_train[:300], tokenizer, max_prompt_length=64, max_length=160,
+                                   max_examples=10)
+    assert len(capped) == 10 and capped.prompts == full.prompts[:10] and capped.responses == full.responses[:10]
+    assert capped.dropped < full.dropped
+
+
+def test_prompt_batches_follow_the_shuffle_and_resume(tokenizer, dolly_train):
+    data = InstructionData.build(dolly_train[:40], tokenizer, max_prompt_length=256, max_length=512)
+    size, seed = 16, 5  # 2 batches per epoch, so the stream crosses epochs
+    stream = data.prompt_batches(size, seed)
+    run = [next(stream) for _ in range(5)]
+    orders = [data.order(epoch, seed) for epoch in range(3)]
+    expected = [[data.prompts[i] for i in orders[epoch][start:start + size]]
+                for epoch in range(3) for start in (0, size)]
+    assert [prompts for prompts, _ in run] == expected[:5]
+    assert [position for _, position in run] == [(0, 16), (0, 32), (1, 16), (1, 32), (2, 16)]
+    assert next(data.prompt_batches(size, seed)) == run[0]  # deterministic
+    for k in (1, 2, 3):
+        resumed = data.prompt_batches(size, seed, position=run[k - 1][1])
+        assert [next(resumed) for _ in range(5 - k)] == run[k:]
+    batch, _ = next(data.batches(size, seed))
+    from_batches = [row[(a == 1) & (m == 0)].tolist() for row, a, m in
+                    zip(batch["tokens"], batch["attention_mask"], batch["loss_mask"])]
+    assert from_batches == run[0][0]
+    with pytest.raises(ValueError, match="batch_size=41"):
+        next(data.prompt_batches(41, seed))

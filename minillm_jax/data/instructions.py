@@ -1,5 +1,6 @@
-"""Instruction data: records from JSONL / JSON / Parquet files, the paper's Alpaca template or the
-tokenizer's chat template, and MiniLLM's tokenisation rule:
+"""Instruction data: records from JSONL / JSON / Parquet files (instruction / input / output fields, or a
+list of chat messages), the paper's Alpaca template or the tokenizer's chat template, and MiniLLM's
+tokenisation rule:
 
     prompt_ids = enc(prompt); full = enc(prompt + response) + [eos]; response_ids = full[len(prompt_ids):]
 
@@ -10,11 +11,12 @@ deterministic per-epoch shuffle whose position (epoch, index) can be saved and r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -25,27 +27,31 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
                      "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+TOKENIZE_CHUNK = 256  # examples per tokenizer call while building: parallel encoding, bounded memory
 
 
 class RecordError(ValueError):
-    """A malformed data record; the message names the file and line."""
+    """A malformed data record; the message names the file and line (or dataset, split and row)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class FieldMap:
-    """Which record fields hold the instruction, the optional input and the answer."""
+    """Which record fields hold the instruction, the optional input and the answer. With `messages` set,
+    records are chat conversations instead (a list of {"role", "content"} in that field): the answer is the
+    last assistant message and the other fields are not used."""
 
     instruction: str = "instruction"
     input: str | None = "input"
     output: str = "output"
+    messages: str | None = None
 
 
 def read_records(path: str | os.PathLike, fields: FieldMap = FieldMap(), *, on_error: str = "fail",
-                 require_output: bool = True) -> tuple[list[dict[str, Any]], int]:
+                 require_output: bool = True, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
     """Records from a .jsonl, .json (a list) or .parquet file; returns (records, skipped count).
-    `on_error="skip"` drops malformed records (counted and logged) instead of failing on the first."""
-    if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error={on_error!r}: expected 'fail' or 'skip'")
+    `on_error="skip"` drops malformed records (counted and logged) instead of failing on the first;
+    `limit` stops after that many good records."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -62,12 +68,22 @@ def read_records(path: str | os.PathLike, fields: FieldMap = FieldMap(), *, on_e
         rows = ((i + 1, row, None) for i, row in enumerate(pq.read_table(path).to_pylist()))
     else:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r} (expected .jsonl, .json or .parquet)")
+    located = ((f"{path}:{line}", row, parse_error) for line, row, parse_error in rows)
+    return collect_records(located, fields, on_error=on_error, require_output=require_output, limit=limit)
 
+
+def collect_records(rows: Iterable[tuple[str, Any, str | None]], fields: FieldMap, *, on_error: str,
+                    require_output: bool, limit: int | None) -> tuple[list[dict[str, Any]], int]:
+    """Checks (location, row, parse error) triples, so files and hub datasets fail or skip alike."""
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error={on_error!r}: expected 'fail' or 'skip'")
     records, skipped = [], 0
-    for line, row, parse_error in rows:
-        problem = parse_error or _check(row, fields, require_output)
+    for where, row, parse_error in rows:
+        if limit is not None and len(records) >= limit:
+            break
+        problem = parse_error or check_record(row, fields, require_output)
         if problem:
-            message = f"{path}:{line}: {problem}"
+            message = f"{where}: {problem}"
             if on_error == "fail":
                 raise RecordError(message)
             skipped += 1
@@ -88,9 +104,14 @@ def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, None, f"not valid JSON ({e.msg} at column {e.colno})"
 
 
-def _check(row: Any, fields: FieldMap, require_output: bool) -> str | None:
+def check_record(row: Any, fields: FieldMap, require_output: bool) -> str | None:
+    """What is wrong with one record, or None; the caller adds where it came from."""
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
+    if fields.messages:
+        if fields.messages not in row:
+            return f"missing field {fields.messages!r} (fields present: {sorted(row)})"
+        return _check_messages(row[fields.messages], fields.messages, require_output)
     needed = [fields.instruction] + ([fields.output] if require_output else [])
     for key in needed:
         if key not in row:
@@ -102,10 +123,58 @@ def _check(row: Any, fields: FieldMap, require_output: bool) -> str | None:
     return None
 
 
+def _check_messages(messages: Any, name: str, require_output: bool) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"field {name!r} should be a non-empty list of messages, got {_describe(messages)}"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"{name}[{i}] should be an object with 'role' and 'content', got {type(message).__name__}"
+        for key in ("role", "content"):
+            if key not in message:
+                return f"{name}[{i}] is missing {key!r} (keys present: {sorted(message)})"
+        if message["role"] not in CHAT_ROLES:
+            return f"{name}[{i}] has role {message['role']!r}, expected one of {list(CHAT_ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"{name}[{i}] content should be a string, got {type(message['content']).__name__}"
+    if require_output and messages[-1]["role"] != "assistant":
+        return f"the last message of {name!r} should be the assistant's answer, got role {messages[-1]['role']!r}"
+    if not any(message["role"] == "user" for message in split_messages(messages)[0]):
+        return f"{name!r} has no user message before the answer"
+    return None
+
+
+def _describe(value: Any) -> str:
+    return "an empty list" if value == [] else type(value).__name__
+
+
+def split_messages(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str | None]:
+    """(prompt messages, answer): the answer is a final assistant turn; a conversation ending on another
+    role is all prompt (usable where no answer is needed)."""
+    if messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def response_text(record: dict[str, Any], fields: FieldMap = FieldMap()) -> str:
+    """The answer of a record in either layout: the output field, or the last assistant message."""
+    if not fields.messages:
+        return record[fields.output]
+    answer = split_messages(record[fields.messages])[1]
+    if answer is None:
+        raise ValueError(f"record's {fields.messages!r} does not end with an assistant answer")
+    return answer
+
+
 def format_prompt(record: dict[str, Any], fields: FieldMap = FieldMap(), *, template: str = "alpaca",
                   tokenizer=None) -> str:
     """The prompt text: the paper's Alpaca template, or the tokenizer's chat template (instruction and
-    input joined by a blank line as the user turn, generation prompt appended)."""
+    input joined by a blank line as the user turn, generation prompt appended). Chat-message records
+    always use the chat template, over every message before the answer."""
+    if fields.messages:
+        if template != "chat":
+            raise ValueError(f"records with chat messages need template='chat', got {template!r}")
+        prompt = [{"role": m["role"], "content": m["content"]} for m in split_messages(record[fields.messages])[0]]
+        return _chat_template(tokenizer, prompt)
     instruction = record[fields.instruction]
     extra = (record.get(fields.input) or "") if fields.input else ""
     if template == "alpaca":
@@ -113,24 +182,39 @@ def format_prompt(record: dict[str, Any], fields: FieldMap = FieldMap(), *, temp
             return ALPACA_WITH_INPUT.format(instruction=instruction, input=extra)
         return ALPACA.format(instruction=instruction)
     if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template='chat' needs a tokenizer with a chat template")
         content = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        return _chat_template(tokenizer, [{"role": "user", "content": content}])
     raise ValueError(f"template={template!r}: expected 'alpaca' or 'chat'")
+
+
+def _chat_template(tokenizer, messages: list[dict[str, str]]) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template='chat' needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def tokenize_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """MiniLLM's rule: response ids are the joint tokenisation past the prompt's length, plus EOS."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    full = tokenizer(prompt + response, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids, full[len(prompt_ids):]
+    return tokenize_pairs(tokenizer, [prompt], [response])[0]
+
+
+def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+    """`tokenize_pair` over many examples in one tokenizer call (fast tokenizers encode a list in parallel)."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    full = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=True)["input_ids"]
+    return [(list(p), list(f[len(p):]) + [tokenizer.eos_token_id]) for p, f in zip(prompt_ids, full)]
+
+
+def _chunks(items, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 @dataclasses.dataclass
 class InstructionData:
-    """Tokenised examples with length filters, and resumable shuffled batches for SFT-style training."""
+    """Tokenised examples with length filters, and resumable shuffled batches: whole sequences for
+    SFT-style training, prompts alone for MiniLLM rollouts."""
 
     prompts: list[list[int]]
     responses: list[list[int]]
@@ -139,20 +223,26 @@ class InstructionData:
 
     @classmethod
     def build(cls, records, tokenizer, fields: FieldMap = FieldMap(), *, template: str = "alpaca",
-              max_prompt_length: int = 256, max_length: int = 512) -> "InstructionData":
+              max_prompt_length: int = 256, max_length: int = 512,
+              max_examples: int | None = None) -> "InstructionData":
+        """Keeps the examples within both length limits, in record order; with `max_examples`, the first
+        that many kept (tokenising stops there, so a small run does not pay for the whole file)."""
         prompts, responses, dropped = [], [], 0
-        for record in records:
-            prompt_ids, response_ids = tokenize_pair(tokenizer, format_prompt(record, fields, template=template,
-                                                                              tokenizer=tokenizer),
-                                                     record[fields.output])
-            if len(prompt_ids) > max_prompt_length or len(prompt_ids) + len(response_ids) > max_length:
-                dropped += 1
-                continue
-            prompts.append(prompt_ids)
-            responses.append(response_ids)
+        for chunk in _chunks(records, TOKENIZE_CHUNK):
+            if max_examples is not None and len(prompts) >= max_examples:
+                break
+            texts = [format_prompt(record, fields, template=template, tokenizer=tokenizer) for record in chunk]
+            for prompt_ids, response_ids in tokenize_pairs(tokenizer, texts, [response_text(r, fields) for r in chunk]):
+                if max_examples is not None and len(prompts) >= max_examples:
+                    break
+                if len(prompt_ids) > max_prompt_length or len(prompt_ids) + len(response_ids) > max_length:
+                    dropped += 1
+                    continue
+                prompts.append(prompt_ids)
+                responses.append(response_ids)
         if dropped:
             logger.info("dropped %d of %d examples longer than the prompt (%d) or total (%d) limits", dropped,
-                        len(records), max_prompt_length, max_length)
+                        len(prompts) + dropped, max_prompt_length, max_length)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(prompts, responses, dropped, int(pad))
 
@@ -167,13 +257,29 @@ class InstructionData:
             tuple[dict[str, np.ndarray], tuple[int, int]]]:
         """Endless (batch, next position) pairs; pass a saved position back in to resume exactly. Each
         batch is left-padded prompt + response: tokens, attention_mask and loss_mask (response tokens)."""
-        epoch, index = position
+        for chosen, next_position in self._index_batches(batch_size, seed, position):
+            yield self.collate(chosen), next_position
+
+    def prompt_batches(self, batch_size: int, seed: int, position: tuple[int, int] = (0, 0)) -> Iterator[
+            tuple[list[list[int]], tuple[int, int]]]:
+        """Endless (prompt id lists, next position) pairs in the same order as `batches`: MiniLLM's
+        rollouts need only the prompts (the sampler pads them itself)."""
+        for chosen, next_position in self._index_batches(batch_size, seed, position):
+            yield [list(self.prompts[i]) for i in chosen], next_position
+
+    def _index_batches(self, batch_size: int, seed: int, position: tuple[int, int]) -> Iterator[
+            tuple[np.ndarray, tuple[int, int]]]:
+        """Example indices per batch; an epoch's incomplete last batch is dropped so every batch has the
+        same size. The position (epoch, index) says where the next batch starts."""
+        if not 0 < batch_size <= len(self):
+            raise ValueError(f"batch_size={batch_size} must be between 1 and the number of examples ({len(self)})")
+        epoch, index = (int(p) for p in position)
         while True:
             order = self.order(epoch, seed)
             while index + batch_size <= len(order):
                 chosen = order[index:index + batch_size]
                 index += batch_size
-                yield self.collate(chosen), (epoch, index)
+                yield chosen, (epoch, index)
             epoch, index = epoch + 1, 0
 
     def collate(self, indices) -> dict[str, np.ndarray]:
