@@ -1,9 +1,12 @@
 """Checkpoint conversion from the command line.
 
     python -m minillm_jax.convert gguf-to-hf --gguf model.gguf --output hf_dir [--dtype float32]
+    python -m minillm_jax.convert to-hf --workdir run_dir [--step N] [--dtype bfloat16] --output hf_dir
 
 `gguf-to-hf` dequantises a GGUF checkpoint (llama and qwen2 architectures) with numpy and writes an HF
 directory (config.json, safetensors, tokenizer files, generation_config.json) without torch.
+`to-hf` exports the student of a training run's workdir from its Orbax checkpoint (default step: the best
+one by the run's validation metric, else the latest) with the tokenizer the run saved.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     gguf.add_argument("--gguf", required=True, help="path to a .gguf file")
     gguf.add_argument("--output", required=True, help="directory to write (created if missing)")
     gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export = commands.add_parser("to-hf", help="training workdir checkpoint -> Hugging Face directory")
+    export.add_argument("--workdir", required=True, help="the run's workdir (student/ and checkpoints/ inside)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+    export.add_argument("--output", required=True, help="directory to write (created if missing)")
+    export.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype to write (default: the dtype the student was trained in)")
     args = parser.parse_args(argv)
 
     if args.command == "gguf-to-hf":
@@ -35,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--gguf {args.gguf!r}: expected an existing .gguf file")
         out = gguf_to_hf(args.gguf, args.output, args.dtype)
         print(f"wrote {out}")
+    elif args.command == "to-hf":
+        from minillm_jax.checkpoint import export_hf, export_step
+
+        try:
+            step = export_step(args.workdir, args.step)
+            out = export_hf(args.workdir, args.output, step=step, dtype=args.dtype)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+        print(f"exported step {step} of {args.workdir} to {out}")
     return 0
 
 
