@@ -176,6 +176,8 @@ def train(config, workdir: pathlib.Path, models, writer: MetricWriter) -> dict:
     checkpoints.wait()
     after_metrics, after_texts, state = final
     summary = _summary(c, workdir, validator, before, (after_metrics, after_texts))
+    if jax.process_index() == 0:
+        _plot(workdir)
     if c.export.enabled and jax.process_index() == 0:
         step = checkpoint.export_step(workdir, None if c.export.select == "best" else checkpoints.latest_step())
         out = checkpoint.export_hf(workdir, workdir / "hf", step=step, dtype=c.export.dtype or None)
@@ -251,6 +253,20 @@ def _log(writer, progress, step, metrics, last_time):
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
     return now
+
+
+CURVES = ("loss", "valid/rouge_l", "valid/reverse_kl", "valid/loss", "rollout/reverse_kl", "pg", "single_step", "pt",
+          "ce", "grad_norm", "lr", "tokens_per_second")
+
+
+def _plot(workdir: pathlib.Path) -> None:
+    """curves.png: the main training curves that this run logged."""
+    logged = set()
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        logged |= set(json.loads(line))
+    keys = [k for k in CURVES if k in logged]
+    if keys:
+        evaluate.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png", keys=keys)
 
 
 def _summary(config, workdir, validator, before, after) -> str:

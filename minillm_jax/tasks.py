@@ -272,21 +272,14 @@ def field_map(config) -> FieldMap:
                     messages=d.messages_field or None)
 
 
+TASKS = {"sft": SupervisedTask, "kd": KDTask, "seqkd": seqkd_task, "minillm": MiniLLMTask, "gkd": GKDTask,
+         "distillm": DistiLLMTask}
+
+
 def make_task(ctx: Context):
-    name = ctx.config.task
-    if name == "sft":
-        return SupervisedTask(ctx)
-    if name == "kd":
-        return KDTask(ctx)
-    if name == "seqkd":
-        return seqkd_task(ctx)
-    if name == "minillm":
-        return MiniLLMTask(ctx)
-    if name == "gkd":
-        return GKDTask(ctx)
-    if name == "distillm":
-        return DistiLLMTask(ctx)
-    raise ValueError(f"task {name!r} does not train")
+    if ctx.config.task not in TASKS:
+        raise ValueError(f"task {ctx.config.task!r} does not train (training tasks: {', '.join(TASKS)})")
+    return TASKS[ctx.config.task](ctx)
 
 
 __all__ = ["Context", "field_map", "make_task", "pad_to_bucket", "prompts_of"]

@@ -52,6 +52,8 @@ def test_every_training_task_runs_logs_checkpoints_and_exports(task, tmp_path):
     assert any("sample" in r for r in rows)
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "tensorboard").is_dir()
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "summary.md").exists()
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(r.get("tokens_per_second", 0) > 0 for r in rows)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["task"] == task
 
