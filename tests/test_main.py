@@ -159,15 +159,19 @@ def test_unknown_preset_is_refused():
 
 
 def test_demo_config_shortened_on_the_real_model(tmp_path, smollm2_gguf):
-    """configs/demo.py as shipped, cut to 2 steps and 4 held-out prompts: SmolLM2 teacher, a student from
-    its layers, the project's own data, before/after summary and an export transformers loads."""
+    """configs/demo.py as shipped, through the CLI on one CPU device, cut to 2 steps and 4 held-out prompts:
+    SmolLM2 teacher, a student from its layers, the project's own data, before/after summary and an export
+    transformers loads. (A subprocess: in this 8-fake-device process both models would be replicated 8x.)"""
     import transformers
 
-    config = config_from("demo.py", None, teacher=str(smollm2_gguf), steps=2, eval_every=2, checkpoint_every=2,
-                         **{"data.holdout": 4, "sampling.max_new_tokens": 8, "minillm.num_rollouts": 8,
-                            "minillm.minibatch_size": 4, "minillm.ppo_epochs": 1, "batch_size": 4,
-                            "data.pretrain_length": 32, "logging.progress": False})
-    result = loop.run(config, str(tmp_path))
-    assert np.isfinite(result["valid/reverse_kl"]) and "student after" in result["summary"]
+    overrides = dict(teacher=str(smollm2_gguf), steps=2, eval_every=2, checkpoint_every=2, batch_size=4,
+                     **{"data.holdout": 4, "sampling.max_new_tokens": 8, "minillm.num_rollouts": 8,
+                        "minillm.minibatch_size": 4, "minillm.ppo_epochs": 1, "data.pretrain_length": 32})
+    done = run_cli("--config", "configs/demo.py", "--workdir", str(tmp_path),
+                   *[f"--config.{key}={value}" for key, value in overrides.items()])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "before" in done.stdout and "student after" in done.stdout
+    rows = metrics_rows(tmp_path)
+    assert np.isfinite([r["valid/reverse_kl"] for r in rows if "valid/reverse_kl" in r]).all()
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert model.config.num_hidden_layers == len(config.student_layers)
+    assert model.config.num_hidden_layers == len(config_from("demo.py").student_layers)
