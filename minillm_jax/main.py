@@ -16,6 +16,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, results and the export")
 
 
+def initialize_distributed(jax) -> None:
+    """Multi-process runs start `jax.distributed` before anything touches a device: on TPU pods
+    (launch/tpu.sh sets MINILLM_DISTRIBUTED=1; JAX finds its peers itself) and on GPU hosts
+    (launch/gpu.sh sets the coordinator, process count and id)."""
+    if os.environ.get("MINILLM_COORDINATOR"):
+        jax.distributed.initialize(coordinator_address=os.environ["MINILLM_COORDINATOR"],
+                                   num_processes=int(os.environ["MINILLM_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["MINILLM_PROCESS_ID"]))
+    elif os.environ.get("MINILLM_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -26,9 +38,7 @@ def main(argv) -> None:
 
     from minillm_jax import experiment, loop
 
-    if int(os.environ.get("JAX_PROCESS_COUNT", os.environ.get("NUM_PROCESSES", "1"))) > 1 or \
-            os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    initialize_distributed(jax)
     config = _CONFIG.value
     try:
         experiment.validate(config)

