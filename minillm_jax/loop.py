@@ -187,20 +187,41 @@ def train(config, workdir: pathlib.Path, models, writer: MetricWriter) -> dict:
 
 
 def _maybe_resume(config, checkpoints, state, task):
-    latest = checkpoints.latest_step() if config.resume else None
-    if not latest:
+    """Continue from the newest checkpoint that restores; a damaged one is skipped with a warning."""
+    if not config.resume:
         return 0, state
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                             state)
-    state, meta = checkpoints.restore(latest, abstract)
-    task.set_position(meta["task"])
-    print(f"resumed from step {latest}")
-    return latest, state
+    for step in reversed(checkpoints.all_steps()):
+        try:
+            restored, meta = checkpoints.restore(step, abstract)
+        except Exception as e:  # a truncated or corrupt step: fall back to the one before
+            logger.warning("checkpoint step %d does not restore (%s: %s); trying the previous one", step,
+                           type(e).__name__, str(e)[:200])
+            print(f"warning: checkpoint step {step} is damaged ({type(e).__name__}); falling back", flush=True)
+            continue
+        task.set_position(meta["task"])
+        print(f"resumed from step {step}")
+        return step, restored
+    return 0, state
+
+
+def _checkpoint_due(config, task, done: int, pending: bool) -> tuple[bool, bool]:
+    """(save now, still pending). Every `checkpoint_every` steps and at the end; for MiniLLM a save that
+    falls inside a round waits for the round's end, so that a resume samples the same next round (same
+    state, same key) as an uninterrupted run."""
+    pending = pending or done % config.checkpoint_every == 0
+    if done == config.steps:
+        return True, False
+    if pending and getattr(task, "at_round_end", True):
+        return True, False
+    return False, pending
 
 
 def _train_loop(c, ctx, task, state, start, validator, checkpoints, writer):
     progress = _progress(c, start)
     pending, last_time, valid_metrics, valid_texts = None, time.time(), {}, []
+    save_pending = False
     for step in range(start, c.steps):
         state, metrics = task.step(state, step)
         if pending is not None:  # read step N's metrics only after step N+1 is dispatched
@@ -221,8 +242,9 @@ def _train_loop(c, ctx, task, state, start, validator, checkpoints, writer):
             task.on_validation(valid_metrics)
             if progress is not None:
                 progress.write(" ".join(f"{k}={v:.4g}" for k, v in valid_metrics.items()))
-        if done % c.checkpoint_every == 0 or done == c.steps:
-            checkpoints.save(done, state, {"step": done, "task": task.get_position()},
+        save, save_pending = _checkpoint_due(c, task, done, save_pending)
+        if save:
+            checkpoints.save(done, state, {"step": done, "task": task.get_position(), "config": c.to_dict()},
                              metrics=valid_metrics if validated else None)
     if pending is not None:
         _log(writer, progress, *pending, last_time)

@@ -248,9 +248,13 @@ class MiniLLMTask:
         tokens = batch.prompt_mask.sum() + batch.mask.sum() + (pt_batch["attention_mask"].sum() if pt_batch else 0)
         return state, {**metrics, **stats, "tokens": tokens}
 
+    @property
+    def at_round_end(self) -> bool:
+        return not self._queue
+
     def get_position(self) -> dict:
-        # a resume starts a fresh round at the saved prompt position (mid-round steps are re-done with
-        # new rollouts; exact mid-round resume is the scale-out issue's)
+        # saved where a round ends (loop._checkpoint_due), so the next round is sampled from the same state
+        # and key as without the interruption
         saved = {"position": list(self.position), "round": self.round}
         if self.ctx.pretrain is not None:
             saved["pretrain"] = self.ctx.pretrain.state()

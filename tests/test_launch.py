@@ -51,7 +51,8 @@ def test_gpu_dry_run_multi_host_environment():
                "0,1", "--dry-run", "--", "--config", "configs/demo.py", "--workdir", "runs/x")
     assert done.returncode == 0, done.stderr
     for piece in ("MINILLM_COORDINATOR=10.0.0.1:1234", "MINILLM_NUM_PROCESSES=2", "MINILLM_PROCESS_ID=1",
-                  "CUDA_VISIBLE_DEVICES=0\\,1", "python3 -m minillm_jax.main --config configs/demo.py --workdir runs/x"):
+                  "CUDA_VISIBLE_DEVICES=0\\,1",
+                  "python3 -m minillm_jax.main --config configs/demo.py --workdir runs/x"):
         assert piece in done.stdout
 
 
