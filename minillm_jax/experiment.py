@@ -100,7 +100,7 @@ def load_models(config, mesh: jax.sharding.Mesh) -> Models:
         if config.teacher else None
     if config.student_layers:
         student = select_layers(teacher, list(config.student_layers))
-        student = _cast(student, dtype, compute, config.remat)
+        student = sharding.shard_model(_cast(student, dtype, compute, config.remat), mesh, sharding.TRAIN_RULES)
     elif config.student:
         student = _load_model(config.student, tokenizer, config, mesh, sharding.TRAIN_RULES, seed=config.seed)
         if teacher is not None:
@@ -125,7 +125,8 @@ def _load_tokenizer(config):
 def _load_model(spec: str, tokenizer, config, mesh, rules, seed: int):
     if spec.startswith("random:"):
         model = random_model(spec, len(tokenizer), seed=seed, dtype=config.dtype)
-        return _cast(model, config.dtype, config.compute_dtype or config.dtype, config.remat)
+        return sharding.shard_model(_cast(model, config.dtype, config.compute_dtype or config.dtype, config.remat),
+                                    mesh, rules)
     return load_pretrained(spec, dtype=config.dtype, compute_dtype=config.compute_dtype or None, mesh=mesh,
                            rules=rules, remat=config.remat, real_vocab_size=len(tokenizer))
 

@@ -161,7 +161,7 @@ def train(config, workdir: pathlib.Path, models, writer: MetricWriter) -> dict:
         if c.data.pretrain and c.task == "minillm" else None
     ctx = Context(config=c, workdir=workdir, tokenizer=tokenizer, teacher=models.teacher, graphdef=graphdef, tx=tx,
                   schedule=schedule, train=data, records=records, sampling=sampling_config(c, tokenizer),
-                  pretrain=pretrain)
+                  pretrain=pretrain, mesh=models.mesh)
     task = make_task(ctx)
     checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=c.keep_checkpoints,
                                           best_metric="valid/rouge_l" if valid_records else None)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from minillm_jax import sharding
 from minillm_jax.data import FieldMap, InstructionData, format_prompt, load_records
 from minillm_jax.sampling import SamplingConfig, generate
 from minillm_jax.trainers import distillm, gkd, kd, minillm, seqkd, sft
@@ -35,6 +36,18 @@ class Context:
     records: list
     sampling: SamplingConfig
     pretrain: object | None = None  # an L_PT batch stream (data.PackedText) or None
+    mesh: jax.sharding.Mesh | None = None
+
+    def place(self, batch):
+        """Split a batch's rows over the mesh's batch axes (data, fsdp), so each device works on its share;
+        a batch those axes do not divide stays whole (replicated)."""
+        if self.mesh is None:
+            return batch
+        leaves = jax.tree.leaves(batch)
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if shards == 1 or not leaves or leaves[0].shape[0] % shards:
+            return batch
+        return jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim)), batch)
 
     @property
     def micro_batch(self) -> int:
@@ -80,7 +93,7 @@ class SupervisedTask:
         if self._batches is None:
             self._batches = self.data.batches(self.ctx.micro_batch, self.ctx.config.seed, self.position)
         batch, self.position = next(self._batches)
-        return pad_to_bucket(batch, self.data.pad_token_id)
+        return self.ctx.place(pad_to_bucket(batch, self.data.pad_token_id))
 
     def micro_step(self, state, batch, step):
         return self.train_step(state, batch)
@@ -131,6 +144,7 @@ class GKDTask(KDTask):
     def micro_step(self, state, batch, step):
         batch, on_policy = gkd.choose_batch(batch, prompts_of(batch), state, self.ctx.graphdef, self.ctx.sampling,
                                             self.ctx.key(step, 1), self.gkd_config, self.coin)
+        batch = self.ctx.place(batch)
         state, metrics = self.train_step(state, nnx.state(self.ctx.teacher), batch)
         return state, {**metrics, "on_policy": float(on_policy)}
 
@@ -158,6 +172,7 @@ class DistiLLMTask(KDTask):
             return from_samples(out)
 
         batch, source = self.schedule_state.choose(batch, student_batch)
+        batch = self.ctx.place(batch)
         state, metrics = self.train_step(state, nnx.state(self.ctx.teacher), batch)
         return state, {**metrics, "sgo_prob": self.schedule_state.sgo_prob,
                        "student_generated": float(source != "gold")}
@@ -242,8 +257,8 @@ class MiniLLMTask:
             stats, self._stats = self._stats, {}
         else:
             stats = {}
-        pt_batch = next(self.ctx.pretrain) if self.config.pt_coef else None
-        batch = self._rollouts.take(self._queue.pop(0))
+        pt_batch = self.ctx.place(next(self.ctx.pretrain)) if self.config.pt_coef else None
+        batch = self.ctx.place(self._rollouts.take(self._queue.pop(0)))
         state, metrics = self.train_step(state, nnx.state(self.ctx.teacher), batch, pt_batch)
         tokens = batch.prompt_mask.sum() + batch.mask.sum() + (pt_batch["attention_mask"].sum() if pt_batch else 0)
         return state, {**metrics, **stats, "tokens": tokens}
