@@ -290,3 +290,29 @@ def test_export_errors_say_what_is_missing(run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"student/config.json is missing"):
         export_hf(workdir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", [(2, 2, 2), (1, 2, 4)])
+def test_saved_on_one_mesh_restores_onto_another(target, tmp_path):
+    """Saved from a (8, 1, 1) layout, restored straight into the (2, 2, 2) / (1, 2, 4) training layout."""
+    from minillm_jax.models.tiny import random_model
+
+    tx, _ = make_optimizer(learning_rate=1e-3)
+    source = sharding.shard_model(random_model("random:llama:layers=2,hidden=64,heads=4,kv_heads=2", 96),
+                                  sharding.make_mesh(8, 1, 1))
+    graphdef, state = create_train_state(source, tx)
+    state = state.replace(opt_state=jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                                 state.opt_state))
+    manager = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    manager.save(3, state, {"step": 3})
+    manager.wait()
+    mesh = sharding.make_mesh(*target)
+    abstract = abstract_train_state(nnx.merge(graphdef, state.params), tx, mesh=mesh)
+    restored, meta = manager.restore(3, abstract)
+    assert meta["step"] == 3
+    for got, want, spec in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(abstract)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == spec.sharding
+    q = restored.params["layers"]["q_proj"][...]
+    assert q.sharding.mesh.shape == mesh.shape and "tensor" in str(q.sharding.spec)
+    manager.close()
