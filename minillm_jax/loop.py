@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from minillm_jax import checkpoint, evaluate
 from minillm_jax.data import InstructionData, PackedText, format_prompt, load_records, response_text
@@ -165,7 +166,7 @@ def train(config, workdir: pathlib.Path, models, writer: MetricWriter) -> dict:
     task = make_task(ctx)
     checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=c.keep_checkpoints,
                                           best_metric="valid/rouge_l" if valid_records else None)
-    start, state = _maybe_resume(c, checkpoints, state, task)
+    start, state = _maybe_resume(c, checkpoints, state, task, models.mesh)
     validator = Validator(ctx, valid_records)
     before = None
     if c.eval_every and start == 0:
@@ -186,12 +187,17 @@ def train(config, workdir: pathlib.Path, models, writer: MetricWriter) -> dict:
     return {**after_metrics, "summary": summary}
 
 
-def _maybe_resume(config, checkpoints, state, task):
+def _maybe_resume(config, checkpoints, state, task, mesh):
     """Continue from the newest checkpoint that restores; a damaged one is skipped with a warning."""
     if not config.resume:
         return 0, state
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            state)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def target(x):  # placed leaves keep their layout; scalars made on one device are replicated on the mesh
+        placed = isinstance(getattr(x, "sharding", None), NamedSharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed else replicated)
+
+    abstract = jax.tree.map(target, state)
     for step in reversed(checkpoints.all_steps()):
         try:
             restored, meta = checkpoints.restore(step, abstract)
