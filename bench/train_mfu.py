@@ -1,0 +1,179 @@
+"""Training throughput and MFU: our student train step (fwd + bwd + AdamW) and teacher scoring (forward +
+log-softmax gather of the sequence's tokens) against the PyTorch/HF eager anchors, on the same shapes.
+Prints one Markdown table.
+
+    python bench/train_mfu.py              # GPU: student GPT-2 124M, teacher GPT-2 XL, bf16, B=16 x 512
+    python bench/train_mfu.py --smoke      # the same code path at tiny shapes (CPU)
+
+Each side runs in its own process (JAX preallocates GPU memory; torch's OpenMP workers slow JAX on CPU).
+Random weights, random tokens, every position counts. Timings are medians over --repeats steps after two
+warm-up steps, with device synchronisation. MFU counts 6N (train) or 2N (forward) FLOPs per token plus the
+attention term 12·L·d·T (train) or 4·L·d·T (forward), over the card's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {
+    "gpu": dict(student=dict(n_embd=768, n_layer=12, n_head=12), teacher=dict(n_embd=1600, n_layer=48, n_head=25),
+                vocab=50257, batch=16, length=512, dtype="bfloat16"),
+    "smoke": dict(student=dict(n_embd=64, n_layer=2, n_head=4), teacher=dict(n_embd=128, n_layer=3, n_head=4),
+                  vocab=512, batch=4, length=64, dtype="float32"),
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+def flops_per_token(params: int, layers: int, width: int, length: int, train: bool) -> float:
+    return (6 if train else 2) * params + (12 if train else 4) * layers * width * length
+
+
+def median(fn, repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_jax(shapes: dict, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers
+    from flax import nnx
+
+    from minillm_jax import losses
+    from minillm_jax.models import Transformer
+    from minillm_jax.models.families import config_from_hf
+    from minillm_jax.trainers import sft
+    from minillm_jax.trainers.common import create_train_state, make_optimizer
+
+    def model(dims):
+        config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
+        config = config.replace(param_dtype=shapes["dtype"], dtype=shapes["dtype"])
+        return Transformer(config, rngs=nnx.Rngs(0))
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, shapes["vocab"], (shapes["batch"], shapes["length"]), dtype=np.int32)
+    batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
+    batch = jax.device_put(batch)
+    student = model(shapes["student"])
+    tx, schedule = make_optimizer(learning_rate=1e-5)
+    graphdef, state = create_train_state(student, tx)
+    step = sft.make_train_step(graphdef, tx, schedule)
+    holder = {"state": state}
+
+    def train():
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    train_seconds = median(train, repeats)
+    teacher = model(shapes["teacher"])
+    teacher_def, teacher_state = nnx.split(teacher)
+
+    @jax.jit
+    def score(state, ids, mask):
+        logits = nnx.merge(teacher_def, state)(ids[:, :-1], mask[:, :-1])
+        logp = losses.log_probs(logits, teacher.config.num_real_tokens)
+        return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+
+    score_seconds = median(lambda: jax.block_until_ready(score(teacher_state, batch["tokens"],
+                                                                 batch["attention_mask"])), repeats)
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    return {"device": jax.devices()[0].device_kind, "train_seconds": train_seconds, "score_seconds": score_seconds,
+            "student_params": count(student), "teacher_params": count(teacher)}
+
+
+def run_torch(shapes: dict, repeats: int) -> dict:
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, shapes["dtype"])
+
+    def model(dims):
+        config = transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims)
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    tokens = torch.randint(0, shapes["vocab"], (shapes["batch"], shapes["length"]), device=device)
+
+    def train_seconds():  # the student and its optimizer are freed when this returns
+        student = model(shapes["student"]).train()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.95))
+
+        def train():
+            student(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+
+        return median(train, repeats)
+
+    train_time = train_seconds()
+    teacher = model(shapes["teacher"]).eval()
+
+    def score():
+        with torch.no_grad():
+            logits = teacher(input_ids=tokens[:, :-1]).logits.float()
+            logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])
+        sync()
+
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "train_seconds": train_time,
+            "score_seconds": median(score, repeats)}
+
+
+def side(name: str, shapes: str, repeats: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--side", name, "--shapes", shapes, "--repeats", str(repeats)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{name} side failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default="gpu", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        shapes = SHAPES[args.shapes]
+        print(json.dumps((run_jax if args.side == "jax" else run_torch)(shapes, args.repeats)))
+        return
+    key = "smoke" if args.smoke else "gpu"
+    shapes = SHAPES[key]
+    ours, anchor = side("jax", key, args.repeats), side("torch", key, args.repeats)
+    tokens = shapes["batch"] * shapes["length"]
+    peak = next((v for k, v in PEAK_BF16.items() if k in ours["device"]), None)
+    print(f"device: {ours['device']} (torch: {anchor['device']}); batch {shapes['batch']} x {shapes['length']}, "
+          f"{shapes['dtype']}; median of {args.repeats}")
+    print("| work | HF/torch eager tok/s | ours tok/s | ours / HF | our MFU |")
+    print("|---|---|---|---|---|")
+    for work, key_seconds, params, dims, train in (
+            ("student fwd+bwd+AdamW", "train_seconds", ours["student_params"], shapes["student"], True),
+            ("teacher scoring (forward)", "score_seconds", ours["teacher_params"], shapes["teacher"], False)):
+        theirs_rate, ours_rate = tokens / anchor[key_seconds], tokens / ours[key_seconds]
+        flops = flops_per_token(params, dims["n_layer"], dims["n_embd"], shapes["length"], train)
+        mfu = f"{100 * ours_rate * flops / peak:.1f}%" if peak else "n/a (no known peak)"
+        print(f"| {work} | {theirs_rate:,.0f} | {ours_rate:,.0f} | {ours_rate / theirs_rate:.2f}x | {mfu} |")
+
+
+if __name__ == "__main__":
+    main()
