@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from minillm_jax import checkpoint, evaluate
 from minillm_jax.data import InstructionData, PackedText, format_prompt, load_records, response_text
+from minillm_jax.data.instructions import split_messages
 from minillm_jax.experiment import build_mesh, load_models, sampling_config, workdir_path
 from minillm_jax.models.hf import save_config
 from minillm_jax.sampling import generate
@@ -297,6 +298,15 @@ def _plot(workdir: pathlib.Path) -> None:
         evaluate.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png", keys=keys)
 
 
+def shown_prompt(record: dict, fields) -> str:
+    """What the user asked, for display: the instruction (and its input), or a chat record's last prompt
+    turn. (Rendering the Alpaca template and cutting it apart failed on chat records, which refuse it.)"""
+    if fields.messages:
+        return split_messages(record[fields.messages])[0][-1]["content"]
+    extra = (record.get(fields.input) or "") if fields.input else ""
+    return record[fields.instruction] + (f"\n\n{extra}" if extra.strip() else "")
+
+
 def _summary(config, workdir, validator, before, after) -> str:
     """Before/after figures and a few answers side by side (printed, and kept as summary.md)."""
     if not validator.records or before is None:
@@ -305,9 +315,7 @@ def _summary(config, workdir, validator, before, after) -> str:
     for key in after[0]:
         lines.append(f"| {key} | {before[0].get(key, float('nan')):.4g} | {after[0][key]:.4g} |")
     for i in range(min(3, len(validator.records))):
-        prompt = format_prompt(validator.records[i], field_map(config), template="alpaca").split(
-            "### Instruction:\n")[-1].split("\n\n### Response:")[0]
-        lines += ["", f"**Prompt {i + 1}:** {prompt.strip()}"]
+        lines += ["", f"**Prompt {i + 1}:** {shown_prompt(validator.records[i], field_map(config)).strip()}"]
         if validator.teacher_texts is not None:
             lines.append(f"- teacher: {validator.teacher_texts[i]}")
         lines += [f"- student before: {before[1][i]}", f"- student after: {after[1][i]}"]

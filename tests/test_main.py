@@ -201,3 +201,14 @@ def test_batches_are_split_over_the_batch_axes():
     assert placed["tokens"].sharding.spec == P(("data", "fsdp"), None)
     kept = tasks.Context.place(SimpleNamespace(mesh=sharding.make_mesh(8, 1, 1)), batch)
     assert isinstance(kept["tokens"], np.ndarray)  # 4 rows cannot split 8 ways
+
+
+def test_summary_shows_the_question_for_both_record_layouts():
+    from minillm_jax.data import FieldMap
+
+    record = {"instruction": "Sum these.", "input": "1, 2", "output": "3"}
+    assert loop.shown_prompt(record, FieldMap()) == "Sum these.\n\n1, 2"
+    assert loop.shown_prompt({"instruction": "Hi?", "input": "", "output": "x"}, FieldMap()) == "Hi?"
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                         {"role": "assistant", "content": "Blue."}]}
+    assert loop.shown_prompt(chat, FieldMap(messages="messages")) == "Name a colour."
