@@ -34,7 +34,10 @@ def base() -> ml_collections.ConfigDict:
     c.accumulate_steps = 1
     c.logits_chunk_size = 0  # >0: logits of both models a time-chunk at a time
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # teacher_rules: "sample" keeps the teacher's weights whole along fsdp (no all-gather per decode step),
+    # "train" shards them over fsdp too (less memory); "auto": "sample" where the teacher generates
+    # (minillm's mixed sampling, seqkd, generate, eval), "train" where it only scores (kd, gkd, distillm)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, teacher_rules="auto"))
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.eval_every = 100  # validation (loss, Rouge-L, reverse KL) and best-checkpoint selection
@@ -69,8 +72,9 @@ def base() -> ml_collections.ConfigDict:
         length_norm=True, whiten=True, masked_whiten=True, include_current_reward=True, single_step=True,
         single_step_weights=False, importance="token", pt_coef=1.0, kd_ratio=0.5))
     c.gkd = ml_collections.ConfigDict(dict(beta=0.5, lmbda=0.5))
-    c.distillm = ml_collections.ConfigDict(dict(divergence="skew_reverse_kl", skew_alpha=0.1, sgo_prob_step=0.1,
-                                                max_sgo_prob=0.8, replay_capacity=64, replay_reuse=0.5))
+    c.distillm = ml_collections.ConfigDict(dict(divergence="skew_reverse_kl", skew_alpha=0.1, initial_sgo_prob=0.0,
+                                                sgo_prob_step=0.1, max_sgo_prob=0.8, replay_capacity=64,
+                                                replay_reuse=0.5))
 
     c.eval = ml_collections.ConfigDict(dict(
         model="student",  # task eval: "student", "teacher" or "both"

@@ -5,16 +5,17 @@
 #
 #   launch/tpu.sh --name minillm --zone us-east5-a --accelerator v5p-64 [--version v2-alpha-tpuv5] \
 #       [--project P] [--spot] [--delete] [--dry-run] -- \
-#       --config configs/llama.py:minillm-7b --workdir gs://bucket/runs/llama-7b-minillm
+#       --config configs/llama.py:minillm-7b --workdir /mnt/gcs/runs/llama-7b-minillm
 #
-# Everything after `--` goes to `python -m minillm_jax.main`. The workdir should be a GCS path (Orbax
-# writes there from every worker). --dry-run prints the gcloud commands instead of running them.
+# Everything after `--` goes to `python -m minillm_jax.main`. The workdir must be one directory that every
+# worker sees (Orbax writes there from all of them): a bucket mounted with gcsfuse at the same path on each
+# worker, or Filestore. --dry-run prints the gcloud commands instead of running them.
 set -euo pipefail
 
 name="" zone="" accelerator="" version="v2-alpha-tpuv5" project="" spot=0 delete=0 dry_run=0
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
@@ -42,7 +43,7 @@ for required in name zone accelerator; do
   fi
 done
 if [[ ${#main_args[@]} -eq 0 ]]; then
-  echo "launch/tpu.sh: give the main job's arguments after --, e.g. -- --config configs/demo.py --workdir gs://..." >&2
+  echo "launch/tpu.sh: give the main job's arguments after --, e.g. -- --config configs/demo.py --workdir /mnt/gcs/run" >&2
   exit 2
 fi
 

@@ -24,12 +24,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from minillm_jax import sharding as sharding_lib
 from minillm_jax.models import Transformer, load_tokenizer, save_pretrained
 from minillm_jax.models import hf as hf_io
-from minillm_jax.trainers.common import TrainState, create_train_state
+from minillm_jax.trainers.common import TrainState, create_train_state, train_state_shardings
 
 _POLICY_KEYS = ("best_metric", "best_mode")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -212,28 +212,13 @@ def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
     allocated. Parameters are placed by the logical-axis `rules` on `mesh`, optimizer moments like their
     parameters, other leaves replicated; without a mesh everything goes to the default device."""
     graphdef, state = nnx.split(model)
-    params = jax.tree.map(lambda v: _abstract_variable(v, mesh, rules), state,
-                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-    abstract = jax.eval_shape(lambda p: create_train_state(nnx.merge(graphdef, p), tx)[1], params)
-    replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-
-    def like(leaf, param):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=param.sharding if leaf.shape == param.shape
-                                    else replicated)
-
-    def alone(leaf):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
-
-    opt_state = optax.tree_utils.tree_map_params(tx, like, abstract.opt_state, params, transform_non_params=alone,
-                                                 is_leaf=_is_abstract_leaf)
-    return TrainState(step=alone(abstract.step), params=params, opt_state=opt_state)
-
-
-def _abstract_variable(variable: nnx.Variable, mesh, rules) -> nnx.Variable:
-    value = variable.get_value()
-    sharding = sharding_lib.variable_sharding(variable, mesh, rules) if mesh is not None \
-        else SingleDeviceSharding(jax.devices()[0])
-    return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+    abstract = jax.eval_shape(lambda s: create_train_state(nnx.merge(graphdef, s), tx)[1], state)
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract)
+    else:
+        shardings = jax.tree.broadcast(train_state_shardings(state, tx, mesh, rules), abstract)
+    return jax.tree.map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), abstract,
+                        shardings)
 
 
 # ------------------------------------------------------------------------------------------- export

@@ -39,6 +39,7 @@ from minillm_jax.eval_metrics import (
 )
 from minillm_jax.models.transformer import Transformer
 from minillm_jax.sampling import DEFAULT_BUCKETS, SampleOutput, SamplingConfig, generate, pad_prompts
+from minillm_jax.sharding import to_host
 
 __all__ = ["EvalSet", "LENGTH_BUCKETS", "calibration", "evaluate_model", "exact_match", "expected_calibration_error",
            "exposure_bias", "generate_texts", "load_eval_set", "normalize_answer", "plot_curves", "prefix_kl",
@@ -125,7 +126,7 @@ def _sample_batches(model: Transformer, prompts: Sequence[Sequence[int]], sampli
 
 def _host(out: SampleOutput, real: int) -> SampleOutput:
     """The real rows, as numpy arrays."""
-    return jax.tree.map(lambda x: np.asarray(x)[:real], out)
+    return jax.tree.map(lambda x: to_host(x)[:real], out)
 
 
 def _response_tokens(out: SampleOutput, eos: tuple[int, ...]) -> list[list[int]]:
@@ -240,7 +241,7 @@ def exposure_bias(student: Transformer, teacher: Transformer, prompts: Sequence[
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     totals = {}
     for role, sampler in (("student", student), ("teacher", teacher)):
-        per_position = [np.asarray(prefix_kl(student, teacher, out), np.float64)[:real]
+        per_position = [to_host(prefix_kl(student, teacher, out)).astype(np.float64)[:real]
                         for out, real in _sample_batches(sampler, prompts, sampling, seed, batch_size,
                                                          desc=f"exposure bias, {role} prefixes")]
         totals[role] = np.cumsum(np.concatenate(per_position).sum(0)) / len(prompts)
@@ -305,7 +306,7 @@ def _last_logits(model: Transformer, prompts: list[list[int]], batch_size: int, 
         batch = prompts[start:start + width]
         ids, mask = pad_prompts(batch + [batch[-1]] * (width - len(batch)), DEFAULT_BUCKETS, pad_id)
         logits = _final_logits(graphdef, state, ids, mask)[:, :model.config.num_real_tokens]
-        rows.append(np.asarray(logits, np.float64)[:len(batch)])
+        rows.append(to_host(logits).astype(np.float64)[:len(batch)])
     return np.concatenate(rows)
 
 

@@ -13,8 +13,8 @@ import jax
 from flax import nnx
 
 from minillm_jax import sharding
-from minillm_jax.models import load_pretrained, load_tokenizer, select_layers
-from minillm_jax.models.tiny import byte_tokenizer, random_model
+from minillm_jax.models import Transformer, load_pretrained, load_tokenizer, select_layers
+from minillm_jax.models.tiny import byte_tokenizer, parse_random_spec
 from minillm_jax.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,11 @@ def validate(config) -> None:
         fail("data.train", "training needs a data file or hub dataset")
     if config.minillm.importance not in ("token", "sequence"):
         fail("minillm.importance", f"{config.minillm.importance!r}: expected 'token' or 'sequence'")
-    if not 0.0 <= config.minillm.mix_alpha <= 1.0:
-        fail("minillm.mix_alpha", f"{config.minillm.mix_alpha} must be in [0, 1]")
+    for key in ("minillm.mix_alpha", "gkd.lmbda", "distillm.initial_sgo_prob", "distillm.max_sgo_prob",
+                "distillm.replay_reuse"):
+        section, name = key.split(".")
+        if not 0.0 <= config[section][name] <= 1.0:
+            fail(key, f"{config[section][name]} must be in [0, 1]")
     if config.task == "minillm" and config.minillm.num_rollouts % config.minillm.minibatch_size:
         fail("minillm.num_rollouts", f"{config.minillm.num_rollouts} is not a multiple of minillm.minibatch_size="
              f"{config.minillm.minibatch_size}")
@@ -71,6 +74,8 @@ def validate(config) -> None:
         fail("teacher", "eval.model includes the teacher but config.teacher is empty")
     if config.export.select not in ("best", "last"):
         fail("export.select", f"{config.export.select!r}: expected 'best' or 'last'")
+    if config.mesh.teacher_rules not in ("auto", "sample", "train"):
+        fail("mesh.teacher_rules", f"{config.mesh.teacher_rules!r}: expected 'auto', 'sample' or 'train'")
     sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         fail("mesh", f"sizes {sizes}: each must be >= 1, and at most one may be -1")
@@ -92,11 +97,12 @@ def build_mesh(config) -> jax.sharding.Mesh:
 
 
 def load_models(config, mesh: jax.sharding.Mesh) -> Models:
-    """The tokenizer, the teacher (sampling rules: weights whole along fsdp) and the student (training
-    rules). Teacher and student must share a tokenizer; vocabularies that differ only by padding are fine."""
+    """The tokenizer, the teacher (placed by `teacher_rules`) and the student (training rules), each created or
+    loaded straight into its shardings. Teacher and student must share a tokenizer; vocabularies that
+    differ only by padding are fine."""
     tokenizer = _load_tokenizer(config)
     dtype, compute = config.dtype, config.compute_dtype or config.dtype
-    teacher = _load_model(config.teacher, tokenizer, config, mesh, sharding.SAMPLE_RULES, seed=config.seed + 1) \
+    teacher = _load_model(config.teacher, tokenizer, config, mesh, teacher_rules(config), seed=config.seed + 1) \
         if config.teacher else None
     if config.student_layers:
         student = select_layers(teacher, list(config.student_layers))
@@ -113,6 +119,18 @@ def load_models(config, mesh: jax.sharding.Mesh) -> Models:
     return Models(tokenizer=tokenizer, student=student, teacher=teacher, mesh=mesh)
 
 
+TEACHER_GENERATES = ("minillm", "seqkd", "generate", "eval")
+
+
+def teacher_rules(config) -> sharding.Rules:
+    """The teacher's placement: sampling rules (weights whole along fsdp) where it generates, training
+    rules (fsdp-sharded, the least memory) where it only scores teacher-forced batches."""
+    choice = config.mesh.teacher_rules
+    if choice == "auto":
+        choice = "sample" if config.task in TEACHER_GENERATES else "train"
+    return sharding.SAMPLE_RULES if choice == "sample" else sharding.TRAIN_RULES
+
+
 def _load_tokenizer(config):
     if config.tokenizer == "byte":
         return byte_tokenizer()
@@ -124,9 +142,9 @@ def _load_tokenizer(config):
 
 def _load_model(spec: str, tokenizer, config, mesh, rules, seed: int):
     if spec.startswith("random:"):
-        model = random_model(spec, len(tokenizer), seed=seed, dtype=config.dtype)
-        return sharding.shard_model(_cast(model, config.dtype, config.compute_dtype or config.dtype, config.remat),
-                                    mesh, rules)
+        model_config = parse_random_spec(spec, len(tokenizer)).replace(
+            param_dtype=config.dtype, dtype=config.compute_dtype or config.dtype, remat=config.remat)
+        return sharding.create_model(lambda: Transformer(model_config, rngs=nnx.Rngs(seed)), mesh, rules)
     return load_pretrained(spec, dtype=config.dtype, compute_dtype=config.compute_dtype or None, mesh=mesh,
                            rules=rules, remat=config.remat, real_vocab_size=len(tokenizer))
 
@@ -171,6 +189,9 @@ def sampling_config(config, tokenizer, *, max_new_tokens: int | None = None, no_
 
 
 def workdir_path(workdir: str) -> pathlib.Path:
+    if "://" in workdir:
+        raise ConfigError(f"--workdir {workdir}: a URL is not a directory here; mount the bucket (e.g. gcsfuse) at "
+                          "the same path on every host and give that path")
     path = pathlib.Path(workdir).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path

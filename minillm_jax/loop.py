@@ -24,10 +24,11 @@ from minillm_jax.data.instructions import split_messages
 from minillm_jax.experiment import build_mesh, load_models, sampling_config, workdir_path
 from minillm_jax.models.hf import save_config
 from minillm_jax.sampling import generate
+from minillm_jax.sharding import to_host
 from minillm_jax.tasks import Context, field_map, make_task, pad_to_bucket
 from minillm_jax.tracking import MetricWriter
 from minillm_jax.trainers import sft
-from minillm_jax.trainers.common import create_train_state, make_optimizer
+from minillm_jax.trainers.common import make_optimizer, sharded_train_state
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,11 @@ class Validator:
         for start in range(0, len(self.prompts), size):
             out = generate(model, self.prompts[start:start + size], self.ctx.sampling,
                            jax.random.fold_in(self.ctx.key(seed, 5), start), teacher=teacher)
-            lengths = np.asarray(out.lengths)
+            lengths = to_host(out.lengths)
             texts += [self.ctx.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-                      for row, n in zip(np.asarray(out.tokens), lengths)]
+                      for row, n in zip(to_host(out.tokens), lengths)]
             if teacher is not None:
-                gap = np.asarray((out.logprobs - out.teacher_logprobs) * out.mask)
+                gap = to_host((out.logprobs - out.teacher_logprobs) * out.mask)
                 kls += gap.sum(axis=1).tolist()
                 tokens += int(lengths.sum())
         return (texts, kls, tokens) if teacher is not None else texts
@@ -129,8 +130,11 @@ class Validator:
         scores = evaluate.score(texts, self.gold)
         metrics["valid/rouge_l"], metrics["valid/exact_match"] = scores["rouge_l"], scores["exact_match"]
         if len(self.gold_data):
-            losses = [float(self._ce(params, pad_to_bucket(self.gold_data.collate(range(i, min(i + 8, len(
-                self.gold_data)))), self.gold_data.pad_token_id))) for i in range(0, len(self.gold_data), 8)]
+            losses = []
+            for i in range(0, len(self.gold_data), 8):
+                batch = self.gold_data.collate(range(i, min(i + 8, len(self.gold_data))))
+                batch = self.ctx.place(pad_to_bucket(batch, self.gold_data.pad_token_id))
+                losses.append(float(self._ce(params, batch)))
             metrics["valid/loss"] = float(np.mean(losses))
         return metrics, texts
 
@@ -157,13 +161,13 @@ def train(config, workdir: pathlib.Path, models, writer: MetricWriter) -> dict:
     if jax.process_index() == 0:
         save_config(models.student.config, workdir / "student")
         tokenizer.save_pretrained(str(workdir / "student"))
-    graphdef, state = create_train_state(models.student, tx)
+    graphdef, state, layout = sharded_train_state(models.student, tx, models.mesh)
     pretrain = PackedText([c.data.pretrain], tokenizer, seq_len=c.data.pretrain_length,
                           batch_size=c.minillm.minibatch_size, text_field=c.data.pretrain_field, seed=c.seed) \
         if c.data.pretrain and c.task == "minillm" else None
     ctx = Context(config=c, workdir=workdir, tokenizer=tokenizer, teacher=models.teacher, graphdef=graphdef, tx=tx,
                   schedule=schedule, train=data, records=records, sampling=sampling_config(c, tokenizer),
-                  pretrain=pretrain, mesh=models.mesh)
+                  pretrain=pretrain, mesh=models.mesh, layout=layout.with_teacher(models.teacher))
     task = make_task(ctx)
     checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=c.keep_checkpoints,
                                           best_metric="valid/rouge_l" if valid_records else None)
@@ -238,8 +242,8 @@ def _train_loop(c, ctx, task, state, start, validator, checkpoints, writer):
         if c.sample_every and done % c.sample_every == 0 and validator.records:
             student = nnx.merge(ctx.graphdef, state.params)
             out = generate(student, validator.prompts[:2], ctx.sampling, ctx.key(done, 6))
-            writer.write(done, {"sample": ctx.tokenizer.decode(np.asarray(out.tokens)[0][:int(out.lengths[0])],
-                                                                 skip_special_tokens=True)})
+            tokens, lengths = to_host(out.tokens), to_host(out.lengths)
+            writer.write(done, {"sample": ctx.tokenizer.decode(tokens[0][:lengths[0]], skip_special_tokens=True)})
         validated = bool(c.eval_every) and (done % c.eval_every == 0 or done == c.steps)
         if validated:
             last_time = _log(writer, progress, *pending, last_time)
@@ -374,7 +378,7 @@ def run_generate(config, workdir: pathlib.Path, models) -> dict:
         chunk = records[start:start + config.batch_size]
         out = generate(model, [prompt_ids(config, tokenizer, r) for r in chunk], sampling,
                        jax.random.fold_in(jax.random.key(config.seed), start))
-        for record, row, n in zip(chunk, np.asarray(out.tokens), np.asarray(out.lengths)):
+        for record, row, n in zip(chunk, to_host(out.tokens), to_host(out.lengths)):
             rows.append({**record, "generated": tokenizer.decode(row[:n], skip_special_tokens=True).strip()})
     path = workdir / "generations.jsonl"
     if jax.process_index() == 0:

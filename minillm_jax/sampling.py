@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from minillm_jax import sharding
 from minillm_jax.models.transformer import Transformer
 
 # Incremented at trace time: tests use it to check that shapes within a bucket compile once.
@@ -126,8 +127,11 @@ def generate(model: Transformer, prompts, config: SamplingConfig, rng: jax.Array
 
     student_def, student_state = nnx.split(model)
     teacher_def, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+    mesh = sharding.mesh_of(student_state)
+    if mesh is not None:  # rows over (data, fsdp): each data-parallel group samples its own share
+        ids, mask = sharding.place_batch((ids, mask), mesh, sharding.SAMPLE_RULES)
     return _generate(student_def, student_state, teacher_def, teacher_state, jnp.asarray(ids), jnp.asarray(mask),
-                     rng, jnp.float32(mix_alpha), config=config, num_real=num_real)
+                     rng, jnp.float32(mix_alpha), config=config, num_real=num_real, mesh=mesh)
 
 
 def pad_prompts(prompts, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,18 +164,54 @@ def pad_prompts(prompts, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarra
     return ids, mask
 
 
-@functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "config", "num_real"))
+def _row_constraint(mesh, batch_size: int):
+    """`lay_out(x, row_axis=0)`: pin a per-row array's rows to the batch mesh axes (data, fsdp) when they
+    divide the batch, leaving its other dimensions to the compiler (e.g. the vocabulary on `tensor`)."""
+    if mesh is None:
+        return lambda x, row_axis=0: x
+    rows = sharding.rows_sharding(mesh, (batch_size,), sharding.SAMPLE_RULES).spec
+    rows = rows[0] if len(rows) else None
+    free = jax.sharding.PartitionSpec.UNCONSTRAINED
+
+    def lay_out(x, row_axis=0):
+        if x is None:
+            return None
+        spec = [free] * x.ndim
+        spec[row_axis] = rows
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+    return lay_out
+
+
+def _lay_out_loop(s: "_LoopState", lay_out) -> "_LoopState":
+    rows = {name: lay_out(getattr(s, name)) for name in ("done", "tokens", "mask", "logprobs", "teacher_logprobs",
+                                                           "weights", "history", "history_mask", "logits",
+                                                           "teacher_logits")}
+    return s.replace(**rows, cache=_lay_out_cache(s.cache, lay_out),
+                     teacher_cache=_lay_out_cache(s.teacher_cache, lay_out))
+
+
+def _lay_out_cache(cache, lay_out):
+    if cache is None:
+        return None
+    return cache.replace(k=lay_out(cache.k, 1), v=lay_out(cache.v, 1), mask=lay_out(cache.mask),
+                         positions=lay_out(cache.positions), lengths=lay_out(cache.lengths))
+
+
+@functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "config", "num_real", "mesh"))
 def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask, rng, alpha, *,
-              config: SamplingConfig, num_real: int) -> SampleOutput:
+              config: SamplingConfig, num_real: int, mesh=None) -> SampleOutput:
     TRACE_COUNTS["generate"] += 1
+    lay_out = _row_constraint(mesh, ids.shape[0])
     student = nnx.merge(student_def, student_state)
     teacher = nnx.merge(teacher_def, teacher_state) if teacher_def is not None else None
     B, P = ids.shape
     R = config.max_new_tokens
 
     def start(model):
-        logits, cache = model.prefill(ids, mask, model.init_cache(B, P + R), empty_cache=True)
-        return logits[:, -1, :num_real], cache
+        cache = _lay_out_cache(model.init_cache(B, P + R), lay_out)
+        logits, cache = model.prefill(ids, mask, cache, empty_cache=True)
+        return lay_out(logits[:, -1, :num_real]), _lay_out_cache(cache, lay_out)
 
     logits, cache = start(student)
     teacher_logits, teacher_cache = start(teacher) if teacher is not None else (None, None)
@@ -182,6 +222,7 @@ def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask,
         history=jnp.concatenate([ids, jnp.zeros((B, R), jnp.int32)], axis=1),
         history_mask=jnp.concatenate([mask, jnp.zeros((B, R), bool)], axis=1),
         logits=logits, teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
+    state = _lay_out_loop(state, lay_out)
 
     def body(s: _LoopState) -> _LoopState:
         key = jax.random.fold_in(rng, s.step)
@@ -199,14 +240,15 @@ def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask,
             teacher_logits = teacher_logits[:, :num_real]
         else:
             teacher_logits, teacher_cache = None, None
-        return _LoopState(
+        return _lay_out_loop(_LoopState(
             step=s.step + 1, done=s.done | is_eos, tokens=put(s.tokens, token), mask=put(s.mask, live),
             logprobs=put(s.logprobs, jnp.where(live, logq, 0.0)),
             teacher_logprobs=put(s.teacher_logprobs, jnp.where(live, logp, 0.0)),
             weights=put(s.weights, jnp.where(live, weight, 1.0)),
             history=jax.lax.dynamic_update_slice(s.history, token[:, None], (0, P + s.step)),
             history_mask=jax.lax.dynamic_update_slice(s.history_mask, live[:, None], (0, P + s.step)),
-            logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
+            logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache),
+            lay_out)
 
     s = jax.lax.while_loop(lambda s: (s.step < R) & ~jnp.all(s.done), body, state)
     with_teacher = teacher is not None

@@ -8,7 +8,7 @@ would otherwise all-gather every weight) and shards only over `tensor`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -83,6 +83,16 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def create_model(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = TRAIN_RULES) -> nnx.Module:
+    """Build a (randomly initialised) model straight into its shardings: the shapes come from
+    `nnx.eval_shape`, and one jitted initialiser writes each parameter's shards on their devices, so no
+    device or host ever holds the whole model."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = TRAIN_RULES) -> nnx.Module:
     """Place every parameter of `model` by the rules (in place) and return it."""
     graphdef, state = nnx.split(model)
@@ -97,6 +107,69 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSh
     """Leading axis over the batch mesh axes, the rest replicated."""
     batch = dict(rules)["batch"]
     return NamedSharding(mesh, PartitionSpec(batch, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def rows_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = TRAIN_RULES) -> NamedSharding:
+    """The layout of a batch array: rows over the batch mesh axes (data, fsdp) when they divide the row
+    count, otherwise replicated (every device sees the whole, small, batch)."""
+    if not len(shape):
+        return replicated(mesh)
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh, rules))
+
+
+def process_rows(target: NamedSharding, shape: Sequence[int]) -> slice:
+    """The block of rows of a global array of `shape` that this process's devices hold under `target`."""
+    rows = [index[0] for index in target.addressable_devices_indices_map(tuple(shape)).values()]
+    start = min(r.start or 0 for r in rows)
+    stop = max(shape[0] if r.stop is None else r.stop for r in rows)
+    return slice(start, stop)
+
+
+def place_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
+    """Global arrays from a host batch that every process built the same way (same seed, same order):
+    each process hands over only the rows its own devices hold
+    (`jax.make_array_from_process_local_data`). Arrays already on the mesh are re-laid out if needed."""
+    def put(x):
+        target = rows_sharding(mesh, np.shape(x), rules)
+        if isinstance(x, jax.Array):
+            return x if x.sharding == target else jax.device_put(x, target)
+        x = np.asarray(x)
+        if not x.ndim:
+            return jax.device_put(x, target)
+        return jax.make_array_from_process_local_data(target, x[process_rows(target, x.shape)], x.shape)
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of an array on this process; rows held by other processes are gathered."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def on_every_process(flag: bool) -> bool:
+    """True only when `flag` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the arrays of `tree` are laid out on (None when they are not on a named mesh)."""
+    for leaf in jax.tree.leaves(tree):
+        found = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(found, Mesh):
+            return found
+    return None
 
 
 def describe(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -17,6 +17,7 @@ from minillm_jax.data import FieldMap, InstructionData, format_prompt, load_reco
 from minillm_jax.sampling import SamplingConfig, generate
 from minillm_jax.trainers import distillm, gkd, kd, minillm, seqkd, sft
 from minillm_jax.trainers.batches import from_samples
+from minillm_jax.trainers.common import StepLayout
 
 SEQUENCE_BUCKET = 64  # training sequences are left-padded to a multiple of this, so shapes stay few
 
@@ -37,17 +38,15 @@ class Context:
     sampling: SamplingConfig
     pretrain: object | None = None  # an L_PT batch stream (data.PackedText) or None
     mesh: jax.sharding.Mesh | None = None
+    layout: StepLayout | None = None  # explicit shardings of the jitted steps (None: let jit place things)
 
     def place(self, batch):
-        """Split a batch's rows over the mesh's batch axes (data, fsdp), so each device works on its share;
-        a batch those axes do not divide stays whole (replicated)."""
+        """A host batch (every process builds the same one) as global arrays: rows over the mesh's batch
+        axes (data, fsdp), each process contributing the rows its devices hold; a batch those axes do not
+        divide is replicated."""
         if self.mesh is None:
             return batch
-        leaves = jax.tree.leaves(batch)
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if shards == 1 or not leaves or leaves[0].shape[0] % shards:
-            return batch
-        return jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim)), batch)
+        return sharding.place_batch(batch, self.mesh)
 
     @property
     def micro_batch(self) -> int:
@@ -87,23 +86,25 @@ class SupervisedTask:
         self.train_step = self.make_step()
 
     def make_step(self):
-        return sft.make_train_step(self.ctx.graphdef, self.ctx.tx, self.ctx.schedule)
+        return sft.make_train_step(self.ctx.graphdef, self.ctx.tx, self.ctx.schedule, layout=self.ctx.layout,
+                                   batch_rows=self.ctx.micro_batch)
 
     def next_batch(self) -> dict:
+        """The next host (numpy) micro-batch, padded to its length bucket."""
         if self._batches is None:
             self._batches = self.data.batches(self.ctx.micro_batch, self.ctx.config.seed, self.position)
         batch, self.position = next(self._batches)
-        return self.ctx.place(pad_to_bucket(batch, self.data.pad_token_id))
+        return pad_to_bucket(batch, self.data.pad_token_id)
 
     def micro_step(self, state, batch, step):
-        return self.train_step(state, batch)
+        return self.train_step(state, self.ctx.place(batch))
 
     def step(self, state, step: int):
         metrics, tokens = {}, 0
         for micro in range(self.ctx.config.accumulate_steps):
             batch = self.next_batch()
+            tokens += int(batch["attention_mask"].sum())
             state, metrics = self.micro_step(state, batch, step)
-            tokens += int(np.asarray(batch["attention_mask"]).sum())
         return state, {**metrics, "tokens": tokens}
 
     def get_position(self) -> dict:
@@ -121,10 +122,11 @@ class KDTask(SupervisedTask):
     def make_step(self):
         c = self.ctx.config
         return kd.make_train_step(self.ctx.graphdef, nnx.graphdef(self.ctx.teacher), self.ctx.tx, self.ctx.schedule,
-                                  kd_ratio=c.kd.kd_ratio, logits_chunk_size=c.logits_chunk_size or None)
+                                  kd_ratio=c.kd.kd_ratio, logits_chunk_size=c.logits_chunk_size or None,
+                                  layout=self.ctx.layout, batch_rows=self.ctx.micro_batch)
 
     def micro_step(self, state, batch, step):
-        return self.train_step(state, nnx.state(self.ctx.teacher), batch)
+        return self.train_step(state, nnx.state(self.ctx.teacher), self.ctx.place(batch))
 
 
 class GKDTask(KDTask):
@@ -139,7 +141,7 @@ class GKDTask(KDTask):
 
     def make_step(self):
         return gkd.make_train_step(self.ctx.graphdef, nnx.graphdef(self.ctx.teacher), self.ctx.tx, self.ctx.schedule,
-                                   self.gkd_config)
+                                   self.gkd_config, layout=self.ctx.layout, batch_rows=self.ctx.micro_batch)
 
     def micro_step(self, state, batch, step):
         batch, on_policy = gkd.choose_batch(batch, prompts_of(batch), state, self.ctx.graphdef, self.ctx.sampling,
@@ -148,6 +150,14 @@ class GKDTask(KDTask):
         state, metrics = self.train_step(state, nnx.state(self.ctx.teacher), batch)
         return state, {**metrics, "on_policy": float(on_policy)}
 
+    def get_position(self) -> dict:  # the coin's state too, so a resume flips the same coins
+        return {**super().get_position(), "coin": self.coin.bit_generator.state}
+
+    def set_position(self, saved: dict) -> None:
+        super().set_position(saved)
+        if "coin" in saved:
+            self.coin.bit_generator.state = saved["coin"]
+
 
 class DistiLLMTask(KDTask):
     """Skew (reverse) KL with adaptive use of student-generated outputs and a replay buffer."""
@@ -155,15 +165,17 @@ class DistiLLMTask(KDTask):
     def __init__(self, ctx: Context):
         c = ctx.config.distillm
         self.distillm_config = distillm.DistiLLMConfig(
-            divergence=c.divergence, skew_alpha=c.skew_alpha, sgo_prob_step=c.sgo_prob_step,
-            max_sgo_prob=c.max_sgo_prob, replay_capacity=c.replay_capacity, replay_reuse=c.replay_reuse,
+            divergence=c.divergence, skew_alpha=c.skew_alpha, initial_sgo_prob=c.initial_sgo_prob,
+            sgo_prob_step=c.sgo_prob_step, max_sgo_prob=c.max_sgo_prob, replay_capacity=c.replay_capacity,
+            replay_reuse=c.replay_reuse,
             logits_chunk_size=ctx.config.logits_chunk_size or None)
         self.schedule_state = distillm.AdaptiveOffPolicy(self.distillm_config, seed=ctx.config.seed)
         super().__init__(ctx)
 
     def make_step(self):
         return distillm.make_train_step(self.ctx.graphdef, nnx.graphdef(self.ctx.teacher), self.ctx.tx,
-                                        self.ctx.schedule, self.distillm_config)
+                                        self.ctx.schedule, self.distillm_config, layout=self.ctx.layout,
+                                        batch_rows=self.ctx.micro_batch)
 
     def micro_step(self, state, batch, step):
         def student_batch():
@@ -182,13 +194,11 @@ class DistiLLMTask(KDTask):
             self.schedule_state.update(float(metrics["valid/loss"]))
 
     def get_position(self) -> dict:
-        return {**super().get_position(), "sgo_prob": self.schedule_state.sgo_prob,
-                "best_validation": self.schedule_state.best_validation}
+        return {**super().get_position(), **self.schedule_state.get_state()}
 
     def set_position(self, saved: dict) -> None:
         super().set_position(saved)
-        self.schedule_state.sgo_prob = saved["sgo_prob"]
-        self.schedule_state.best_validation = saved["best_validation"]
+        self.schedule_state.set_state(saved)
 
 
 def seqkd_task(ctx: Context) -> SupervisedTask:
@@ -197,7 +207,7 @@ def seqkd_task(ctx: Context) -> SupervisedTask:
     c = ctx.config
     fields = field_map(c)
     path = ctx.workdir / "seqkd" / "teacher_answers.jsonl"
-    if not path.exists():
+    if not sharding.on_every_process(path.exists()):  # sampling is collective: all processes agree first
         records, prompts = [], []
         for record in ctx.records:
             ids = ctx.tokenizer(format_prompt(record, fields, template=c.data.template, tokenizer=ctx.tokenizer),
@@ -227,7 +237,8 @@ class MiniLLMTask:
             pt_coef=c.pt_coef if ctx.pretrain is not None else 0.0, kd_ratio=c.kd_ratio, ppo_epochs=c.ppo_epochs,
             minibatch_size=c.minibatch_size, logits_chunk_size=ctx.config.logits_chunk_size or None)
         self.train_step = minillm.make_train_step(ctx.graphdef, nnx.graphdef(ctx.teacher), ctx.tx, ctx.schedule,
-                                                  self.config)
+                                                  self.config, layout=ctx.layout,
+                                                  pt_rows=self.config.minibatch_size if self.config.pt_coef else None)
         self.position = (0, 0)
         self.round = 0
         self._prompts = None

@@ -96,6 +96,24 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("task,overrides", [("gkd", {}), ("distillm", {"distillm.initial_sgo_prob": 0.8})])
+def test_resume_is_exact_for_tasks_with_host_side_coins(task, overrides, tmp_path):
+    """GKD flips a coin per step (gold or the student's own answers); DistiLLM also keeps a replay buffer of
+    student answers. Both are saved with the checkpoint, so a resumed run continues exactly."""
+    common = dict(task=task, eval_every=0, sample_every=0, checkpoint_every=2, **{"export.enabled": False},
+                  **overrides)
+    loop.run(tiny(steps=4, **common), str(tmp_path / "whole"))
+    loop.run(tiny(steps=2, **common), str(tmp_path / "split"))
+    loop.run(tiny(steps=4, **common), str(tmp_path / "split"))
+    whole = {r["step"]: r for r in metrics_rows(tmp_path / "whole") if "loss" in r}
+    split = {r["step"]: r for r in metrics_rows(tmp_path / "split") if "loss" in r}
+    sources = ("on_policy",) if task == "gkd" else ("student_generated",)
+    assert {whole[s][sources[0]] for s in whole} == {0.0, 1.0}, whole  # both kinds of batch occur
+    for step in (3, 4):
+        for key in ("loss", "grad_norm", *sources):
+            assert split[step][key] == whole[step][key], (step, key, split[step], whole[step])
+
+
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "minillm_jax.main", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
@@ -140,6 +158,8 @@ def test_different_tokenizers_are_refused(tmp_path, smollm2_gguf):
     (dict(**{"data.template": "vicuna"}), "config.data.template"),
     (dict(**{"minillm.num_rollouts": 6}), "config.minillm.num_rollouts"),
     (dict(**{"mesh.data": -1, "mesh.fsdp": -1}), "config.mesh"),
+    (dict(**{"distillm.initial_sgo_prob": 1.5}), "config.distillm.initial_sgo_prob"),
+    (dict(**{"gkd.lmbda": -0.1}), "config.gkd.lmbda"),
 ])
 def test_validation_names_the_key(overrides, key):
     with pytest.raises(experiment.ConfigError, match=key.replace(".", r"\.")):
@@ -200,7 +220,7 @@ def test_batches_are_split_over_the_batch_axes():
     placed = tasks.Context.place(SimpleNamespace(mesh=sharding.make_mesh(2, 2, 2)), batch)
     assert placed["tokens"].sharding.spec == P(("data", "fsdp"), None)
     kept = tasks.Context.place(SimpleNamespace(mesh=sharding.make_mesh(8, 1, 1)), batch)
-    assert isinstance(kept["tokens"], np.ndarray)  # 4 rows cannot split 8 ways
+    assert kept["tokens"].is_fully_replicated  # 4 rows cannot split 8 ways
 
 
 def test_summary_shows_the_question_for_both_record_layouts():

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from minillm_jax.sampling import SampleOutput
+from minillm_jax.sharding import to_host
 
 
 def from_samples(out: SampleOutput) -> dict:
@@ -19,4 +19,4 @@ def from_samples(out: SampleOutput) -> dict:
 
 
 def to_numpy(batch: dict) -> dict:
-    return {k: np.asarray(v) for k, v in batch.items()}
+    return {k: to_host(v) for k, v in batch.items()}

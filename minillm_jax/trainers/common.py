@@ -6,6 +6,9 @@ is neither optimised nor checkpointed.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ import optax
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from minillm_jax import losses
+from minillm_jax import losses, sharding
 
 
 @flax.struct.dataclass
@@ -49,9 +52,70 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: 
     return tx, lr
 
 
+def train_state_shardings(params: nnx.State, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                          rules: sharding.Rules = sharding.TRAIN_RULES) -> TrainState:
+    """Where each part of the train state lives: parameters by the training rules, every optimizer
+    moment like its parameter (`optax.tree_map_params`), counters replicated. A prefix tree of
+    NamedShardings, usable as jit in/out shardings."""
+    params_layout = sharding.state_shardings(params, mesh, rules)
+    replicated = sharding.replicated(mesh)
+    opt_layout = optax.tree_map_params(tx, lambda _, layout: layout, jax.eval_shape(tx.init, params), params_layout,
+                                       transform_non_params=lambda _: replicated,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return TrainState(step=replicated, params=params_layout, opt_state=opt_layout)
+
+
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
     graphdef, params = nnx.split(model)
     return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def sharded_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                        ) -> tuple[nnx.GraphDef, TrainState, "StepLayout"]:
+    """The student's initial train state on the mesh, the optimizer state created straight into its
+    shardings, and the StepLayout that the jitted steps use."""
+    graphdef, params = nnx.split(model)
+    layout = train_state_shardings(params, tx, mesh)
+    params = jax.device_put(params, layout.params)  # a no-op for a model placed by the same rules
+    opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), layout.step), params=params, opt_state=opt_state)
+    return graphdef, state, StepLayout(mesh=mesh, state=layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """Explicit shardings of a jitted step's arguments and results: the train state (see
+    `train_state_shardings`), the teacher's parameters as they were placed (sampling rules), and batches,
+    whose rows go over the batch mesh axes (data, fsdp) when they divide them."""
+
+    mesh: jax.sharding.Mesh
+    state: Any
+    teacher: Any = None
+
+    def with_teacher(self, teacher: nnx.Module | None) -> "StepLayout":
+        if teacher is None:
+            return self
+        return dataclasses.replace(self, teacher=jax.tree.map(lambda x: x.sharding, nnx.state(teacher)))
+
+    def rows(self, count: int | None):
+        return None if count is None else sharding.rows_sharding(self.mesh, (count,))
+
+    def jit_train_step(self, step: Callable, *batch_rows: int | None, teacher: bool = True) -> Callable:
+        """jit `step(state, [teacher_params,] *batches) -> (state, metrics)` with these layouts, the state
+        donated; metrics come back replicated."""
+        if teacher and self.teacher is None:
+            raise ValueError("this step takes the teacher's parameters: build the layout with_teacher(teacher)")
+        ins = (self.state, *((self.teacher,) if teacher else ()), *(self.rows(n) for n in batch_rows))
+        return jax.jit(step, in_shardings=ins, out_shardings=(self.state, sharding.replicated(self.mesh)),
+                       donate_argnums=0)
+
+
+def jit_train_step(step: Callable, layout: StepLayout | None, *batch_rows: int | None,
+                   teacher: bool = True) -> Callable:
+    """`layout.jit_train_step(...)`, or without a layout a plain jit that donates the state."""
+    if layout is None:
+        return jax.jit(step, donate_argnums=0)
+    return layout.jit_train_step(step, *batch_rows, teacher=teacher)
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, schedule) -> tuple[TrainState, dict]:
@@ -86,8 +150,9 @@ def sequence_reverse_kl(student_logprobs, teacher_logprobs, mask) -> Float[Array
     return jnp.mean(per_response)
 
 
-__all__ = ["TrainState", "apply_gradients", "create_train_state", "make_optimizer", "response_hidden",
-           "response_logits", "sequence_reverse_kl", "shifted_logits", "token_means"]
+__all__ = ["StepLayout", "TrainState", "apply_gradients", "create_train_state", "jit_train_step", "make_optimizer",
+           "response_hidden", "response_logits", "sequence_reverse_kl", "sharded_train_state", "shifted_logits",
+           "token_means", "train_state_shardings"]
 
 
 def token_means(student, teacher, batch: dict, chunk_size: int | None = None):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 
 import jax
 import numpy as np
 from flax import nnx
 
-from minillm_jax.trainers.common import apply_gradients, token_means
+from minillm_jax import sharding
+from minillm_jax.trainers.common import StepLayout, apply_gradients, jit_train_step, token_means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +40,15 @@ def distillm_loss(params, graphdef, teacher_graphdef, teacher_params, batch, con
     return loss, {"loss": loss, config.divergence: loss}
 
 
-def make_train_step(graphdef, teacher_graphdef, tx, schedule, config: DistiLLMConfig):
-    @functools.partial(jax.jit, donate_argnums=0)
+def make_train_step(graphdef, teacher_graphdef, tx, schedule, config: DistiLLMConfig,
+                    layout: StepLayout | None = None, batch_rows: int | None = None):
     def train_step(state, teacher_params, batch):
         grad_fn = jax.value_and_grad(distillm_loss, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, config)
         state, opt_metrics = apply_gradients(state, grads, tx, schedule)
         return state, {**metrics, **opt_metrics}
 
-    return train_step
+    return jit_train_step(train_step, layout, batch_rows)
 
 
 class AdaptiveOffPolicy:
@@ -74,6 +74,21 @@ class AdaptiveOffPolicy:
             return gold_batch, "gold"
         if self.buffer and self.rng.random() < self.config.replay_reuse:
             return self.buffer[int(self.rng.integers(len(self.buffer)))], "replay"
-        batch = {k: np.asarray(v) for k, v in generate_batch().items()}
+        batch = {k: sharding.to_host(v) for k, v in generate_batch().items()}
         self.buffer.append(batch)
         return batch, "fresh"
+
+    def get_state(self) -> dict:
+        """Everything a resume needs to continue exactly: the schedule, the coin's state and the replay
+        buffer (token arrays as lists, for the checkpoint's JSON)."""
+        return {"sgo_prob": self.sgo_prob, "best_validation": self.best_validation,
+                "rng": self.rng.bit_generator.state,
+                "replay": [{k: v.tolist() for k, v in batch.items()} for batch in self.buffer]}
+
+    def set_state(self, saved: dict) -> None:
+        self.sgo_prob, self.best_validation = saved["sgo_prob"], saved["best_validation"]
+        if "rng" in saved:
+            self.rng.bit_generator.state = saved["rng"]
+        self.buffer.clear()
+        for batch in saved.get("replay", []):
+            self.buffer.append({k: np.asarray(v, np.int32) for k, v in batch.items()})

@@ -5,7 +5,6 @@ regenerated on-policy by the current student (no gradient through sampling)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ from flax import nnx
 
 from minillm_jax.sampling import SamplingConfig, generate
 from minillm_jax.trainers.batches import from_samples
-from minillm_jax.trainers.common import apply_gradients, token_means
+from minillm_jax.trainers.common import StepLayout, apply_gradients, jit_train_step, token_means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +29,15 @@ def gkd_loss(params, graphdef, teacher_graphdef, teacher_params, batch, config: 
     return loss, {"loss": loss, "jsd": loss}
 
 
-def make_train_step(graphdef, teacher_graphdef, tx, schedule, config: GKDConfig):
-    @functools.partial(jax.jit, donate_argnums=0)
+def make_train_step(graphdef, teacher_graphdef, tx, schedule, config: GKDConfig, layout: StepLayout | None = None,
+                    batch_rows: int | None = None):
     def train_step(state, teacher_params, batch):
         grad_fn = jax.value_and_grad(gkd_loss, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, config)
         state, opt_metrics = apply_gradients(state, grads, tx, schedule)
         return state, {**metrics, **opt_metrics}
 
-    return train_step
+    return jit_train_step(train_step, layout, batch_rows)
 
 
 def choose_batch(gold_batch: dict, prompts, state, graphdef, sampling: SamplingConfig, rng, config: GKDConfig,

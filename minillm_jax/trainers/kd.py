@@ -3,12 +3,10 @@ the same sequences (kd_ratio = 0.5 as in the MiniLLM baselines). Batch layout as
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from flax import nnx
 
-from minillm_jax.trainers.common import apply_gradients, token_means
+from minillm_jax.trainers.common import StepLayout, apply_gradients, jit_train_step, token_means
 
 
 def kd_loss(params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio: float, chunk_size=None):
@@ -20,11 +18,12 @@ def kd_loss(params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio:
     return loss, {"loss": loss, "ce": ce, "soft_ce": soft, "forward_kl": jax.lax.stop_gradient(mean("forward_kl"))}
 
 
-def make_train_step(graphdef, teacher_graphdef, tx, schedule, kd_ratio: float = 0.5, logits_chunk_size=None):
+def make_train_step(graphdef, teacher_graphdef, tx, schedule, kd_ratio: float = 0.5, logits_chunk_size=None,
+                    layout: StepLayout | None = None, batch_rows: int | None = None):
     """A jitted `train_step(state, teacher_params, batch) -> (state, metrics)`; only the state is donated.
-    `logits_chunk_size` computes the [B, T, V] logits of both models a time-chunk at a time."""
+    `logits_chunk_size` computes the [B, T, V] logits of both models a time-chunk at a time. With a
+    `layout`, the step is compiled with its explicit in/out shardings (batches of `batch_rows` rows)."""
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, teacher_params, batch):
         grad_fn = jax.value_and_grad(kd_loss, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio,
@@ -32,4 +31,4 @@ def make_train_step(graphdef, teacher_graphdef, tx, schedule, kd_ratio: float = 
         state, opt_metrics = apply_gradients(state, grads, tx, schedule)
         return state, {**metrics, **opt_metrics}
 
-    return train_step
+    return jit_train_step(train_step, layout, batch_rows)

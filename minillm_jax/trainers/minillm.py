@@ -10,7 +10,6 @@ vocabulary reverse KL, teacher logits recomputed on the mini-batch) + pt_coef * 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.struct
 import jax
@@ -21,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from minillm_jax import losses
 from minillm_jax.sampling import SamplingConfig, generate
-from minillm_jax.trainers.common import apply_gradients, response_hidden, token_means
+from minillm_jax.trainers.common import StepLayout, apply_gradients, jit_train_step, response_hidden, token_means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +134,12 @@ def minillm_loss(params, graphdef, teacher_graphdef, teacher_params, batch: Roll
     return total, metrics
 
 
-def make_train_step(graphdef, teacher_graphdef, tx, schedule, config: MiniLLMConfig):
-    """A jitted `train_step(state, teacher_params, rollout_batch, pt_batch) -> (state, metrics)`."""
+def make_train_step(graphdef, teacher_graphdef, tx, schedule, config: MiniLLMConfig,
+                    layout: StepLayout | None = None, pt_rows: int | None = None):
+    """A jitted `train_step(state, teacher_params, rollout_batch, pt_batch) -> (state, metrics)`, the state
+    donated. With a `layout`: explicit in/out shardings, rollout mini-batches of `config.minibatch_size`
+    rows and L_PT batches of `pt_rows` rows (None: no L_PT batch)."""
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, teacher_params, batch, pt_batch):
         grad_fn = jax.value_and_grad(minillm_loss, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, pt_batch,
@@ -146,7 +147,7 @@ def make_train_step(graphdef, teacher_graphdef, tx, schedule, config: MiniLLMCon
         state, opt_metrics = apply_gradients(state, grads, tx, schedule)
         return state, {**metrics, **opt_metrics}
 
-    return train_step
+    return jit_train_step(train_step, layout, config.minibatch_size, pt_rows)
 
 
 def train_round(state, graphdef, teacher, prompts, sampling: SamplingConfig, rng, config: MiniLLMConfig,

@@ -6,13 +6,11 @@ Batch: `tokens` [B, T] int32, `attention_mask` [B, T], `loss_mask` [B, T] (1 on 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from flax import nnx
 
 from minillm_jax import losses
-from minillm_jax.trainers.common import apply_gradients, shifted_logits
+from minillm_jax.trainers.common import StepLayout, apply_gradients, jit_train_step, shifted_logits
 
 
 def sft_loss(params, graphdef, batch):
@@ -23,13 +21,13 @@ def sft_loss(params, graphdef, batch):
     return loss, {"loss": loss, "ce": loss}
 
 
-def make_train_step(graphdef, tx, schedule):
-    """A jitted `train_step(state, batch) -> (state, metrics)`; the state is donated."""
+def make_train_step(graphdef, tx, schedule, layout: StepLayout | None = None, batch_rows: int | None = None):
+    """A jitted `train_step(state, batch) -> (state, metrics)`; the state is donated. With a `layout`, the
+    step is compiled with its explicit in/out shardings (batches of `batch_rows` rows)."""
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, batch):
         (_, metrics), grads = jax.value_and_grad(sft_loss, has_aux=True)(state.params, graphdef, batch)
         state, opt_metrics = apply_gradients(state, grads, tx, schedule)
         return state, {**metrics, **opt_metrics}
 
-    return train_step
+    return jit_train_step(train_step, layout, batch_rows, teacher=False)
