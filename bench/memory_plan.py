@@ -39,6 +39,9 @@ def main():
     parser.add_argument("--setup", choices=sorted(SETUPS), default="llama13b-7b")
     parser.add_argument("--remat", choices=("none", "full", "dots"), help="override the setup's remat policy")
     parser.add_argument("--mesh", help="override the mesh: data,fsdp,tensor (product = the setup's devices)")
+    parser.add_argument("--teacher-rules", choices=("train", "sample"), default="train",
+                        help="the teacher's placement: 'train' (over fsdp, as task kd places it) or 'sample' (whole "
+                             "along fsdp, as minillm places it for its mixed sampling)")
     args = parser.parse_args()
     devices, mesh_shape, teacher_name, student_name, rows_per_step, length, remat, chunk = SETUPS[args.setup]
     remat = args.remat or remat
@@ -67,7 +70,9 @@ def main():
     student = nnx.eval_shape(lambda: Transformer(student_config, rngs=nnx.Rngs(0)))
     tx, schedule = make_optimizer(learning_rate=1e-5)
     state = abstract_train_state(student, tx, mesh=mesh)
-    teacher_params = abstract_train_state(teacher, make_optimizer(learning_rate=1.0)[0], mesh=mesh).params
+    teacher_rules = sharding.TRAIN_RULES if args.teacher_rules == "train" else sharding.SAMPLE_RULES
+    teacher_params = abstract_train_state(teacher, make_optimizer(learning_rate=1.0)[0], mesh=mesh,
+                                          rules=teacher_rules).params
     rows = sharding.batch_sharding(mesh, 2)
     batch = {k: jax.ShapeDtypeStruct((rows_per_step, length), jnp.int32, sharding=rows)
              for k in ("tokens", "attention_mask", "loss_mask")}
@@ -81,7 +86,8 @@ def main():
         memory.temp_size_in_bytes
     print(f"setup {args.setup}: {devices} devices, mesh {dict(mesh.shape)}; teacher {teacher_name} "
           f"{count(teacher_params) / 1e9:.2f} B params bf16, student {student_name} {count(state.params) / 1e9:.2f} B "
-          f"fp32 + AdamW; batch {rows_per_step} x {length}; remat {remat}; logits chunk {chunk}; compile "
+          f"fp32 + AdamW; teacher placed by the {args.teacher_rules} rules; batch {rows_per_step} x {length}; remat "
+          f"{remat}; logits chunk {chunk}; compile "
           f"{time.time() - started:.0f} s")
     print(f"per device: arguments {memory.argument_size_in_bytes / gib:.2f} GiB, outputs "
           f"{memory.output_size_in_bytes / gib:.2f} GiB (aliased {memory.alias_size_in_bytes / gib:.2f}), temporaries "

@@ -326,7 +326,7 @@ def _summary(config, workdir, validator, before, after) -> str:
     text = "\n".join(lines)
     if jax.process_index() == 0:
         (workdir / "summary.md").write_text(text + "\n")
-    print("\n" + text + "\n")
+        print("\n" + text + "\n")
     return text
 
 

@@ -252,10 +252,11 @@ def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask,
 
     s = jax.lax.while_loop(lambda s: (s.step < R) & ~jnp.all(s.done), body, state)
     with_teacher = teacher is not None
-    return SampleOutput(
+    out = SampleOutput(
         tokens=s.tokens, mask=s.mask, lengths=s.mask.sum(axis=1, dtype=jnp.int32), logprobs=s.logprobs,
         prompt_tokens=ids, prompt_mask=mask, teacher_logprobs=s.teacher_logprobs if with_teacher else None,
         weights=s.weights if with_teacher else None)
+    return jax.tree.map(lay_out, out)  # results leave with their rows on (data, fsdp), like the rollouts' batches
 
 
 def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):
