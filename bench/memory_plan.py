@@ -6,6 +6,12 @@ models sharded by the training rules, batch split over (data, fsdp).
     python bench/memory_plan.py --setup gpt2xl-124m    # 1 device (an 80 GB GPU), batch 64 x 512
 
 Student parameters and Adam moments in float32, compute in bfloat16; teacher stored in bfloat16.
+
+XLA:CPU has no bfloat16 matmul: it converts bf16 weights to f32 and, by loop-invariant code motion, does
+so for a whole stacked [layers, ...] weight before the layer loop, which adds an f32 copy of every bf16
+model to the temporaries (twice the teacher's bytes per device) that a GPU/TPU compile never makes. The
+bench therefore disables that one pass (`--xla_disable_hlo_passes=while-loop-invariant-code-motion`), so
+the conversion stays per layer; `--cpu-hoisting` keeps XLA:CPU's default.
 """
 
 from __future__ import annotations
@@ -42,11 +48,16 @@ def main():
     parser.add_argument("--teacher-rules", choices=("train", "sample"), default="train",
                         help="the teacher's placement: 'train' (over fsdp, as task kd places it) or 'sample' (whole "
                              "along fsdp, as minillm places it for its mixed sampling)")
+    parser.add_argument("--cpu-hoisting", action="store_true",
+                        help="keep XLA:CPU's loop-invariant code motion (adds f32 copies of the bf16 weights)")
     args = parser.parse_args()
     devices, mesh_shape, teacher_name, student_name, rows_per_step, length, remat, chunk = SETUPS[args.setup]
     remat = args.remat or remat
     mesh_shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else mesh_shape
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if not args.cpu_hoisting:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_disable_hlo_passes=while-loop-invariant-code-motion").strip()
     import jax
 
     jax.config.update("jax_num_cpu_devices", devices)
