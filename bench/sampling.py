@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import median_seconds  # noqa: E402
 
 LLAMA_10M = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
@@ -35,16 +35,6 @@ GPT2_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_h
 GPT2_XL = dict(vocab_size=50257, n_positions=1024, n_embd=1600, n_layer=48, n_head=25)
 GPT2_TINY = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4)
 GPT2_TINY_TEACHER = dict(vocab_size=512, n_positions=128, n_embd=128, n_layer=3, n_head=4)
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def write_checkpoint(kind: str, dims: dict, dtype: str, directory: Path) -> int:
@@ -81,7 +71,7 @@ def hf_worker(case: dict) -> dict:
         assert out.shape == (b, p + n)
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    return {"seconds": _median_seconds(run, case["repeats"]), "device": name}
+    return {"seconds": median_seconds(run, case["repeats"]), "device": name}
 
 
 def ours_worker(case: dict) -> dict:
@@ -102,7 +92,7 @@ def ours_worker(case: dict) -> dict:
         jax.block_until_ready(out.tokens)
         assert int(out.lengths.min()) == n
 
-    result = {"seconds": _median_seconds(run, case["repeats"]), "device": jax.devices()[0].device_kind}
+    result = {"seconds": median_seconds(run, case["repeats"]), "device": jax.devices()[0].device_kind}
     if teacher is not None:
         context = p + n // 2  # mean context length over the decode
         result["bytes_per_step"] = _bytes_per_step(student, b, context) + _bytes_per_step(teacher, b, context)
@@ -128,7 +118,7 @@ def _copy_bandwidth() -> float:
 
     x = jnp.ones((256, 1024, 1024), jnp.float32)
     copy = jax.jit(lambda a: a + 1)
-    return 2 * x.nbytes / _median_seconds(lambda: copy(x).block_until_ready(), 10)
+    return 2 * x.nbytes / median_seconds(lambda: copy(x).block_until_ready(), 10)
 
 
 def _spawn(which: str, case: dict, processes: int = 1) -> dict:

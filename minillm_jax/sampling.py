@@ -210,7 +210,7 @@ def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask,
 
     def start(model):
         cache = _lay_out_cache(model.init_cache(B, P + R), lay_out)
-        logits, cache = model.prefill(ids, mask, cache, empty_cache=True)
+        logits, cache = model.prefill(ids, mask, cache, empty_cache=True, last_only=True)
         return lay_out(logits[:, -1, :num_real]), _lay_out_cache(cache, lay_out)
 
     logits, cache = start(student)

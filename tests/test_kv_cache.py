@@ -30,6 +30,18 @@ def test_prefill_then_decode_matches_full_forward(variant):
     np.testing.assert_array_equal(np.asarray(cache.lengths), mask.sum(1))
 
 
+def test_last_only_prefill_gives_the_last_position_and_the_same_cache():
+    model = random_model("llama_gqa")
+    ids, mask = left_padded_batch(model.config.vocab_size, batch=3, length=9)
+    full = np.asarray(model(ids, mask))
+    logits, cache = model.prefill(ids, mask, model.init_cache(3, 12), empty_cache=True, last_only=True)
+    assert logits.shape == (3, 1, model.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, -1], atol=1e-5, rtol=0)
+    _, reference = model.prefill(ids, mask, model.init_cache(3, 12), empty_cache=True)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_left_padding_gives_the_same_logits_as_no_padding():
     model = random_model("llama_gqa")
     ids, _ = left_padded_batch(model.config.vocab_size, batch=1, length=9)

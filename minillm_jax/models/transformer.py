@@ -153,13 +153,15 @@ class Transformer(nnx.Module):
 
     def prefill(
         self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, cache: KVCache, *,
-        empty_cache: bool = False,
+        empty_cache: bool = False, last_only: bool = False,
     ) -> tuple[Float[Array, "B T V"], KVCache]:
         """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T).
 
         Inside the layer scan the cache is only read; the new keys and values come out of the scan and
         are written once afterwards, so a decode step writes one slot, not a copy of the cache.
-        `empty_cache=True` (a fresh cache, the usual prompt prefill) skips attending to its empty slots."""
+        `empty_cache=True` (a fresh cache, the usual prompt prefill) skips attending to its empty slots.
+        `last_only=True` returns only the last position's logits [B, 1, V] (all a sampler needs after the
+        prompt), skipping the [B, T, V] unembedding of the rest."""
         input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=cache.lengths[:, None])
         hidden, (k_new, v_new) = self._run(input_ids, mask, positions, cache=None if empty_cache else cache)
         start = cache.index
@@ -171,7 +173,7 @@ class Transformer(nnx.Module):
             lengths=cache.lengths + mask.sum(axis=1, dtype=jnp.int32),
             index=start + input_ids.shape[1],
         )
-        return self.unembed(hidden), cache
+        return self.unembed(hidden[:, -1:] if last_only else hidden), cache
 
     def decode_step(self, tokens: Int[Array, " B"], cache: KVCache) -> tuple[Float[Array, "B V"], KVCache]:
         """One new token per row; returns next-token logits [B, V] and the advanced cache."""
