@@ -41,9 +41,9 @@ from minillm_jax.models.transformer import Transformer
 from minillm_jax.sampling import DEFAULT_BUCKETS, SampleOutput, SamplingConfig, generate, pad_prompts
 from minillm_jax.sharding import to_host
 
-__all__ = ["EvalSet", "LENGTH_BUCKETS", "calibration", "evaluate_model", "exact_match", "expected_calibration_error",
-           "exposure_bias", "generate_texts", "load_eval_set", "normalize_answer", "plot_curves", "prefix_kl",
-           "rouge_l", "score", "write_report"]
+__all__ = ["Answers", "EvalSet", "LENGTH_BUCKETS", "calibration", "evaluate_model", "exact_match",
+           "expected_calibration_error", "exposure_bias", "generate_texts", "load_eval_set", "normalize_answer",
+           "plot_curves", "prefix_kl", "rouge_l", "sample_answers", "score", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,21 +107,21 @@ def reference_lengths(tokenizer, references: Sequence[Sequence[str]]) -> list[in
 # ------------------------------------------------------------------------------------ sampling
 
 
-def _sample_batches(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int,
+def _sample_batches(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seed,
                     batch_size: int, *, teacher: Transformer | None = None,
                     desc: str | None = None) -> Iterator[tuple[SampleOutput, int]]:
     """(samples, number of real rows) batch by batch; every call to `generate` has the same batch size, the
-    padding rows being copies of the last prompt."""
+    padding rows being copies of the last prompt. `seed`: an int or a JAX key; batch i uses fold_in(key, i)."""
     if not prompts:
         raise ValueError("no prompts to sample from")
+    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     width = min(batch_size, len(prompts))
     starts = range(0, len(prompts), width)
     for index, start in enumerate(tqdm(starts, desc=desc, leave=False, disable=desc is None)):
         rows = [list(p) for p in prompts[start:start + width]]
         real = len(rows)
         rows += [rows[-1]] * (width - real)
-        rng = jax.random.fold_in(jax.random.key(seed), index)
-        yield generate(model, rows, sampling, rng, teacher=teacher, mix_alpha=0.0), real
+        yield generate(model, rows, sampling, jax.random.fold_in(key, index), teacher=teacher, mix_alpha=0.0), real
 
 
 def _host(out: SampleOutput, real: int) -> SampleOutput:
@@ -138,15 +138,37 @@ def _response_tokens(out: SampleOutput, eos: tuple[int, ...]) -> list[list[int]]
     return rows
 
 
+@dataclasses.dataclass
+class Answers:
+    texts: list[str]  # stripped, special tokens skipped
+    tokens: list[list[int]]  # generated ids without the closing EOS
+    reverse_kl: list[float]  # with a teacher: per answer, sum over its tokens (EOS included) of log q - log p
+    scored_tokens: int  # how many tokens those sums cover
+
+
+def sample_answers(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                   seed, batch_size: int = 32, *, teacher: Transformer | None = None,
+                   desc: str | None = None) -> Answers:
+    """The student's (or any model's) sampled answers to `prompts`, batch by batch at one batch size
+    (`seed`: an int or a JAX key). With a `teacher`, which only scores (no mixing), each answer's
+    Monte-Carlo reverse KL to it as well. The one sampling path of validation, evaluation and `generate`."""
+    answers = Answers(texts=[], tokens=[], reverse_kl=[], scored_tokens=0)
+    for out, real in _sample_batches(model, prompts, sampling, seed, batch_size, teacher=teacher, desc=desc):
+        out = _host(out, real)
+        rows = _response_tokens(out, sampling.eos_token_id)
+        answers.tokens += rows
+        answers.texts += [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        if teacher is not None:
+            answers.reverse_kl += np.sum(np.where(out.mask, out.logprobs - out.teacher_logprobs, 0.0), axis=1).tolist()
+            answers.scored_tokens += int(out.mask.sum())
+    return answers
+
+
 def generate_texts(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                   seed: int, batch_size: int = 32) -> tuple[list[str], list[list[int]]]:
+                   seed, batch_size: int = 32) -> tuple[list[str], list[list[int]]]:
     """Sampled answers as stripped text (special tokens skipped) and as token ids without EOS."""
-    texts, tokens = [], []
-    for out, real in _sample_batches(model, prompts, sampling, seed, batch_size):
-        rows = _response_tokens(_host(out, real), sampling.eos_token_id)
-        tokens += rows
-        texts += [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
-    return texts, tokens
+    answers = sample_answers(model, tokenizer, prompts, sampling, seed, batch_size)
+    return answers.texts, answers.tokens
 
 
 # ------------------------------------------------------------------------------------ Rouge-L protocol
@@ -176,15 +198,10 @@ def _evaluate_set(model, tokenizer, eval_set: EvalSet, sampling, seeds, batch_si
                   keep_predictions) -> dict:
     per_seed, example_rouge, lengths, sequence_kl, predictions = {}, [], [], [], []
     for seed in seeds:
-        texts, kls = [], []
-        for out, real in _sample_batches(model, eval_set.prompts, sampling, seed, batch_size, teacher=teacher,
-                                         desc=f"{eval_set.name} seed {seed}"):
-            out = _host(out, real)
-            rows = _response_tokens(out, sampling.eos_token_id)
-            lengths += map(len, rows)
-            texts += [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
-            if teacher is not None:
-                kls += np.sum(np.where(out.mask, out.logprobs - out.teacher_logprobs, 0.0), axis=1).tolist()
+        answers = sample_answers(model, tokenizer, eval_set.prompts, sampling, seed, batch_size, teacher=teacher,
+                                 desc=f"{eval_set.name} seed {seed}")
+        texts, kls = answers.texts, answers.reverse_kl
+        lengths += map(len, answers.tokens)
         rouges = [rouge_l(t, r) for t, r in zip(texts, eval_set.references)]
         matches = [exact_match(t, r) for t, r in zip(texts, eval_set.references)]
         per_seed[str(seed)] = {"rouge_l": float(np.mean(rouges)), "exact_match": float(np.mean(matches))}

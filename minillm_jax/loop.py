@@ -23,8 +23,6 @@ from minillm_jax.data import InstructionData, PackedText, format_prompt, load_re
 from minillm_jax.data.instructions import split_messages
 from minillm_jax.experiment import build_mesh, load_models, sampling_config, workdir_path
 from minillm_jax.models.hf import save_config
-from minillm_jax.sampling import generate
-from minillm_jax.sharding import to_host
 from minillm_jax.tasks import Context, field_map, make_task, pad_to_bucket
 from minillm_jax.tracking import MetricWriter
 from minillm_jax.trainers import sft
@@ -97,36 +95,24 @@ class Validator:
         self.gold_data = InstructionData.build(records, tokenizer, field_map(c), template=c.data.template,
                                                max_prompt_length=c.data.max_prompt_length,
                                                max_length=c.data.max_length)
-        self.teacher_texts = self._texts(ctx.teacher, seed=1) if ctx.teacher is not None and records else None
+        self.teacher_texts = self._answers(ctx.teacher, seed=1).texts if ctx.teacher is not None and records else None
         self._ce = jax.jit(lambda params, batch: sft.sft_loss(params, ctx.graphdef, batch)[0])
 
-    def _texts(self, model, seed: int, teacher=None):
-        texts, kls, tokens = [], [], 0
-        size = self.ctx.config.batch_size
-        for start in range(0, len(self.prompts), size):
-            out = generate(model, self.prompts[start:start + size], self.ctx.sampling,
-                           jax.random.fold_in(self.ctx.key(seed, 5), start), teacher=teacher)
-            lengths = to_host(out.lengths)
-            texts += [self.ctx.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-                      for row, n in zip(to_host(out.tokens), lengths)]
-            if teacher is not None:
-                gap = to_host((out.logprobs - out.teacher_logprobs) * out.mask)
-                kls += gap.sum(axis=1).tolist()
-                tokens += int(lengths.sum())
-        return (texts, kls, tokens) if teacher is not None else texts
+    def _answers(self, model, seed: int, teacher=None) -> evaluate.Answers:
+        return evaluate.sample_answers(model, self.ctx.tokenizer, self.prompts, self.ctx.sampling,
+                                       self.ctx.key(seed, 5), self.ctx.config.batch_size, teacher=teacher)
 
     def __call__(self, params) -> tuple[dict, list[str]]:
         if not self.records:
             return {}, []
         student = nnx.merge(self.ctx.graphdef, params)
         metrics = {}
+        answers = self._answers(student, seed=2, teacher=self.ctx.teacher)
+        texts = answers.texts
         if self.ctx.teacher is not None:
-            texts, kls, tokens = self._texts(student, seed=2, teacher=self.ctx.teacher)
-            metrics["valid/reverse_kl"] = float(np.mean(kls))
-            metrics["valid/reverse_kl_per_token"] = float(np.sum(kls) / max(tokens, 1))
+            metrics["valid/reverse_kl"] = float(np.mean(answers.reverse_kl))
+            metrics["valid/reverse_kl_per_token"] = float(np.sum(answers.reverse_kl) / max(answers.scored_tokens, 1))
             metrics["valid/rouge_l_teacher"] = evaluate.score(texts, [[t] for t in self.teacher_texts])["rouge_l"]
-        else:
-            texts = self._texts(student, seed=2)
         scores = evaluate.score(texts, self.gold)
         metrics["valid/rouge_l"], metrics["valid/exact_match"] = scores["rouge_l"], scores["exact_match"]
         if len(self.gold_data):
@@ -241,9 +227,9 @@ def _train_loop(c, ctx, task, state, start, validator, checkpoints, writer):
         done = step + 1
         if c.sample_every and done % c.sample_every == 0 and validator.records:
             student = nnx.merge(ctx.graphdef, state.params)
-            out = generate(student, validator.prompts[:2], ctx.sampling, ctx.key(done, 6))
-            tokens, lengths = to_host(out.tokens), to_host(out.lengths)
-            writer.write(done, {"sample": ctx.tokenizer.decode(tokens[0][:lengths[0]], skip_special_tokens=True)})
+            answers = evaluate.sample_answers(student, ctx.tokenizer, validator.prompts[:2], ctx.sampling,
+                                              ctx.key(done, 6), batch_size=2)
+            writer.write(done, {"sample": answers.texts[0]})
         validated = bool(c.eval_every) and (done % c.eval_every == 0 or done == c.steps)
         if validated:
             last_time = _log(writer, progress, *pending, last_time)
@@ -373,13 +359,9 @@ def run_generate(config, workdir: pathlib.Path, models) -> dict:
         config, config.data.valid, config.data.valid_split))
     tokenizer = models.tokenizer
     sampling = sampling_config(config, tokenizer)
-    rows = []
-    for start in range(0, len(records), config.batch_size):
-        chunk = records[start:start + config.batch_size]
-        out = generate(model, [prompt_ids(config, tokenizer, r) for r in chunk], sampling,
-                       jax.random.fold_in(jax.random.key(config.seed), start))
-        for record, row, n in zip(chunk, to_host(out.tokens), to_host(out.lengths)):
-            rows.append({**record, "generated": tokenizer.decode(row[:n], skip_special_tokens=True).strip()})
+    texts = evaluate.generate_texts(model, tokenizer, [prompt_ids(config, tokenizer, r) for r in records], sampling,
+                                    config.seed, config.batch_size)[0]
+    rows = [{**record, "generated": text} for record, text in zip(records, texts, strict=True)]
     path = workdir / "generations.jsonl"
     if jax.process_index() == 0:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
