@@ -130,8 +130,8 @@ def generate(model: Transformer, prompts, config: SamplingConfig, rng: jax.Array
     mesh = sharding.mesh_of(student_state)
     if mesh is not None:  # rows over (data, fsdp): each data-parallel group samples its own share
         ids, mask = sharding.place_batch((ids, mask), mesh, sharding.SAMPLE_RULES)
-    return _generate(student_def, student_state, teacher_def, teacher_state, jnp.asarray(ids), jnp.asarray(mask),
-                     rng, jnp.float32(mix_alpha), config=config, num_real=num_real, mesh=mesh)
+    step = _compiled_generate(student_def, teacher_def, config, num_real, mesh, ids.shape[0])
+    return step(student_state, teacher_state, jnp.asarray(ids), jnp.asarray(mask), rng, jnp.float32(mix_alpha))
 
 
 def pad_prompts(prompts, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +198,21 @@ def _lay_out_cache(cache, lay_out):
                          positions=lay_out(cache.positions), lengths=lay_out(cache.lengths))
 
 
-@functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "config", "num_real", "mesh"))
+@functools.lru_cache(maxsize=None)
+def _compiled_generate(student_def, teacher_def, config: SamplingConfig, num_real: int, mesh, batch_size: int):
+    """The jitted sampler for one model pair, config and batch size. On a mesh it has explicit shardings:
+    prompt ids/mask in and every result out with rows over (data, fsdp) (replicated when those axes do not
+    divide the batch); the models' states keep the shardings they were placed with (None)."""
+    def run(student_state, teacher_state, ids, mask, rng, alpha):
+        return _generate(student_def, student_state, teacher_def, teacher_state, ids, mask, rng, alpha,
+                         config=config, num_real=num_real, mesh=mesh)
+
+    if mesh is None:
+        return jax.jit(run)
+    rows = sharding.rows_sharding(mesh, (batch_size,), sharding.SAMPLE_RULES)
+    return jax.jit(run, in_shardings=(None, None, rows, rows, None, None), out_shardings=rows)
+
+
 def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask, rng, alpha, *,
               config: SamplingConfig, num_real: int, mesh=None) -> SampleOutput:
     TRACE_COUNTS["generate"] += 1
