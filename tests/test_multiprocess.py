@@ -1,6 +1,7 @@
 """Multi-host JAX on one machine: two processes with 4 CPU devices each (jax.distributed on localhost,
-gloo collectives) train exactly like one process with 8 devices. Each process loads its shards of an HF
-teacher, feeds only the batch rows its devices hold, and only process 0 writes logs."""
+gloo collectives) train exactly like one process with 8 devices, through a stop and a resume. Each
+process loads its shards of an HF teacher, feeds only the batch rows its devices hold, writes its shards
+of each checkpoint, and only process 0 writes logs and the export."""
 
 from __future__ import annotations
 
@@ -59,23 +60,33 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     flags = [*FLAGS, f"--config.teacher={tmp_path / 'teacher'}"]
 
     _finish(_start(tmp_path / "one", 8, {}, flags))
-    port = _free_port()
-    processes = [_start(tmp_path / "two", 4, {"MINILLM_COORDINATOR": f"localhost:{port}",
-                                              "MINILLM_NUM_PROCESSES": "2", "MINILLM_PROCESS_ID": str(i)}, flags)
-                 for i in range(2)]
-    outputs = [_finish(p) for p in processes]
-    assert "exported the student" in outputs[0] and "exported the student" not in outputs[1]
+    # the two-process run stops after step 2 (a checkpoint written by both processes) and resumes to 3
+    outputs = []
+    for steps in (2, 3):
+        port = _free_port()
+        env = {"MINILLM_COORDINATOR": f"localhost:{port}", "MINILLM_NUM_PROCESSES": "2"}
+        processes = [_start(tmp_path / "two", 4, {**env, "MINILLM_PROCESS_ID": str(i)},
+                            [*flags, f"--config.steps={steps}"]) for i in range(2)]
+        outputs.append([_finish(p) for p in processes])
+    resumed = outputs[1]
+    assert all("resumed from step 2" in out for out in resumed)
+    assert "exported the student" in resumed[0] and "exported the student" not in resumed[1]
 
-    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    assert [r["step"] for r in two] == [r["step"] for r in one]  # process 1 wrote nothing
-    assert sum("loss" in r for r in two) == 3 and any("valid/rouge_l" in r for r in two)
+    one, two = _by_step_and_key(tmp_path / "one"), _by_step_and_key(tmp_path / "two")
+    assert sum(key == "loss" for _, key in two) == 3  # process 1 wrote nothing, the resume re-logged nothing
+    assert set(one) <= set(two)  # the stopped run validated at its last step (2) too: extra keys only
     compared = 0
-    for a, b in zip(one, two):
-        for key, value in a.items():
-            if key in TIMING or isinstance(value, str):
-                continue
-            np.testing.assert_allclose(b[key], value, rtol=1e-5, atol=1e-7, err_msg=f"step {a['step']} {key}")
-            compared += 1
-    assert compared > 30
-    assert [r["sample"] for r in two if "sample" in r] == [r["sample"] for r in one if "sample" in r]
+    for (step, key), value in one.items():
+        if key in TIMING:
+            continue
+        if isinstance(value, str):
+            assert two[step, key] == value, (step, key)
+        else:
+            np.testing.assert_allclose(two[step, key], value, rtol=1e-5, atol=1e-7, err_msg=f"step {step} {key}")
+        compared += 1
+    assert compared > 30 and ("sample" in {key for _, key in one})
     assert (tmp_path / "two" / "checkpoints" / "3").is_dir() and (tmp_path / "two" / "hf" / "config.json").exists()
+
+
+def _by_step_and_key(workdir: pathlib.Path) -> dict:
+    return {(row["step"], key): value for row in _rows(workdir) for key, value in row.items() if key != "step"}
