@@ -26,7 +26,7 @@ from minillm_jax.models.hf import save_config
 from minillm_jax.tasks import Context, field_map, make_task, pad_to_bucket
 from minillm_jax.tracking import MetricWriter
 from minillm_jax.trainers import sft
-from minillm_jax.trainers.common import make_optimizer, sharded_train_state
+from minillm_jax.trainers.common import jit_eval_step, make_optimizer, sharded_train_state
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ def prompt_ids(config, tokenizer, record) -> list[int]:
 # ------------------------------------------------------------------------------------------ validation
 
 
+GOLD_ROWS = 8  # rows per chunk of the validation cross-entropy
+
+
 class Validator:
     """Held-out prompts: the student's sampled answers scored by Rouge-L against the gold answers and,
     with a teacher, against the teacher's answers (sampled once), the reverse KL to the teacher on the
@@ -96,7 +99,8 @@ class Validator:
                                                max_prompt_length=c.data.max_prompt_length,
                                                max_length=c.data.max_length)
         self.teacher_texts = self._answers(ctx.teacher, seed=1).texts if ctx.teacher is not None and records else None
-        self._ce = jax.jit(lambda params, batch: sft.sft_loss(params, ctx.graphdef, batch)[0])
+        self._ce = jit_eval_step(lambda params, batch: sft.sft_loss(params, ctx.graphdef, batch)[0], ctx.layout,
+                                 GOLD_ROWS)
 
     def _answers(self, model, seed: int, teacher=None) -> evaluate.Answers:
         return evaluate.sample_answers(model, self.ctx.tokenizer, self.prompts, self.ctx.sampling,
@@ -116,9 +120,11 @@ class Validator:
         scores = evaluate.score(texts, self.gold)
         metrics["valid/rouge_l"], metrics["valid/exact_match"] = scores["rouge_l"], scores["exact_match"]
         if len(self.gold_data):
-            losses = []
-            for i in range(0, len(self.gold_data), 8):
-                batch = self.gold_data.collate(range(i, min(i + 8, len(self.gold_data))))
+            losses, count = [], len(self.gold_data)
+            for i in range(0, count, GOLD_ROWS):  # fixed-size chunks: a short last one repeats its last row
+                rows = list(range(i, min(i + GOLD_ROWS, count)))
+                batch = self.gold_data.collate(rows + [rows[-1]] * (GOLD_ROWS - len(rows)))
+                batch["loss_mask"][len(rows):] = 0  # ... which does not count
                 batch = self.ctx.place(pad_to_bucket(batch, self.gold_data.pad_token_id))
                 losses.append(float(self._ce(params, batch)))
             metrics["valid/loss"] = float(np.mean(losses))

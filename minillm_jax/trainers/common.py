@@ -110,6 +110,15 @@ class StepLayout:
                        donate_argnums=0)
 
 
+def jit_eval_step(fn: Callable, layout: StepLayout | None, *batch_rows: int) -> Callable:
+    """jit `fn(params, *batches) -> metrics` (a scoring step: nothing donated), with the student's parameter
+    layout and batch rows over (data, fsdp) in, and replicated results out, when there is a layout."""
+    if layout is None:
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(layout.state.params, *(layout.rows(n) for n in batch_rows)),
+                   out_shardings=sharding.replicated(layout.mesh))
+
+
 def jit_train_step(step: Callable, layout: StepLayout | None, *batch_rows: int | None,
                    teacher: bool = True) -> Callable:
     """`layout.jit_train_step(...)`, or without a layout a plain jit that donates the state."""
@@ -150,9 +159,9 @@ def sequence_reverse_kl(student_logprobs, teacher_logprobs, mask) -> Float[Array
     return jnp.mean(per_response)
 
 
-__all__ = ["StepLayout", "TrainState", "apply_gradients", "create_train_state", "jit_train_step", "make_optimizer",
-           "response_hidden", "response_logits", "sequence_reverse_kl", "sharded_train_state", "shifted_logits",
-           "token_means", "train_state_shardings"]
+__all__ = ["StepLayout", "TrainState", "apply_gradients", "create_train_state", "jit_eval_step",
+           "jit_train_step", "make_optimizer", "response_hidden", "response_logits", "sequence_reverse_kl",
+           "sharded_train_state", "shifted_logits", "token_means", "train_state_shardings"]
 
 
 def token_means(student, teacher, batch: dict, chunk_size: int | None = None):
