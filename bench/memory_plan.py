@@ -84,7 +84,7 @@ def main():
     teacher_rules = sharding.TRAIN_RULES if args.teacher_rules == "train" else sharding.SAMPLE_RULES
     teacher_params = abstract_train_state(teacher, make_optimizer(learning_rate=1.0)[0], mesh=mesh,
                                           rules=teacher_rules).params
-    rows = sharding.batch_sharding(mesh, 2)
+    rows = sharding.rows_sharding(mesh, (rows_per_step, length))
     batch = {k: jax.ShapeDtypeStruct((rows_per_step, length), jnp.int32, sharding=rows)
              for k in ("tokens", "attention_mask", "loss_mask")}
     step = kd.make_train_step(nnx.graphdef(student), nnx.graphdef(teacher), tx, schedule, logits_chunk_size=chunk)

@@ -225,7 +225,7 @@ def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask,
     def start(model):
         cache = _lay_out_cache(model.init_cache(B, P + R), lay_out)
         logits, cache = model.prefill(ids, mask, cache, empty_cache=True, last_only=True)
-        return lay_out(logits[:, -1, :num_real]), _lay_out_cache(cache, lay_out)
+        return logits[:, -1, :num_real], cache  # laid out with the rest of the loop state below
 
     logits, cache = start(student)
     teacher_logits, teacher_cache = start(teacher) if teacher is not None else (None, None)
@@ -266,11 +266,10 @@ def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask,
 
     s = jax.lax.while_loop(lambda s: (s.step < R) & ~jnp.all(s.done), body, state)
     with_teacher = teacher is not None
-    out = SampleOutput(
+    return SampleOutput(  # laid out by _compiled_generate's out_shardings
         tokens=s.tokens, mask=s.mask, lengths=s.mask.sum(axis=1, dtype=jnp.int32), logprobs=s.logprobs,
         prompt_tokens=ids, prompt_mask=mask, teacher_logprobs=s.teacher_logprobs if with_teacher else None,
         weights=s.weights if with_teacher else None)
-    return jax.tree.map(lay_out, out)  # results leave with their rows on (data, fsdp), like the rollouts' batches
 
 
 def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):

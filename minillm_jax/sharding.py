@@ -103,12 +103,6 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = TRAIN_RULES) -> nn
     return model
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSharding:
-    """Leading axis over the batch mesh axes, the rest replicated."""
-    batch = dict(rules)["batch"]
-    return NamedSharding(mesh, PartitionSpec(batch, *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -135,11 +129,9 @@ def place_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
     (`jax.make_array_from_process_local_data`). Arrays already on the mesh are re-laid out if needed."""
     def put(x):
         target = rows_sharding(mesh, np.shape(x), rules)
-        if isinstance(x, jax.Array):
-            return x if x.sharding == target else jax.device_put(x, target)
+        if isinstance(x, jax.Array) or not np.ndim(x):
+            return jax.device_put(x, target)  # a no-op where it is already laid out so
         x = np.asarray(x)
-        if not x.ndim:
-            return jax.device_put(x, target)
         return jax.make_array_from_process_local_data(target, x[process_rows(target, x.shape)], x.shape)
 
     return jax.tree.map(put, tree)

@@ -69,9 +69,8 @@ def reference():
                       teacher=teacher, mix_alpha=0.3)
     rollouts, _ = minillm.make_rollouts(student, teacher, _prompts(), SAMPLING, jax.random.key(5), MINILLM)
     rollouts = jax.tree.map(np.asarray, rollouts)
-    pt = {k: v for k, v in batch.items()}
     minillm_grad = jax.value_and_grad(minillm.minillm_loss, has_aux=True)(
-        state.params, graphdef, teacher_def, teacher_params, rollouts, pt, MINILLM)
+        state.params, graphdef, teacher_def, teacher_params, rollouts, batch, MINILLM)
     step = kd.make_train_step(graphdef, teacher_def, tx, schedule)
     _, step_metrics = step(jax.tree.map(jnp.copy, state), teacher_params, batch)
     return dict(kd=kd_grad, minillm=minillm_grad, rollouts=rollouts, mixed=jax.tree.map(np.asarray, mixed),

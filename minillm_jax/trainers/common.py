@@ -85,8 +85,8 @@ def sharded_train_state(model: nnx.Module, tx: optax.GradientTransformation, mes
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
     """Explicit shardings of a jitted step's arguments and results: the train state (see
-    `train_state_shardings`), the teacher's parameters as they were placed (sampling rules), and batches,
-    whose rows go over the batch mesh axes (data, fsdp) when they divide them."""
+    `train_state_shardings`), the teacher's parameters as they were placed (`experiment.teacher_rules`),
+    and batches, whose rows go over the batch mesh axes (data, fsdp) when they divide them."""
 
     mesh: jax.sharding.Mesh
     state: Any
@@ -100,15 +100,6 @@ class StepLayout:
     def rows(self, count: int | None):
         return None if count is None else sharding.rows_sharding(self.mesh, (count,))
 
-    def jit_train_step(self, step: Callable, *batch_rows: int | None, teacher: bool = True) -> Callable:
-        """jit `step(state, [teacher_params,] *batches) -> (state, metrics)` with these layouts, the state
-        donated; metrics come back replicated."""
-        if teacher and self.teacher is None:
-            raise ValueError("this step takes the teacher's parameters: build the layout with_teacher(teacher)")
-        ins = (self.state, *((self.teacher,) if teacher else ()), *(self.rows(n) for n in batch_rows))
-        return jax.jit(step, in_shardings=ins, out_shardings=(self.state, sharding.replicated(self.mesh)),
-                       donate_argnums=0)
-
 
 def jit_eval_step(fn: Callable, layout: StepLayout | None, *batch_rows: int) -> Callable:
     """jit `fn(params, *batches) -> metrics` (a scoring step: nothing donated), with the student's parameter
@@ -121,10 +112,15 @@ def jit_eval_step(fn: Callable, layout: StepLayout | None, *batch_rows: int) -> 
 
 def jit_train_step(step: Callable, layout: StepLayout | None, *batch_rows: int | None,
                    teacher: bool = True) -> Callable:
-    """`layout.jit_train_step(...)`, or without a layout a plain jit that donates the state."""
+    """jit `step(state, [teacher_params,] *batches) -> (state, metrics)`, the state donated. With a layout:
+    explicit in/out shardings (batches of `batch_rows` rows; None for an absent batch), metrics replicated."""
     if layout is None:
         return jax.jit(step, donate_argnums=0)
-    return layout.jit_train_step(step, *batch_rows, teacher=teacher)
+    if teacher and layout.teacher is None:
+        raise ValueError("this step takes the teacher's parameters: build the layout with_teacher(teacher)")
+    ins = (layout.state, *((layout.teacher,) if teacher else ()), *(layout.rows(n) for n in batch_rows))
+    return jax.jit(step, in_shardings=ins, out_shardings=(layout.state, sharding.replicated(layout.mesh)),
+                   donate_argnums=0)
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, schedule) -> tuple[TrainState, dict]:
