@@ -3,20 +3,34 @@
 # worker, install the requirements with jax[tpu], run the main job on all workers at once, stream the
 # logs, and optionally delete the slice afterwards.
 #
-#   launch/tpu.sh --name minillm --zone us-east5-a --accelerator v5p-64 [--version v2-alpha-tpuv5] \
+#   launch/tpu.sh --name minillm --zone us-east5-a --accelerator v5p-64 [--version VERSION] \
 #       [--project P] [--spot] [--delete] [--dry-run] -- \
 #       --config configs/llama.py:minillm-7b --workdir /mnt/gcs/runs/llama-7b-minillm
 #
 # Everything after `--` goes to `python -m minillm_jax.main`. The workdir must be one directory that every
 # worker sees (Orbax writes there from all of them): a bucket mounted with gcsfuse at the same path on each
-# worker, or Filestore. --dry-run prints the gcloud commands instead of running them.
+# worker, or Filestore. --dry-run prints the gcloud commands instead of running them. The TPU software
+# (runtime) version follows the accelerator's generation unless --version names one.
 set -euo pipefail
 
-name="" zone="" accelerator="" version="v2-alpha-tpuv5" project="" spot=0 delete=0 dry_run=0
+name="" zone="" accelerator="" version="" project="" spot=0 delete=0 dry_run=0
 
 usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
+}
+
+# The software version Cloud TPU documents for JAX on each generation ("TPU software versions",
+# https://cloud.google.com/tpu/docs/runtimes, read 2026-11-30): Trillium (v6e) v2-alpha-tpuv6e, v5p
+# v2-alpha-tpuv5, v5e (accelerator types v5litepod-N) v2-alpha-tpuv5-lite, v4 and older tpu-ubuntu2204-base.
+software_version() {
+  case "$1" in
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v5litepod-*|v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v2-*|v3-*|v4-*) echo "tpu-ubuntu2204-base" ;;
+    *) return 1 ;;
+  esac
 }
 
 while [[ $# -gt 0 ]]; do
@@ -42,6 +56,11 @@ for required in name zone accelerator; do
     exit 2
   fi
 done
+if [[ -z "$version" ]] && ! version="$(software_version "$accelerator")"; then
+  echo "launch/tpu.sh: no TPU software version known for --accelerator $accelerator; name one with --version" \
+    "(see https://cloud.google.com/tpu/docs/runtimes)" >&2
+  exit 2
+fi
 if [[ ${#main_args[@]} -eq 0 ]]; then
   echo "launch/tpu.sh: give the main job's arguments after --, e.g. -- --config configs/demo.py --workdir /mnt/gcs/run" >&2
   exit 2

@@ -36,8 +36,23 @@ def test_tpu_dry_run_creates_copies_installs_runs_everywhere_and_deletes():
     assert lines[5] == "+ gcloud compute tpus tpu-vm delete slice --zone us-east5-a --quiet"
 
 
+@pytest.mark.parametrize("accelerator, version", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v3-8", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-128", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e"),
+])
+def test_tpu_software_version_follows_the_generation(accelerator, version):
+    """Cloud TPU's documented software version per generation (https://cloud.google.com/tpu/docs/runtimes)."""
+    args = ["--name", "n", "--zone", "z", "--dry-run", "--", "--config", "c"]
+    done = run("tpu.sh", "--accelerator", accelerator, *args)
+    assert done.returncode == 0, done.stderr
+    assert f"--accelerator-type {accelerator} --version {version}" in done.stdout.splitlines()[0]
+    override = run("tpu.sh", "--accelerator", accelerator, "--version", "my-runtime", *args)
+    assert override.stdout.splitlines()[0].endswith(f"--accelerator-type {accelerator} --version my-runtime")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--zone", "z", "--accelerator", "v5p-8", "--", "--config", "c"], "--name"),
+    (["--name", "n", "--zone", "z", "--accelerator", "tpu9x-8", "--", "--config", "c"], "--version"),
     (["--name", "n", "--zone", "z", "--accelerator", "v5p-8"], "after --"),
     (["--name", "n", "--bogus"], "unknown option"),
 ])
