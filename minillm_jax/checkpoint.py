@@ -9,13 +9,24 @@ named (Orbax's `AnyPreservationPolicy(LatestN, BestN(n=1))`). Steps without that
 while they are among the latest. Orbax writes each step into a temporary directory and renames it when
 complete, so a crash mid-save leaves no step that `latest_step()` reports; the next writer removes the
 leftover temporary directory.
+
+Integrity: every save records a fingerprint of each array (the wrapping uint32 sums of its bits, plain and
+position-mixed: integer sums do not depend on the reduction order, so the figures are exact on any mesh)
+in its meta, computed in one compiled pass that also checks that every value is finite; a non-finite
+state is never written (`NonFiniteState`). A restore first compares the stored tree with the target
+(`CheckpointIncompatible`: another architecture or dtype), then recomputes the fingerprints of what it
+read (`CheckpointCorrupt`: damaged files). `quarantine` moves a damaged step out of the managed tree.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
+import logging
 import math
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -24,15 +35,49 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from minillm_jax import sharding as sharding_lib
 from minillm_jax.models import Transformer, load_tokenizer, save_pretrained
 from minillm_jax.models import hf as hf_io
 from minillm_jax.trainers.common import TrainState, create_train_state, train_state_shardings
+from minillm_jax.workdir import check_replaceable
+
+logger = logging.getLogger(__name__)
 
 _POLICY_KEYS = ("best_metric", "best_mode")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_INTEGRITY = "_integrity"  # the meta key holding the fingerprints; `restore` takes it out of the meta it returns
+_ARRAY_ITEMS = ("params", "opt_state")
+_SHOWN = 3  # paths named in a message
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint step whose files cannot be read or whose arrays differ from what was saved."""
+
+    def __init__(self, message: str, *, step: int, item: str | None = None):
+        super().__init__(message)
+        self.step, self.item = step, item
+
+
+class CheckpointIncompatible(ValueError):
+    """A checkpoint step that is intact but holds another tree (structure, shapes or dtypes) than the target."""
+
+    def __init__(self, message: str, *, step: int, differences: list[str]):
+        super().__init__(message)
+        self.step, self.differences = step, differences
+
+
+class NonFiniteState(FloatingPointError):
+    """A train state with NaN or infinite values: never saved, never resumed from."""
+
+    def __init__(self, message: str, *, step: int, paths: list[str]):
+        super().__init__(message)
+        self.step, self.paths = step, paths
+
+
+class SaveSkipped(RuntimeError):
+    """A save that Orbax would silently skip: its step is not after the latest saved step."""
 
 
 class Checkpointer:
@@ -46,7 +91,7 @@ class Checkpointer:
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep={max_to_keep}: keep at least the latest step")
         self.directory = pathlib.Path(directory).absolute()
-        self.best_metric, self.best_mode = best_metric, best_mode
+        self.best_metric, self.best_mode, self._read_only = best_metric, best_mode, read_only
         score = self._score if best_metric else None
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save, read_only=read_only,
@@ -79,12 +124,32 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Start saving `state` at `step` (in the background when async); False when the save interval
         skips this step. Metrics are recorded only when they hold a finite `best_metric`, so every step
-        that has metrics takes part in the ranking."""
-        metrics = _ranking_metrics(metrics, self.best_metric)
-        args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
-                                  opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-                                  meta=ocp.args.JsonSave(_jsonable(meta)))
-        return self._manager.save(int(step), args=args, metrics=metrics, force=force)
+        that has metrics takes part in the ranking. Raises `SaveSkipped` for a step at or before the latest
+        saved one (Orbax would skip it) and `NonFiniteState` before writing anything when a value of the
+        state is NaN or infinite."""
+        step = int(step)
+        latest = self._manager.latest_step()
+        if latest is not None and step <= latest:
+            raise SaveSkipped(f"{self.directory}: cannot save step {step}: the latest saved step is {latest}, and "
+                              "Orbax writes only steps after it (start from that step, quarantine the later steps, "
+                              "or use another workdir)")
+        if not force and not self._manager.should_save(step):
+            return False
+        items = _state_items(state)
+        integrity, non_finite = {}, []
+        for name in _ARRAY_ITEMS:
+            integrity[name], bad = _inspect(items[name])
+            non_finite += [f"{name}.{path}" for path in bad]
+        if non_finite:
+            raise NonFiniteState(f"{self.directory}: not saving step {step}: non-finite values in "
+                                 f"{_first(non_finite)}", step=step, paths=non_finite)
+        meta = {**_jsonable(meta), _INTEGRITY: integrity}
+        args = ocp.args.Composite(params=ocp.args.StandardSave(items["params"]),
+                                  opt_state=ocp.args.StandardSave(items["opt_state"]), meta=ocp.args.JsonSave(meta))
+        if not self._manager.save(step, args=args, metrics=_ranking_metrics(metrics, self.best_metric), force=True):
+            raise SaveSkipped(f"{self.directory}: Orbax did not write step {step} (latest saved step: "
+                              f"{self._manager.latest_step()})")
+        return True
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -98,23 +163,102 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
         """The full train state at `step`, laid out as `abstract_state` says (leaves without a sharding go
-        to the default device), and the step's meta dict."""
+        to the default device), and the step's meta dict. Raises `CheckpointIncompatible` when the step
+        holds another tree than `abstract_state`, `CheckpointCorrupt` when its files are damaged, and
+        `NonFiniteState` when it holds NaN or infinite values (saved before saves were checked)."""
         self._check_step(step)
-        abstract_state = _with_default_shardings(abstract_state)
-        args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            opt_state=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
-            meta=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
+        targets = _state_items(_with_default_shardings(abstract_state))
+        restored = self._restore_verified(step, targets)
         optimizer = restored["opt_state"]
-        state = TrainState(step=optimizer["step"], params=restored["params"], opt_state=optimizer["opt_state"])
-        return state, dict(restored["meta"])
+        fields = {"extra": optimizer["extra"]} if "extra" in optimizer else {}
+        state = type(abstract_state)(step=optimizer["step"], params=restored["params"],
+                                     opt_state=optimizer["opt_state"], **fields)
+        return state, restored["meta"]
 
     def restore_params(self, step: int, abstract_params: nnx.State) -> nnx.State:
-        """Only the parameters at `step` (the optimizer state is not read)."""
+        """Only the parameters at `step` (the optimizer state is not read), checked as `restore` does."""
         self._check_step(step)
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(_with_default_shardings(abstract_params)))
-        return self._manager.restore(step, args=args)["params"]
+        return self._restore_verified(step, {"params": _with_default_shardings(abstract_params)})["params"]
+
+    def _restore_verified(self, step: int, targets: dict) -> dict:
+        """Restore `targets` (item -> abstract tree) and the meta, each array item compared with the stored
+        tree first and checked against the saved fingerprints after."""
+        metadata = self._item_metadata(step)
+        differences = []
+        for name, target in targets.items():
+            differences += [f"{name}.{d}" for d in _tree_differences(metadata[name], target)]
+        if differences:
+            raise CheckpointIncompatible(
+                f"{self.directory}: checkpoint step {step} holds another model or optimizer state than this run "
+                f"expects ({len(differences)} differences): {_first(differences, 5)}", step=step,
+                differences=differences)
+        args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
+        try:
+            restored = dict(self._manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore())))
+        except Exception as e:
+            if _out_of_memory(e):
+                raise
+            raise CheckpointCorrupt(f"{self.directory}: checkpoint step {step} cannot be read "
+                                    f"({type(e).__name__}: {_one_line(e)})", step=step) from e
+        meta = dict(restored.pop("meta") or {})
+        saved = meta.pop(_INTEGRITY, None)
+        for name, tree in restored.items():
+            fingerprints, non_finite = _inspect(tree)
+            if saved is not None:
+                expected = saved.get(name, {})
+                wrong = [p for p in fingerprints if p not in expected or list(fingerprints[p]) != list(expected[p])]
+                if wrong:
+                    raise CheckpointCorrupt(
+                        f"{self.directory}: checkpoint step {step} is damaged: item {name} does not match the "
+                        f"fingerprint saved with it, at {_first(wrong)}", step=step, item=name)
+            if non_finite:
+                raise NonFiniteState(f"{self.directory}: checkpoint step {step} holds non-finite values in "
+                                     f"{_first([f'{name}.{p}' for p in non_finite])}", step=step, paths=non_finite)
+        if saved is None:
+            logger.warning("%s: checkpoint step %d has no fingerprints (saved by an older version): not verified",
+                           self.directory, step)
+        return {**restored, "meta": meta}
+
+    def _item_metadata(self, step: int) -> dict:
+        try:
+            metadata = self._manager.item_metadata(step)
+            found = {name: getattr(metadata[name], "tree", metadata[name]) for name in _ARRAY_ITEMS}
+        except Exception as e:
+            raise CheckpointCorrupt(f"{self.directory}: the metadata of checkpoint step {step} cannot be read "
+                                    f"({type(e).__name__}: {_one_line(e)})", step=step) from e
+        missing = [name for name, tree in found.items() if tree is None]
+        if missing:
+            raise CheckpointCorrupt(f"{self.directory}: checkpoint step {step} has no readable "
+                                    f"{' or '.join(missing)} item", step=step, item=missing[0])
+        return found
+
+    def quarantine(self, step: int, reason: str) -> pathlib.Path:
+        """Move a damaged step out of the managed tree, to `<directory>/damaged/<step>-<time>/` with a
+        `reason.txt`, so it is no longer listed, restored or exported and its step number can be saved again.
+        Collective: every process calls it (process 0 moves the files)."""
+        if self._read_only:
+            raise PermissionError(f"{self.directory}: a read-only Checkpointer cannot quarantine step {step}")
+        self._check_step(step)
+        self.wait()
+        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+        destination = self.directory / "damaged" / f"{step}-{stamp}"
+        if jax.process_index() == 0:
+            source = self._step_directory(step)
+            destination.parent.mkdir(exist_ok=True)
+            shutil.move(source, destination)
+            (destination / "reason.txt").write_text(reason.rstrip("\n") + "\n")
+            logger.warning("%s: moved damaged checkpoint step %d to %s: %s", self.directory, step, destination,
+                           reason)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"minillm_jax_quarantine_{step}_{stamp}")
+        self._manager.reload()
+        return destination
+
+    def _step_directory(self, step: int) -> pathlib.Path:
+        for candidate in self.directory.iterdir():
+            if candidate.is_dir() and candidate.name.split("_")[-1] == str(step) and candidate.name != "damaged":
+                return candidate
+        raise FileNotFoundError(f"{self.directory}: no directory for checkpoint step {step}")
 
     def params_metadata(self, step: int):
         """The stored parameter tree's metadata (shapes and dtypes as saved), read without the arrays."""
@@ -133,6 +277,138 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _state_items(state) -> dict:
+    """The two array items of a train state: the parameters, and the optimizer state with the step counter
+    (and a method's extra arrays, when it carries any)."""
+    optimizer = {"step": state.step, "opt_state": state.opt_state}
+    extra = getattr(state, "extra", None)
+    if jax.tree.leaves(extra):
+        optimizer["extra"] = extra
+    return {"params": state.params, "opt_state": optimizer}
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
+
+
+def fingerprint(tree) -> dict[str, tuple[int, int]]:
+    """Per array of `tree` (by dotted path): two uint32 figures of its bits, the wrapping sum of its
+    32-bit words and the wrapping sum of those words mixed with their positions. Exact and independent of
+    the sharding: integer addition is associative, so no reduction order changes the result."""
+    return {path: tuple(value) for path, value in _inspect(tree)[0].items()}
+
+
+def _inspect(tree) -> tuple[dict[str, list[int]], list[str]]:
+    """(fingerprints by path, paths holding non-finite values). One small compiled function per distinct
+    leaf shape, dtype and layout (cached, so parameters, moments and later saves share them); every leaf
+    is dispatched before any result is fetched."""
+    leaves = [(_path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    results = [_check_fn(_mesh_of(leaf))(leaf) for _, leaf in leaves]
+    rows = [[int(v) for v in _local_copy(result)] for result in results]
+    return ({path: row[:2] for (path, _), row in zip(leaves, rows)},
+            [path for (path, _), row in zip(leaves, rows) if not row[2]])
+
+
+def _mesh_of(leaf) -> jax.sharding.Mesh | None:
+    sharding = getattr(leaf, "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
+def _local_copy(x) -> np.ndarray:
+    """The host value of a replicated result, also when the array spans processes."""
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_fn(mesh: jax.sharding.Mesh | None):
+    """uint32 [3]: a leaf's two fingerprint figures and 1 when all its values are finite (replicated)."""
+    out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    return jax.jit(_leaf_check, out_shardings=out)
+
+
+def _leaf_check(x) -> jax.Array:
+    x = jnp.asarray(x)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.concatenate([_leaf_fingerprint(x), finite.astype(jnp.uint32)[None]])
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    words = _words(x)
+    position = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    mixed = _mix(words ^ _mix(position + jnp.uint32(_GOLDEN)))
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)])
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (64-bit values give two words each)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    bits = jnp.dtype(x.dtype).itemsize * 8
+    if x.dtype == jnp.bool_ or (bits <= 8 and jnp.issubdtype(x.dtype, jnp.integer)):
+        return x.astype(jnp.uint32)
+    if bits <= 8:  # fp8 / fp4 values are exact in float32
+        return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    if bits == 16:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: every input bit flips about half of the output bits."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(_MIX1)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(_MIX2)
+    return h ^ (h >> 16)
+
+
+def _path_name(path) -> str:
+    """A tree path as dotted names ("layers.q_proj"), without the `value` of nnx Variables."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def _tree_differences(stored, target) -> list[str]:
+    """How the stored tree (Orbax array metadata) and the target tree differ, path by path."""
+    saved = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    wanted = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    differences = []
+    for path in sorted(set(saved) | set(wanted)):
+        if path not in saved:
+            differences.append(f"{path}: not in the checkpoint (expected {_describe(wanted[path])})")
+        elif path not in wanted:
+            differences.append(f"{path}: in the checkpoint ({_describe(saved[path])}) but not expected")
+        elif _describe(saved[path]) != _describe(wanted[path]):
+            differences.append(f"{path}: saved {_describe(saved[path])}, expected {_describe(wanted[path])}")
+    return differences
+
+
+def _describe(leaf) -> str:
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is None or dtype is None:
+        return type(leaf).__name__
+    return f"{tuple(shape)} {jnp.dtype(dtype).name}"
+
+
+def _first(items: list[str], count: int = _SHOWN) -> str:
+    more = f" and {len(items) - count} more" if len(items) > count else ""
+    return ", ".join(items[:count]) + more
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error)
 
 
 def _preservation_policy(max_to_keep: int, score, best_mode: str):
@@ -225,11 +501,14 @@ def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
 
 
 def export_hf(workdir: str | os.PathLike, output: str | os.PathLike, *, step: int | None = None,
-              dtype: str | None = None) -> pathlib.Path:
+              dtype: str | None = None, force: bool = False) -> pathlib.Path:
     """Write the student at `step` (default: `export_step`) from a run's workdir as an HF directory.
     The architecture comes from `<workdir>/student/config.json`, the weights from the checkpoint's params
     item alone, restored onto the host CPU so a live training run keeps its accelerator memory; `dtype`
-    defaults to the dtype the parameters were trained in."""
+    defaults to the dtype the parameters were trained in. The directory is written whole or not at all;
+    an `output` holding anything but an earlier export of ours is refused (FileExistsError, checked before
+    any work) unless `force`."""
+    check_replaceable(output, force=force)
     student = _student_dir(workdir)
     checkpoints = Checkpointer.reader(_checkpoint_dir(workdir))
     try:
@@ -242,7 +521,8 @@ def export_hf(workdir: str | os.PathLike, output: str | os.PathLike, *, step: in
     finally:
         checkpoints.close()
     tokenizer = load_tokenizer(student) if any((student / f).exists() for f in _TOKENIZER_FILES) else None
-    return save_pretrained(model, output, tokenizer=tokenizer, dtype=dtype)
+    return save_pretrained(model, output, tokenizer=tokenizer, dtype=dtype, force=force,
+                           marker={"workdir": str(pathlib.Path(workdir).absolute()), "step": int(step)})
 
 
 def export_step(workdir: str | os.PathLike, step: int | None = None) -> int:
@@ -292,4 +572,5 @@ def _student_config(student: pathlib.Path, params_metadata):
     return config.replace(param_dtype=saved, dtype=saved)
 
 
-__all__ = ["Checkpointer", "abstract_train_state", "export_hf", "export_step"]
+__all__ = ["CheckpointCorrupt", "CheckpointIncompatible", "Checkpointer", "NonFiniteState", "SaveSkipped",
+           "abstract_train_state", "export_hf", "export_step", "fingerprint"]

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--output", required=True, help="directory to write (created if missing)")
     export.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weight dtype to write (default: the dtype the student was trained in)")
+    export.add_argument("--force", action="store_true",
+                        help="replace --output even when it holds files this tool did not write")
     args = parser.parse_args(argv)
 
     if args.command == "gguf-to-hf":
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             step = export_step(args.workdir, args.step)
-            out = export_hf(args.workdir, args.output, step=step, dtype=args.dtype)
+            out = export_hf(args.workdir, args.output, step=step, dtype=args.dtype, force=args.force)
+        except FileExistsError as e:
+            parser.exit(2, f"{parser.prog} to-hf: error: {e}\n")
         except FileNotFoundError as e:
             parser.error(str(e))
         print(f"exported step {step} of {args.workdir} to {out}")

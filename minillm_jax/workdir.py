@@ -293,8 +293,8 @@ def check_replaceable(path: str | os.PathLike, *, force: bool = False) -> None:
                                   "current directory, or is the home or root directory); choose another output")
         return
     what = "a file" if not path.is_dir() else "a non-empty directory that this package did not write"
-    raise FileExistsError(f"{path} is {what} (no {MARKER_FILE} inside); choose another output directory, or "
-                          "pass force to replace it")
+    raise FileExistsError(f"{path} is {what} (no {MARKER_FILE} inside): choose another output directory, or "
+                          "replace it with force=True (--force on the command line)")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state (round trip, retention, resharding, crash safety) and the export of
 a run's student to Hugging Face, checked against transformers + torch."""
 
+import functools
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -21,7 +23,6 @@ from minillm_jax import checkpoint, sharding
 from minillm_jax.checkpoint import Checkpointer, abstract_train_state, export_hf
 from minillm_jax.models import Transformer, load_pretrained
 from minillm_jax.models.hf import save_config
-from minillm_jax.trainers import sft
 from minillm_jax.trainers.common import TrainState, create_train_state, make_optimizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,16 +49,35 @@ def _assert_trees_identical(actual, expected):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
+def _sft_step(graphdef, tx):
+    """A plain next-token cross-entropy step (the trainers' own steps are tested elsewhere)."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, batch):
+        def loss_fn(params):
+            logits = nnx.merge(graphdef, params)(batch["tokens"], batch["attention_mask"])[:, :-1]
+            nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["tokens"][:, 1:, None], -1)[..., 0]
+            mask = batch["loss_mask"][:, 1:]
+            return (nll * mask).sum() / mask.sum()
+
+        grads = jax.grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), None
+
+    return step
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny llama imported from transformers and trained for 3 SFT steps; snapshots after steps 2 and 3."""
     hf_dir = tmp_path_factory.mktemp("hf")
     build_hf_model("llama_gqa").save_pretrained(hf_dir)
     model = load_pretrained(hf_dir)
-    tx, schedule = make_optimizer(learning_rate=1e-2)
+    tx, _ = make_optimizer(learning_rate=1e-2)
     graphdef, state = create_train_state(model, tx)
     initial_params = _copy(state.params)
-    train_step = sft.make_train_step(graphdef, tx, schedule)
+    train_step = _sft_step(graphdef, tx)
     snapshots = {}
     for step in range(3):
         state, _ = train_step(state, _batch(step))
@@ -315,4 +335,173 @@ def test_saved_on_one_mesh_restores_onto_another(target, tmp_path):
         assert got.sharding == spec.sharding
     q = restored.params["layers"]["q_proj"][...]
     assert q.sharding.mesh.shape == mesh.shape and "tensor" in str(q.sharding.spec)
+    assert checkpoint.fingerprint(restored.opt_state) == checkpoint.fingerprint(state.opt_state)
     manager.close()
+
+
+# ------------------------------------------------------------------------------------------- integrity
+
+
+def _random_state(seed: int = 0, n: int = 64 * 256) -> TrainState:
+    """Incompressible parameters (so a flipped byte lands in the stored values) and an optimizer state."""
+    keys = jax.random.split(jax.random.key(seed), 2)
+    params = nnx.State({"w": nnx.Param(jax.random.normal(keys[0], (n // 256, 256))),
+                        "b": nnx.Param(jnp.arange(8, dtype=jnp.bfloat16))})
+    return TrainState(step=jnp.int32(3), params=params,
+                      opt_state={"mu": jax.random.normal(keys[1], (n // 256, 256)), "count": jnp.int32(3)})
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def _data_files(step_dir: pathlib.Path, item: str) -> list[pathlib.Path]:
+    """The files holding an item's array bytes (OCDBT data files under `d/`), largest first."""
+    files = [p for p in (step_dir / item).rglob("*") if p.is_file() and p.parent.name == "d"]
+    return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def _flip_bytes(file: pathlib.Path, count: int = 64) -> None:
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    file.write_bytes(bytes(data))
+
+
+def test_a_corrupt_param_file_fails_the_restore(tmp_path):
+    state = _random_state()
+    checkpoints = Checkpointer(tmp_path, async_save=False)
+    checkpoints.save(3, state, {"step": 3})
+    _flip_bytes(_data_files(tmp_path / "3", "params")[0])
+    with pytest.raises(checkpoint.CheckpointCorrupt, match=r"step 3.*params.*w") as info:
+        checkpoints.restore(3, _abstract(state))
+    assert "fingerprint" in str(info.value)
+    with pytest.raises(checkpoint.CheckpointCorrupt, match=r"step 3.*params"):
+        checkpoints.restore_params(3, _abstract(state.params))
+
+    checkpoints.save(4, state, {"step": 4})
+    (tmp_path / "4" / "opt_state" / "manifest.ocdbt").unlink()
+    for file in _data_files(tmp_path / "4", "opt_state"):
+        file.write_bytes(file.read_bytes()[:10])  # truncated
+    with pytest.raises(checkpoint.CheckpointCorrupt, match=r"step 4.*opt_state"):
+        checkpoints.restore(4, _abstract(state))
+    checkpoints.close()
+
+
+def test_the_fingerprint_is_exact_across_meshes(tmp_path):
+    """The same values laid out on (8, 1, 1) and (2, 2, 2) have the same fingerprint, and a one-bit change in
+    any element changes it."""
+    from minillm_jax.models.tiny import random_model
+
+    source = sharding.shard_model(random_model("random:llama:layers=2,hidden=64,heads=4,kv_heads=2", 96),
+                                  sharding.make_mesh(8, 1, 1))
+    params = nnx.state(source)
+    tx, _ = make_optimizer(learning_rate=1e-3)
+    abstract = abstract_train_state(source, tx, mesh=sharding.make_mesh(2, 2, 2)).params
+    moved = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
+    assert checkpoint.fingerprint(moved) == checkpoint.fingerprint(params)
+    fingerprint = checkpoint.fingerprint(params)
+    q_proj = params["layers"]["q_proj"][...]
+    flipped = jax.lax.bitcast_convert_type(q_proj, jnp.uint32).at[1, 5, 2, 3].add(1)
+    params["layers"]["q_proj"][...] = jax.lax.bitcast_convert_type(flipped, jnp.float32)
+    changed = {path for path, value in checkpoint.fingerprint(params).items() if value != fingerprint[path]}
+    assert changed == {"layers.q_proj"}
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    state = _random_state()
+    bad = state.replace(params=jax.tree.map(lambda x: x, state.params),
+                        opt_state={**state.opt_state, "mu": state.opt_state["mu"].at[0, 0].set(jnp.inf)})
+    bad.params["w"][...] = state.params["w"][...].at[3, 4].set(jnp.nan)
+    checkpoints = Checkpointer(tmp_path, async_save=False)
+    with pytest.raises(checkpoint.NonFiniteState,
+                       match=r"step 5: non-finite values in params\.w, opt_state\.opt_state\.mu"):
+        checkpoints.save(5, bad, {"step": 5})
+    assert checkpoints.all_steps() == [] and not (tmp_path / "5").exists()
+    assert checkpoints.save(5, state, {"step": 5})
+    checkpoints.close()
+
+
+def test_a_save_at_or_before_the_latest_step_raises(tmp_path):
+    state = _random_state()
+    checkpoints = Checkpointer(tmp_path, async_save=False)
+    assert checkpoints.save(6, state, {"step": 6})
+    for step in (6, 4):
+        with pytest.raises(checkpoint.SaveSkipped, match=rf"step {step}.*latest saved step is 6"):
+            checkpoints.save(step, state, {"step": step})
+    assert checkpoints.all_steps() == [6]
+    checkpoints.close()
+
+
+def test_a_quarantined_step_is_no_longer_listed_and_can_be_saved_again(run, tmp_path):
+    workdir = _workdir(run, tmp_path / "run", tokenizer=False)
+    checkpoints = Checkpointer(workdir / "checkpoints", best_metric="valid/rouge_l")
+    moved = checkpoints.quarantine(3, "fingerprint mismatch in params")
+    assert checkpoints.all_steps() == [2] and checkpoints.latest_step() == 2
+    assert moved.parent == workdir / "checkpoints" / "damaged" and moved.name.startswith("3-")
+    assert (moved / "reason.txt").read_text().startswith("fingerprint mismatch in params")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 3; available steps: \[2\]"):
+        checkpoint.export_step(workdir, 3)
+    assert checkpoints.save(3, run["snapshots"][3], {"step": 3}, metrics={"valid/rouge_l": 0.2})
+    checkpoints.wait()
+    assert checkpoints.all_steps() == [2, 3]
+    checkpoints.close()
+    assert Checkpointer.reader(workdir / "checkpoints").all_steps() == [2, 3]
+
+
+def test_an_incompatible_target_is_not_called_damaged(tmp_path):
+    state = _random_state()
+    checkpoints = Checkpointer(tmp_path, async_save=False)
+    checkpoints.save(3, state, {"step": 3})
+    wider = _abstract(_random_state(n=128 * 256))
+    with pytest.raises(checkpoint.CheckpointIncompatible,
+                       match=r"step 3.*params\.w: saved \(64, 256\) float32, expected \(128, 256\) float32"):
+        checkpoints.restore(3, wider)
+    other = _abstract(state)
+    other.params["extra"] = nnx.Param(jax.ShapeDtypeStruct((2,), jnp.float32))
+    other.params["b"] = nnx.Param(jax.ShapeDtypeStruct((8,), jnp.float32))
+    with pytest.raises(checkpoint.CheckpointIncompatible) as info:
+        checkpoints.restore(3, other)
+    message = str(info.value)
+    assert "params.b: saved (8,) bfloat16, expected (8,) float32" in message
+    assert "params.extra: not in the checkpoint" in message
+    with pytest.raises(checkpoint.CheckpointIncompatible, match=r"params\.extra: not in the checkpoint"):
+        checkpoints.restore_params(3, other.params)
+    restored, meta = checkpoints.restore(3, _abstract(state))  # the right target still restores
+    assert meta == {"step": 3}
+    _assert_trees_identical(restored, state)
+    checkpoints.close()
+
+
+def test_export_refuses_a_foreign_directory_unless_forced(run, tmp_path):
+    workdir = _workdir(run, tmp_path / "run", tokenizer=False)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"their model")
+    with pytest.raises(FileExistsError, match="theirs is a non-empty directory"):
+        export_hf(workdir, theirs, step=3)
+    assert sorted(p.name for p in theirs.iterdir()) == ["model.safetensors"]
+    export_hf(workdir, theirs, step=3, force=True)
+    _assert_exported_matches(run, theirs, step=3)
+    export_hf(workdir, theirs, step=2)  # our own earlier export is replaced without force
+    _assert_exported_matches(run, theirs, step=2)
+    marker = json.loads((theirs / ".minillm_export.json").read_text())
+    assert marker["step"] == 2 and marker["workdir"] == str(workdir)
+
+
+def test_export_from_the_command_line_refuses_in_one_line(run, tmp_path):
+    workdir = _workdir(run, tmp_path / "run", tokenizer=False)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    command = [sys.executable, "-m", "minillm_jax.convert", "to-hf", "--workdir", str(workdir), "--step", "3",
+               "--output", str(theirs)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"{theirs} is a non-empty directory" in refused.stderr and "--force" in refused.stderr
+    assert (theirs / "notes.txt").read_text() == "keep me"
+    forced = subprocess.run(command + ["--force"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert forced.returncode == 0, forced.stderr
+    assert not (theirs / "notes.txt").exists()
+    _assert_exported_matches(run, theirs, step=3)

@@ -24,6 +24,7 @@ from minillm_jax.models import families
 from minillm_jax.models.config import ModelConfig
 from minillm_jax.models.families import UnsupportedModelError
 from minillm_jax.models.transformer import Transformer
+from minillm_jax.workdir import atomic_directory, atomic_write_text
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -291,31 +292,33 @@ def _set_layer(stacked: jax.Array, part: np.ndarray, layer) -> jax.Array:
 
 
 def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, *,
-                    dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
+                    dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False,
+                    marker: dict[str, Any] | None = None) -> pathlib.Path:
     """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads with the same
     logits: config.json, safetensors (sharded with an index above `max_shard_bytes`),
-    generation_config.json, and the tokenizer files when a tokenizer is given."""
+    generation_config.json, and the tokenizer files when a tokenizer is given.
+
+    The directory is written whole or not at all (filled beside `out_dir`, then renamed into place) and
+    carries a marker file (`marker` adds to it); an `out_dir` that holds anything but an earlier export
+    of ours is refused with FileExistsError, before any work, unless `force`."""
     config = model.config
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or config.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
-
-    hf_dict = save_config(config, out, dtype=dtype)
-
     params = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    entries = []
-    for spec in families.tensor_specs(config):
-        entries.append((spec.hf_name, spec.hf_shape, np_dtype, _hf_producer(spec, params, np_dtype)))
-    _write_sharded(out, entries, max_shard_bytes)
-
-    generation = {k: v for k, v in dict(bos_token_id=hf_dict.get("bos_token_id"),
-                                        eos_token_id=hf_dict.get("eos_token_id"),
-                                        pad_token_id=hf_dict.get("pad_token_id")).items() if v is not None}
-    _atomic_write(out / "generation_config.json", json.dumps({"_from_model_config": True, **generation}, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
+    entries = [(spec.hf_name, spec.hf_shape, np_dtype, _hf_producer(spec, params, np_dtype))
+               for spec in families.tensor_specs(config)]
+    with atomic_directory(out_dir, force=force, marker={"model_type": config.model_type, "dtype": dtype,
+                                                        **(marker or {})}) as out:
+        hf_dict = save_config(config, out, dtype=dtype)
+        _write_sharded(out, entries, max_shard_bytes)
+        generation = {k: v for k, v in dict(bos_token_id=hf_dict.get("bos_token_id"),
+                                            eos_token_id=hf_dict.get("eos_token_id"),
+                                            pad_token_id=hf_dict.get("pad_token_id")).items() if v is not None}
+        _atomic_write(out / "generation_config.json",
+                      json.dumps({"_from_model_config": True, **generation}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+    return pathlib.Path(out_dir)
 
 
 def save_config(config: ModelConfig, out_dir: str | os.PathLike, *, dtype: str | None = None) -> dict[str, Any]:
@@ -400,9 +403,7 @@ def write_safetensors(file: pathlib.Path, entries: Iterable[tuple[str, tuple, np
 
 
 def _atomic_write(file: pathlib.Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
+    atomic_write_text(file, text)
 
 
 # ------------------------------------------------------------------------------------------- tokenizers
