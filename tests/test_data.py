@@ -85,6 +85,65 @@ def test_malformed_lines_are_named_or_skipped(tmp_path):
         read_records(tmp_path / "none.jsonl")
 
 
+def test_bytes_that_are_not_utf8_name_their_line_and_can_be_skipped(tmp_path):
+    good = json.dumps({"instruction": "a", "output": "b"}).encode()  # 35 bytes
+    bad = b'{"instruction": "caf\xe9", "output": "x"}'  # Latin-1 e-acute at byte 20 of its line
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join([good, good, bad, good]) + b"\n")
+    with pytest.raises(RecordError, match=r"latin1\.jsonl:3: not valid UTF-8 \(byte 0xe9 at column 21, byte offset 92 "
+                                          r"of the file\)"):
+        read_records(path)
+    records, skipped = read_records(path, on_error="skip")
+    assert len(records) == 3 and skipped == 1
+
+
+def test_malformed_json_reports_its_line_and_column(tmp_path):
+    cut = '{"instruction": "a", "output": "b"'  # the closing brace is missing: the error is at column 35
+    assert len(cut) == 34
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n" + cut + "\n")
+    with pytest.raises(RecordError, match=r"cut\.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 35\)"):
+        read_records(path)
+    # a stray CR inside a record (valid JSON whitespace) does not split it or shift the line numbers, and a
+    # byte-order mark does not hide the first record
+    path.write_bytes(b'\xef\xbb\xbf{"instruction": "a",\r "output": "b"}\r\n{"instruction": "c", "output": 3}\n')
+    with pytest.raises(RecordError, match=r"cut\.jsonl:2: field 'output' should be a string"):
+        read_records(path)
+    assert read_records(path, on_error="skip") == ([{"instruction": "a", "output": "b"}], 1)
+    whole = tmp_path / "d.json"
+    whole.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n')
+    with pytest.raises(RecordError, match=r"d\.json:3: not valid JSON \(Expecting ',' delimiter at column 23\)"):
+        read_records(whole)
+    whole.write_bytes(b'[\n{"instruction": "\xff"}]')
+    with pytest.raises(RecordError, match=r"d\.json:2: not valid UTF-8 \(byte 0xff at byte offset 19"):
+        read_records(whole)
+
+
+def test_an_empty_data_file_says_so(tmp_path):
+    for name, content in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "[]")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(RecordError, match=rf"{name} holds no records$"):
+            read_records(tmp_path / name)
+    (tmp_path / "junk.jsonl").write_text("{oops\n[1]\n")
+    with pytest.raises(RecordError, match=r"junk\.jsonl holds no usable records: all 2 were malformed and skipped"):
+        read_records(tmp_path / "junk.jsonl", on_error="skip")
+
+
+def test_plain_text_sources_name_the_bad_line(tmp_path):
+    from minillm_jax.data.pretrain import jsonl_texts, text_blocks
+
+    (tmp_path / "t.txt").write_bytes(b"first doc\r\nstill first\n\nsecond \xff doc\n")
+    blocks = text_blocks(tmp_path / "t.txt")
+    assert next(blocks) == "first doc\nstill first"
+    with pytest.raises(RecordError, match=r"t\.txt:4: not valid UTF-8 \(byte 0xff at column 8, byte offset 31 "):
+        next(blocks)
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
+    texts = jsonl_texts(tmp_path / "t.jsonl", "text")
+    assert next(texts) == "a"
+    with pytest.raises(RecordError, match=r"t\.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 13\)"):
+        next(texts)
+
+
 def test_json_parquet_and_field_mapping(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

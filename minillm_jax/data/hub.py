@@ -68,4 +68,4 @@ def load_records(source: str | os.PathLike, fields: FieldMap = FieldMap(), *, sp
     dataset = load_hub_dataset(source, split=split)
     where = describe(source, split)
     rows = ((f"{where} row {index}", row, None) for index, row in enumerate(dataset))
-    return collect_records(rows, fields, on_error=on_error, require_output=require_output, limit=limit)
+    return collect_records(rows, fields, on_error=on_error, require_output=require_output, limit=limit, source=where)

@@ -10,6 +10,7 @@ deterministic per-epoch shuffle whose position (epoch, index) can be saved and r
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import itertools
 import json
@@ -56,9 +57,9 @@ def read_records(path: str | os.PathLike, fields: FieldMap = FieldMap(), *, on_e
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
+        rows = jsonl_rows(path)
     elif path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = _read_json(path)
         if not isinstance(data, list):
             raise RecordError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         rows = ((i + 1, row, None) for i, row in enumerate(data))
@@ -69,12 +70,15 @@ def read_records(path: str | os.PathLike, fields: FieldMap = FieldMap(), *, on_e
     else:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r} (expected .jsonl, .json or .parquet)")
     located = ((f"{path}:{line}", row, parse_error) for line, row, parse_error in rows)
-    return collect_records(located, fields, on_error=on_error, require_output=require_output, limit=limit)
+    return collect_records(located, fields, on_error=on_error, require_output=require_output, limit=limit,
+                           source=str(path))
 
 
 def collect_records(rows: Iterable[tuple[str, Any, str | None]], fields: FieldMap, *, on_error: str,
-                    require_output: bool, limit: int | None) -> tuple[list[dict[str, Any]], int]:
-    """Checks (location, row, parse error) triples, so files and hub datasets fail or skip alike."""
+                    require_output: bool, limit: int | None,
+                    source: str | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Checks (location, row, parse error) triples, so files and hub datasets fail or skip alike. With
+    `source` (how messages name the file or dataset), finding no good record is an error."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error={on_error!r}: expected 'fail' or 'skip'")
     records, skipped = [], 0
@@ -90,18 +94,60 @@ def collect_records(rows: Iterable[tuple[str, Any, str | None]], fields: FieldMa
             logger.warning("skipping %s", message)
             continue
         records.append(row)
+    if source is not None and not records and limit != 0:
+        if skipped:
+            raise RecordError(f"{source} holds no usable records: all {skipped} were malformed and skipped")
+        raise RecordError(f"{source} holds no records")
     return records, skipped
 
 
-def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[int, Any, str | None]]:
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, problem) for every line of a UTF-8 text file, decoded line by line so that a
+    bad byte costs one line (text None, problem naming its column and byte offset), not the file. Lines
+    end at LF only (a stray CR does not shift the numbering); the line ending and a leading BOM are
+    not part of the text."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            line = line[:-1] if line.endswith(b"\r") else line
+            try:
+                yield number, line.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                column = len(line[:e.start].decode("utf-8")) + 1
+                yield number, None, (f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {column}, byte offset "
+                                     f"{start + e.start} of the file)")
+
+
+def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed value, problem) for every non-blank line of a JSONL file; columns in problems
+    count characters of that line from 1."""
+    for number, text, problem in text_lines(path):
+        if problem:
+            yield number, None, problem
+        elif text.strip():
             try:
                 yield number, json.loads(text), None
             except json.JSONDecodeError as e:
                 yield number, None, f"not valid JSON ({e.msg} at column {e.colno})"
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    """A whole .json file, its errors located by line, column and byte offset."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RecordError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte offset {e.start} of "
+                          "the file)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def check_record(row: Any, fields: FieldMap, require_output: bool) -> str | None:

@@ -16,7 +16,6 @@ exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import pathlib
 from typing import Any, Iterator
@@ -24,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from minillm_jax.data.hub import describe, load_hub_dataset
-from minillm_jax.data.instructions import RecordError
+from minillm_jax.data.instructions import RecordError, jsonl_rows, text_lines
 
 
 class PackedText:
@@ -158,30 +157,27 @@ def _kind(source: str) -> str:
 
 
 def text_blocks(path: str | os.PathLike) -> Iterator[str]:
-    """Documents of a .txt file: blocks of lines separated by blank (or whitespace-only) lines."""
+    """Documents of a .txt file: blocks of lines separated by blank (or whitespace-only) lines; a line that
+    is not UTF-8 fails with its file:line and byte offset."""
     block: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "".join(block).rstrip("\n")
-                block = []
+    for number, line, problem in text_lines(path):
+        if problem:
+            raise RecordError(f"{path}:{number}: {problem}")
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
     if block:
-        yield "".join(block).rstrip("\n")
+        yield "\n".join(block)
 
 
 def jsonl_texts(path: str | os.PathLike, field: str) -> Iterator[str]:
     """The `field` of every line of a .jsonl file; a bad line fails with its file:line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from e
-            yield _text_of(row, field, f"{path}:{number}")
+    for number, row, problem in jsonl_rows(path):
+        if problem:
+            raise RecordError(f"{path}:{number}: {problem}")
+        yield _text_of(row, field, f"{path}:{number}")
 
 
 def dataset_texts(dataset, field: str, where: str) -> Iterator[str]:
