@@ -279,18 +279,16 @@ def is_our_directory(path: str | os.PathLike) -> bool:
 
 
 def check_replaceable(path: str | os.PathLike, *, force: bool = False) -> None:
-    """Raise FileExistsError unless `path` is absent, an empty directory, one of ours, or `force` is set
-    (never a directory that holds the current one, or the home directory)."""
-    path = pathlib.Path(path)
+    """Raise FileExistsError unless `path` is absent, an empty directory, one of ours, or `force` is set;
+    never for a directory that holds the current one, the home or the root directory."""
+    path = pathlib.Path(os.path.abspath(path))
     if not path.exists() and not path.is_symlink():
         return
-    if path.is_dir() and (not any(path.iterdir()) or is_our_directory(path)):
-        return
-    if force:
-        real, here = path.resolve(), pathlib.Path.cwd().resolve()
-        if real == here or real in here.parents or real == pathlib.Path.home().resolve() or real.parent == real:
-            raise FileExistsError(f"{path}: refusing to replace this directory even with force (it holds the "
-                                  "current directory, or is the home or root directory); choose another output")
+    real, here = path.resolve(), pathlib.Path.cwd().resolve()
+    if real == here or real in here.parents or real == pathlib.Path.home().resolve() or real.parent == real:
+        raise FileExistsError(f"refusing to replace {path}: it holds the current directory, or is the home or "
+                              "root directory; choose another output directory")
+    if force or (path.is_dir() and (not any(path.iterdir()) or is_our_directory(path))):
         return
     what = "a file" if not path.is_dir() else "a non-empty directory that this package did not write"
     raise FileExistsError(f"{path} is {what} (no {MARKER_FILE} inside): choose another output directory, or "
@@ -306,7 +304,7 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False,
     directory as ours. Refuses (FileExistsError, before anything is written) a `path` that exists, is not
     empty and is not ours, unless `force`. On an exception the temporary directory is removed and `path`
     is untouched."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(os.path.abspath(path))
     if path.is_symlink():
         path = path.resolve()
     check_replaceable(path, force=force)

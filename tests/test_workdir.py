@@ -127,7 +127,7 @@ def test_atomic_write_replaces_whole_files(tmp_path):
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
-def test_atomic_directory_replaces_its_own_and_refuses_others(tmp_path):
+def test_atomic_directory_replaces_its_own_and_refuses_others(tmp_path, monkeypatch):
     out = tmp_path / "out"
     with atomic_directory(out, marker={"step": 3}) as staging:
         assert staging.parent == tmp_path and staging != out
@@ -164,9 +164,11 @@ def test_atomic_directory_replaces_its_own_and_refuses_others(tmp_path):
     with pytest.raises(FileExistsError, match="is a file"):
         with atomic_directory(tmp_path / "file"):
             pass
-    with pytest.raises(FileExistsError, match="even with force"):
-        with atomic_directory(pathlib.Path.cwd(), force=True):
-            pass
+    monkeypatch.chdir(foreign)
+    for mine in (pathlib.Path("."), foreign, tmp_path):
+        with pytest.raises(FileExistsError, match="refusing to replace .*: it holds the current directory"):
+            with atomic_directory(mine, force=True):
+                pass
 
 
 def test_config_differences_lists_dotted_keys():
