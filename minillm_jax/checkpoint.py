@@ -183,7 +183,7 @@ class Checkpointer:
     def _restore_verified(self, step: int, targets: dict) -> dict:
         """Restore `targets` (item -> abstract tree) and the meta, each array item compared with the stored
         tree first and checked against the saved fingerprints after."""
-        metadata = self._item_metadata(step)
+        metadata = self._item_metadata(step, list(targets))
         differences = []
         for name, target in targets.items():
             differences += [f"{name}.{d}" for d in _tree_differences(metadata[name], target)]
@@ -219,10 +219,10 @@ class Checkpointer:
                            self.directory, step)
         return {**restored, "meta": meta}
 
-    def _item_metadata(self, step: int) -> dict:
+    def _item_metadata(self, step: int, names: list[str]) -> dict:
         try:
             metadata = self._manager.item_metadata(step)
-            found = {name: getattr(metadata[name], "tree", metadata[name]) for name in _ARRAY_ITEMS}
+            found = {name: getattr(metadata[name], "tree", metadata[name]) for name in names}
         except Exception as e:
             raise CheckpointCorrupt(f"{self.directory}: the metadata of checkpoint step {step} cannot be read "
                                     f"({type(e).__name__}: {_one_line(e)})", step=step) from e
