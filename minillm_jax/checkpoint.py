@@ -260,6 +260,18 @@ class Checkpointer:
                 return candidate
         raise FileNotFoundError(f"{self.directory}: no directory for checkpoint step {step}")
 
+    def read_meta(self, step: int) -> dict:
+        """The meta dict saved with `step` (as `restore` returns it), read without any array: enough to
+        compare a run's saved config with the current one before restoring."""
+        self._check_step(step)
+        try:
+            meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+        except Exception as e:
+            raise CheckpointCorrupt(f"{self.directory}: the meta of checkpoint step {step} cannot be read "
+                                    f"({type(e).__name__}: {_one_line(e)})", step=step, item="meta") from e
+        meta.pop(_INTEGRITY, None)
+        return meta
+
     def params_metadata(self, step: int):
         """The stored parameter tree's metadata (shapes and dtypes as saved), read without the arrays."""
         self._check_step(step)

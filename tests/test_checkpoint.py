@@ -385,6 +385,10 @@ def test_a_corrupt_param_file_fails_the_restore(tmp_path):
         file.write_bytes(file.read_bytes()[:10])  # truncated
     with pytest.raises(checkpoint.CheckpointCorrupt, match=r"step 4.*opt_state"):
         checkpoints.restore(4, _abstract(state))
+    assert checkpoints.read_meta(4) == {"step": 4}
+    (tmp_path / "4" / "meta" / "metadata").write_text('{"step": 4')
+    with pytest.raises(checkpoint.CheckpointCorrupt, match=r"the meta of checkpoint step 4 cannot be read"):
+        checkpoints.read_meta(4)
     checkpoints.close()
 
 
@@ -468,7 +472,7 @@ def test_an_incompatible_target_is_not_called_damaged(tmp_path):
     with pytest.raises(checkpoint.CheckpointIncompatible, match=r"params\.extra: not in the checkpoint"):
         checkpoints.restore_params(3, other.params)
     restored, meta = checkpoints.restore(3, _abstract(state))  # the right target still restores
-    assert meta == {"step": 3}
+    assert meta == {"step": 3} and checkpoints.read_meta(3) == {"step": 3}
     _assert_trees_identical(restored, state)
     checkpoints.close()
 
