@@ -78,3 +78,18 @@ def test_remat_changes_nothing_numerically():
     np.testing.assert_allclose(value, value_remat, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fully_masked_padding_rows_stay_finite(dtype):
+    """Left-padding queries see no real key; their outputs (and the gradients through them) must not be
+    NaN, or a zero attention weight on their values would still poison the real rows."""
+    model = random_model("mistral_sliding_window")
+    model.config = model.config.replace(dtype=dtype)
+    ids, mask = left_padded_batch(model.config.vocab_size, batch=3, length=12)
+    assert (mask == 0).any()
+    assert np.isfinite(np.asarray(model(ids, mask))).all()
+    grads = nnx.grad(lambda m: jnp.sum(m(ids, mask) * mask[..., None]))(model)
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+    logits, _ = model.prefill(ids, mask, model.init_cache(3, 16))  # non-empty-cache path: masked slots too
+    assert np.isfinite(np.asarray(logits)).all()

@@ -45,6 +45,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    # Training-time dropout rates (HF's): used only when a forward pass is given a `dropout_rng`.
+    embed_dropout: float = 0.0  # on the input embeddings (GPT-2 embd_pdrop)
+    residual_dropout: float = 0.0  # on each sublayer's output before its residual add (resid_pdrop, OPT dropout)
+    attention_dropout: float = 0.0  # on the attention probabilities
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -65,6 +69,9 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.real_vocab_size={self.real_vocab_size} must be in (0, vocab_size={self.vocab_size}]"
             )
+        for name in ("embed_dropout", "residual_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)}: expected in [0, 1)")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"ModelConfig.remat={self.remat!r}: expected 'none', 'full' or 'dots'")
 

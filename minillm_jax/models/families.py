@@ -94,6 +94,36 @@ def _token_ids(hf) -> dict[str, Any]:
                 pad_token_id=getattr(hf, "pad_token_id", None))
 
 
+def _rate(hf, name: str) -> float:
+    return float(getattr(hf, name, None) or 0.0)
+
+
+def _dropout_from_hf(hf) -> dict[str, float]:
+    """The dropout rates transformers trains with, where it applies them: GPT-2 on the embeddings, the
+    attention probabilities and each sublayer's output; OPT (as transformers implements it: no embedding
+    dropout) on the attention probabilities and each sublayer's output; the Llama family on the attention
+    probabilities only."""
+    if hf.model_type == "gpt2":
+        return dict(embed_dropout=_rate(hf, "embd_pdrop"), residual_dropout=_rate(hf, "resid_pdrop"),
+                    attention_dropout=_rate(hf, "attn_pdrop"))
+    if hf.model_type == "opt":
+        return dict(residual_dropout=_rate(hf, "dropout"), attention_dropout=_rate(hf, "attention_dropout"))
+    return dict(attention_dropout=_rate(hf, "attention_dropout"))
+
+
+def _dropout_to_hf(c: ModelConfig) -> dict[str, float]:
+    if c.model_type == "gpt2":
+        return dict(embd_pdrop=c.embed_dropout, resid_pdrop=c.residual_dropout, attn_pdrop=c.attention_dropout)
+    unsupported = ("embed_dropout",) if c.model_type == "opt" else ("embed_dropout", "residual_dropout")
+    for name in unsupported:
+        if getattr(c, name):
+            raise ValueError(f"ModelConfig.{name}={getattr(c, name)}: a {c.model_type} checkpoint has no such "
+                             "dropout (transformers would not apply it); expected 0")
+    if c.model_type == "opt":
+        return dict(dropout=c.residual_dropout, attention_dropout=c.attention_dropout)
+    return dict(attention_dropout=c.attention_dropout)
+
+
 def config_from_hf(hf) -> ModelConfig:
     """Our ModelConfig from a transformers PretrainedConfig of a supported family."""
     mt = hf.model_type
@@ -107,7 +137,8 @@ def config_from_hf(hf) -> ModelConfig:
             intermediate_size=hf.n_inner or 4 * hf.n_embd, max_position_embeddings=hf.n_positions,
             norm="layernorm", norm_eps=hf.layer_norm_epsilon, activation=_activation(hf.activation_function, mt),
             gated_mlp=False, positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)), **_token_ids(hf))
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)), **_dropout_from_hf(hf),
+            **_token_ids(hf))
     if mt == "opt":
         if not getattr(hf, "layer_norm_elementwise_affine", True):
             raise UnsupportedModelError("opt: layer_norm_elementwise_affine=False is not supported")
@@ -122,7 +153,8 @@ def config_from_hf(hf) -> ModelConfig:
             positions="learned", position_offset=2, qkv_bias=bias, out_bias=bias, mlp_bias=bias,
             pre_norm=pre_norm, final_norm=pre_norm and not getattr(hf, "_remove_final_layer_norm", False),
             embed_dim=hf.word_embed_proj_dim if hf.word_embed_proj_dim != hf.hidden_size else None,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)), **_token_ids(hf))
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)), **_dropout_from_hf(hf),
+            **_token_ids(hf))
     if mt in ("llama", "mistral", "qwen2"):
         heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
@@ -145,7 +177,8 @@ def config_from_hf(hf) -> ModelConfig:
             positions="rope", rope_theta=theta, rope_scaling=scaling,
             qkv_bias=mt == "qwen2" or attention_bias, out_bias=attention_bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)), sliding_windows=windows,
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), **_token_ids(hf))
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), **_dropout_from_hf(hf),
+            **_token_ids(hf))
     raise UnsupportedModelError(
         f"model_type {mt!r} is not supported; supported families: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
@@ -160,7 +193,7 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
     """The config.json fields transformers expects for `c` (validated by transformers' config class)."""
     eos = list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id
     ids = dict(bos_token_id=c.bos_token_id, eos_token_id=eos, pad_token_id=c.pad_token_id)
-    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_word_embeddings, **ids)
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_word_embeddings, **_dropout_to_hf(c), **ids)
     if c.model_type == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=c.hidden_size,
                     n_layer=c.num_layers, n_head=c.num_heads, n_inner=c.intermediate_size,

@@ -6,7 +6,8 @@ F mlp, V vocab (as stored, padding included), L layers, P learned positions.
 
 Layers are stacked on a leading `layers` axis and applied with `lax.scan`, so compile time does not grow
 with depth. Positions count real tokens only (left padding is free), as HF does with
-`position_ids = cumsum(mask) - 1`.
+`position_ids = cumsum(mask) - 1`. Attention goes through `jax.nn.dot_product_attention` with one boolean
+mask (padding, causality, sliding windows), except with attention dropout, which it does not offer.
 """
 
 from __future__ import annotations
@@ -122,14 +123,17 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ public API
 
     def __call__(
-        self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None = None
+        self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None = None, *,
+        dropout_rng: jax.Array | None = None,
     ) -> Float[Array, "B T V"]:
-        return self.unembed(self.hidden_states(input_ids, attention_mask))
+        return self.unembed(self.hidden_states(input_ids, attention_mask, dropout_rng=dropout_rng))
 
-    def hidden_states(self, input_ids, attention_mask=None) -> Float[Array, "B T E"]:
-        """Final hidden states before the vocabulary projection (for chunked logits in losses)."""
+    def hidden_states(self, input_ids, attention_mask=None, *, dropout_rng: jax.Array | None = None
+                      ) -> Float[Array, "B T E"]:
+        """Final hidden states before the vocabulary projection (for chunked logits in losses).
+        With `dropout_rng`, the config's dropout rates apply (training); without, none (evaluation)."""
         input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=0)
-        hidden, _ = self._run(input_ids, mask, positions, cache=None)
+        hidden, _ = self._run(input_ids, mask, positions, dropout_rng=dropout_rng)
         return hidden
 
     def unembed(self, hidden: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
@@ -157,22 +161,25 @@ class Transformer(nnx.Module):
     ) -> tuple[Float[Array, "B T V"], KVCache]:
         """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T).
 
-        Inside the layer scan the cache is only read; the new keys and values come out of the scan and
-        are written once afterwards, so a decode step writes one slot, not a copy of the cache.
-        `empty_cache=True` (a fresh cache, the usual prompt prefill) skips attending to its empty slots.
-        `last_only=True` returns only the last position's logits [B, 1, V] (all a sampler needs after the
-        prompt), skipping the [B, T, V] unembedding of the rest."""
+        Each layer writes its new keys and values into the cache (carried through the layer scan, so a
+        decode step updates one slot in place rather than copying the cache) and attends over the cache.
+        `empty_cache=True` (a fresh cache, the usual prompt prefill) attends over the new tokens alone and
+        writes the cache once afterwards. `last_only=True` returns only the last position's logits
+        [B, 1, V] (all a sampler needs after the prompt), skipping the [B, T, V] unembedding of the rest."""
         input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=cache.lengths[:, None])
-        hidden, (k_new, v_new) = self._run(input_ids, mask, positions, cache=None if empty_cache else cache)
         start = cache.index
-        cache = KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, start, 0, 0)),
-            v=jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, 0, start, 0, 0)),
-            mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)),
-            positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, start)),
-            lengths=cache.lengths + mask.sum(axis=1, dtype=jnp.int32),
-            index=start + input_ids.shape[1],
-        )
+        slots = dict(mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)),
+                     positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, start)),
+                     lengths=cache.lengths + mask.sum(axis=1, dtype=jnp.int32), index=start + input_ids.shape[1])
+        if empty_cache:
+            hidden, (k_new, v_new) = self._run(input_ids, mask, positions, collect_kv=True)
+            k = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, 0, start, 0, 0))
+            cache = KVCache(k=k, v=v, **slots)
+        else:
+            cache = cache.replace(**slots)
+            hidden, (k, v) = self._run(input_ids, mask, positions, cache=cache, start=start)
+            cache = cache.replace(k=k, v=v)
         return self.unembed(hidden[:, -1:] if last_only else hidden), cache
 
     def decode_step(self, tokens: Int[Array, " B"], cache: KVCache) -> tuple[Float[Array, "B V"], KVCache]:
@@ -182,11 +189,15 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, input_ids, mask, positions, *, cache: KVCache | None):
-        """Embeddings, the layer scan and the final norm; also returns the new tokens' keys and values
-        stacked over layers ([L B T K Dh] each)."""
+    def _run(self, input_ids, mask, positions, *, cache: KVCache | None = None, start=None,
+             collect_kv: bool = False, dropout_rng=None):
+        """Embeddings, the layer scan and the final norm. Returns (hidden, kv): without a cache, kv is the
+        new tokens' keys and values stacked over layers ([L B T K Dh] each) when `collect_kv`, else None;
+        with a cache (whose mask/positions already include the new tokens at slot `start`), kv is the
+        cache's (k, v) with the new tokens written in."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
+        dropout = _Dropout.make(c, dropout_rng)
         x = self.embed_tokens[...].astype(dtype)[input_ids]
         if hasattr(self, "project_in"):
             x = jnp.einsum("bte,ed->btd", x, self.project_in[...].astype(dtype))
@@ -197,23 +208,39 @@ class Transformer(nnx.Module):
             inv_freq = jnp.asarray(rope_inverse_frequencies(c), jnp.float32)
             angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B T Dh/2]
             rope = (jnp.cos(angles), jnp.sin(angles))
+        x = dropout.apply(x, c.embed_dropout, "embed")
 
-        windows = jnp.asarray(c.sliding_windows or (0,) * c.num_layers, jnp.int32)
-        params = {name: p[...] for name, p in self.layers.items()}
-        context = _Context(mask=mask, positions=positions, rope=rope,
-                           cache_mask=None if cache is None else cache.mask,
-                           cache_positions=None if cache is None else cache.positions)
+        T = input_ids.shape[1]
+        if cache is None:  # keys are the new tokens themselves: causal over their T slots
+            allowed = mask[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
+            key_positions = positions
+        else:  # keys are the cache's S slots, the new tokens among them at [start, start + T)
+            S = cache.max_length
+            allowed = cache.mask[:, None, :] & (jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None])[None]
+            key_positions = cache.positions
+        context = _Context(rope=rope, allowed=allowed, query_positions=positions, key_positions=key_positions,
+                           start=start)
         block = functools.partial(_block, config=c, context=context)
-        if c.remat != "none":
+        if c.remat != "none" and cache is None:
             policy = None if c.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             block = jax.checkpoint(block, policy=policy, prevent_cse=False)
-        cached = (None, None) if cache is None else (cache.k, cache.v)
-        x, new_kv = jax.lax.scan(lambda h, xs: block(h, *xs), x, (params, windows, *cached))
+        params = {name: p[...] for name, p in self.layers.items()}
+        windows = jnp.asarray(c.sliding_windows or (0,) * c.num_layers, jnp.int32)
+        xs = (params, windows, jnp.arange(c.num_layers), dropout.layer_keys(c.num_layers))
+        if cache is None:
+            def body(h, layer_xs):
+                h, kv = block(h, None, *layer_xs)
+                return h, kv if collect_kv else None
+
+            x, kv = jax.lax.scan(body, x, xs)
+        else:
+            (x, kv), _ = jax.lax.scan(lambda carry, layer_xs: (block(*carry, *layer_xs), None),
+                                      (x, (cache.k, cache.v)), xs)
         if c.final_norm:
             x = _norm(x, self.final_norm_scale[...], getattr(self, "final_norm_bias", None), c)
         if hasattr(self, "project_out"):
             x = jnp.einsum("btd,de->bte", x, self.project_out[...].astype(dtype))
-        return x, new_kv
+        return x, kv
 
 
 def _prepare(input_ids, attention_mask, first_position):
@@ -226,16 +253,43 @@ def _prepare(input_ids, attention_mask, first_position):
 
 @flax.struct.dataclass
 class _Context:
-    """What every layer needs besides its parameters: the new tokens' mask/positions/rope, and the
-    cache's slot mask and positions when decoding against one."""
+    """What every layer needs besides its parameters: the rope angles of the new tokens, which key slots
+    each may attend to before sliding windows (padding and causality), the positions that windows are
+    measured in, and the cache slot of the first new token (None without a cache)."""
 
-    mask: Bool[Array, "B T"]
-    positions: Int[Array, "B T"]
     rope: tuple | None
-    cache_mask: Bool[Array, "B S"] | None
-    cache_positions: Int[Array, "B S"] | None
+    allowed: Bool[Array, "B T S"]
+    query_positions: Int[Array, "B T"]
+    key_positions: Int[Array, "B S"]
+    start: Int[Array, ""] | None
 
 
+@flax.struct.dataclass
+class _Dropout:
+    """Training-time dropout: a key (None in evaluation, prefill and decode) and named sub-keys."""
+
+    key: jax.Array | None
+
+    @classmethod
+    def make(cls, c: ModelConfig, key) -> "_Dropout":
+        active = key is not None and max(c.embed_dropout, c.residual_dropout, c.attention_dropout) > 0
+        return cls(key if active else None)
+
+    def layer_keys(self, num_layers: int):
+        return None if self.key is None else jax.random.split(self.sub_key("layers"), num_layers)
+
+    def apply(self, x, rate: float, name: str):
+        """Inverted dropout: zero each element with probability `rate`, scale the others by 1 / (1 - rate)."""
+        if self.key is None or rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(self.sub_key(name), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+    def sub_key(self, name: str):
+        return jax.random.fold_in(self.key, _DROPOUT_STREAMS[name])
+
+
+_DROPOUT_STREAMS = {"embed": 0, "layers": 1, "attention": 2, "attention_out": 3, "mlp_out": 4}
 
 
 def _norm(x, scale, bias, c: ModelConfig):
@@ -271,26 +325,30 @@ def _activation(x, name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def _block(x, p, window, k_cache, v_cache, *, config: ModelConfig, context: _Context):
-    """One transformer layer on per-layer params `p`; returns (x, (k, v) of the new tokens).
-    Pre-norm blocks normalise each sublayer's input; post-norm blocks (OPT-350m) its residual sum."""
+def _block(x, kv, p, window, layer, dropout_key, *, config: ModelConfig, context: _Context):
+    """One transformer layer on per-layer params `p`. Without a cache (`kv` None) returns (x, (k, v) of
+    the new tokens); with one, `kv` is the whole stacked cache (k, v) and comes back with this layer's new
+    slots written: (x, kv). Pre-norm blocks normalise each sublayer's input; post-norm blocks (OPT-350m)
+    its residual sum."""
     c = config
+    dropout = _Dropout(dropout_key)
 
     def norm(h, name):
         return _norm(h, p[f"{name}_scale"], p.get(f"{name}_bias"), c)
 
     h = norm(x, "attn_norm") if c.pre_norm else x
-    out, new_kv = _attention(h, p, window, k_cache, v_cache, config=c, context=context)
+    out, kv = _attention(h, kv, p, window, layer, dropout, config=c, context=context)
+    out = dropout.apply(out, c.residual_dropout, "attention_out")
     x = x + out if c.pre_norm else norm(x + out, "attn_norm")
     h = norm(x, "mlp_norm") if c.pre_norm else x
-    out = _mlp(h, p, c)
+    out = dropout.apply(_mlp(h, p, c), c.residual_dropout, "mlp_out")
     x = x + out if c.pre_norm else norm(x + out, "mlp_norm")
-    return x, new_kv
+    return x, kv
 
 
-def _attention(h, p, window, k_cache, v_cache, *, config: ModelConfig, context: _Context):
-    """Grouped-query attention of the T new tokens over the cache (read only) and over themselves
-    (causally), as one softmax across both blocks of keys."""
+def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfig, context: _Context):
+    """Grouped-query attention of the T new tokens over themselves (no cache) or over the cache after
+    writing their keys and values into it at slot `context.start`."""
     c = config
     dtype = h.dtype
 
@@ -306,31 +364,37 @@ def _attention(h, p, window, k_cache, v_cache, *, config: ModelConfig, context: 
         cos, sin = context.rope
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
 
+    if kv is None:
+        keys, values, kv = k, v, (k, v)
+    else:  # write this layer's new slots in place, then read the layer's whole cache
+        kv = tuple(jax.lax.dynamic_update_slice(whole, new[None].astype(whole.dtype), (layer, 0, context.start, 0, 0))
+                   for whole, new in zip(kv, (k, v)))
+        keys, values = (jax.lax.dynamic_index_in_dim(whole, layer, keepdims=False).astype(dtype) for whole in kv)
+
+    allowed = context.allowed
+    if c.sliding_windows:  # windows count positions (real tokens), not slots
+        distance = context.query_positions[:, :, None] - context.key_positions[:, None, :]
+        allowed = allowed & ((window <= 0) | (distance < window))
+    if dropout.key is not None and c.attention_dropout > 0:
+        out = _attention_with_dropout(q, keys, values, allowed, dropout, c.attention_dropout)
+    else:  # implementation=None: jax's choice (XLA on every backend as of jax 0.11; cuDNN once jax selects it)
+        out = jax.nn.dot_product_attention(q, keys, values, mask=allowed[:, None], implementation=None)
+    out = jnp.einsum("bthk,hkd->btd", out, w("o_proj"))
+    if c.out_bias:
+        out = out + w("o_bias")
+    return out, kv
+
+
+def _attention_with_dropout(q, k, v, allowed, dropout: _Dropout, rate: float):
+    """Softmax attention with dropout on the probabilities (training), which jax.nn.dot_product_attention
+    does not offer: q [B T H Dh], k/v [B S K Dh], allowed [B T S]."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, Dh)
-    query_positions = context.positions[:, :, None]
-
-    def in_window(key_positions):  # [B T S]
-        return (window <= 0) | (query_positions - key_positions[:, None, :] < window)
-
-    causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-    blocks = [(k, v, context.mask[:, None, :] & causal[None] & in_window(context.positions))]
-    if k_cache is not None:
-        blocks.insert(0, (k_cache.astype(dtype), v_cache.astype(dtype),
-                          context.cache_mask[:, None, :] & in_window(context.cache_positions)))
-    scores = [jnp.where(allowed[:, None, None],
-                        jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / np.sqrt(Dh),
-                        _MASKED) for keys, _, allowed in blocks]
-    top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
-    exps = [jnp.exp(s - top) for s in scores]
-    total = sum(e.sum(axis=-1, keepdims=True) for e in exps)
-    out = sum(jnp.einsum("bkgts,bskd->btkgd", (e / total).astype(dtype), values)
-              for e, (_, values, _) in zip(exps, blocks))
-    out = jnp.einsum("bthk,hkd->btd", out.reshape(B, T, H, Dh), w("o_proj"))
-    if c.out_bias:
-        out = out + w("o_bias")
-    return out, (k, v)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(Dh)
+    probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, _MASKED), axis=-1)
+    probs = dropout.apply(probs, rate, "attention").astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
 
 
 def _mlp(h, p, c: ModelConfig):
