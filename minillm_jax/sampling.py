@@ -1,6 +1,8 @@
-"""Compiled sampling: one prefill, then one jitted `lax.while_loop` of KV-cache decode steps that stops
-when every row is done; with a teacher, MiniLLM's teacher-mixed sampling steps both models' caches in
-the same loop and draws each token from (1 - alpha) * q + alpha * p.
+"""Compiled sampling: one prefill, then KV-cache decode steps in chunks of `decode_chunk` under
+`lax.scan`, inside a `lax.while_loop` over chunks that stops when every row is done; with a teacher,
+MiniLLM's teacher-mixed sampling steps both models' caches in the same loop and draws each token from
+(1 - alpha) * q + alpha * p. `sample` is the pure, traceable sampler (for use inside another jitted
+function, e.g. a whole training round); `generate` compiles it for host-side callers.
 
 Shapes: B batch, P prompt (left-padded to a bucket), R max new tokens, V the real vocabulary (ids of a
 padded checkpoint vocabulary beyond the tokenizer's size are sliced off, so they are never sampled).
@@ -47,6 +49,7 @@ class SamplingConfig:
     no_repeat_ngram_size: int = 0
     prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     pad_token_id: int = 0
+    decode_chunk: int = 8  # decode steps per lax.scan chunk; the loop can stop only between chunks
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -59,6 +62,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_p={self.top_p}: expected in (0, 1]")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"SamplingConfig.no_repeat_ngram_size={self.no_repeat_ngram_size}: expected >= 0")
+        if self.decode_chunk < 1:
+            raise ValueError(f"SamplingConfig.decode_chunk={self.decode_chunk}: expected >= 1")
         buckets = tuple(int(b) for b in self.prompt_buckets)
         if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"SamplingConfig.prompt_buckets={self.prompt_buckets}: expected increasing positive "
@@ -83,15 +88,18 @@ class SampleOutput:
 
 @flax.struct.dataclass
 class _LoopState:
+    """The decode loop's carry. Buffers are W = R rounded up to whole chunks wide; columns from R on
+    (steps of the last chunk past max_new_tokens) are sliced off at the end."""
+
     step: Int[Array, ""]
     done: Bool[Array, " B"]
-    tokens: Int[Array, "B R"]
-    mask: Bool[Array, "B R"]
-    logprobs: Float[Array, "B R"]
-    teacher_logprobs: Float[Array, "B R"]
-    weights: Float[Array, "B R"]
-    history: Int[Array, "B P+R"]  # prompt and generated ids, for n-gram blocking
-    history_mask: Bool[Array, "B P+R"]
+    tokens: Int[Array, "B W"]
+    mask: Bool[Array, "B W"]
+    logprobs: Float[Array, "B W"]
+    teacher_logprobs: Float[Array, "B W"]
+    weights: Float[Array, "B W"]
+    history: Int[Array, "B P+W"]  # prompt and generated ids, for n-gram blocking
+    history_mask: Bool[Array, "B P+W"]
     logits: Float[Array, "B V"]  # student's next-token logits
     teacher_logits: Float[Array, "B V"] | None
     cache: object
@@ -204,8 +212,10 @@ def _compiled_generate(student_def, teacher_def, config: SamplingConfig, num_rea
     prompt ids/mask in and every result out with rows over (data, fsdp) (replicated when those axes do not
     divide the batch); the models' states keep the shardings they were placed with (None)."""
     def run(student_state, teacher_state, ids, mask, rng, alpha):
-        return _generate(student_def, student_state, teacher_def, teacher_state, ids, mask, rng, alpha,
-                         config=config, num_real=num_real, mesh=mesh)
+        TRACE_COUNTS["generate"] += 1
+        student = nnx.merge(student_def, student_state)
+        teacher = nnx.merge(teacher_def, teacher_state) if teacher_def is not None else None
+        return sample(student, teacher, ids, mask, rng, alpha, config=config, num_real=num_real, mesh=mesh)
 
     if mesh is None:
         return jax.jit(run)
@@ -213,32 +223,38 @@ def _compiled_generate(student_def, teacher_def, config: SamplingConfig, num_rea
     return jax.jit(run, in_shardings=(None, None, rows, rows, None, None), out_shardings=rows)
 
 
-def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask, rng, alpha, *,
-              config: SamplingConfig, num_real: int, mesh=None) -> SampleOutput:
-    TRACE_COUNTS["generate"] += 1
+def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B P"], mask: Bool[Array, "B P"],
+           rng: jax.Array, alpha: Float[Array, ""] | float, *, config: SamplingConfig, num_real: int,
+           mesh: jax.sharding.Mesh | None = None) -> SampleOutput:
+    """Sample up to `config.max_new_tokens` for left-padded prompts: pure and traceable (no jit inside), for
+    use within another jitted function, on merged modules. `num_real` is the real vocabulary size; `alpha`
+    the teacher's share of the sampling mixture (ignored without a teacher). On a `mesh`, per-row state is
+    pinned to the (data, fsdp) axes. Step t draws with `fold_in(rng, t)`, so the same key gives the same
+    tokens whatever `config.decode_chunk` is."""
+    TRACE_COUNTS["sample"] += 1
     lay_out = _row_constraint(mesh, ids.shape[0])
-    student = nnx.merge(student_def, student_state)
-    teacher = nnx.merge(teacher_def, teacher_state) if teacher_def is not None else None
     B, P = ids.shape
     R = config.max_new_tokens
+    chunk = min(config.decode_chunk, R)
+    W = -(-R // chunk) * chunk
 
     def start(model):
-        cache = _lay_out_cache(model.init_cache(B, P + R), lay_out)
+        cache = _lay_out_cache(model.init_cache(B, P + W), lay_out)
         logits, cache = model.prefill(ids, mask, cache, empty_cache=True, last_only=True)
         return logits[:, -1, :num_real], cache  # laid out with the rest of the loop state below
 
     logits, cache = start(student)
     teacher_logits, teacher_cache = start(teacher) if teacher is not None else (None, None)
-    zeros = jnp.zeros((B, R), jnp.float32)
+    zeros = jnp.zeros((B, W), jnp.float32)
     state = _LoopState(
-        step=jnp.int32(0), done=jnp.zeros((B,), bool), tokens=jnp.full((B, R), config.pad_token_id, jnp.int32),
-        mask=jnp.zeros((B, R), bool), logprobs=zeros, teacher_logprobs=zeros, weights=jnp.ones((B, R), jnp.float32),
-        history=jnp.concatenate([ids, jnp.zeros((B, R), jnp.int32)], axis=1),
-        history_mask=jnp.concatenate([mask, jnp.zeros((B, R), bool)], axis=1),
+        step=jnp.int32(0), done=jnp.zeros((B,), bool), tokens=jnp.full((B, W), config.pad_token_id, jnp.int32),
+        mask=jnp.zeros((B, W), bool), logprobs=zeros, teacher_logprobs=zeros, weights=jnp.ones((B, W), jnp.float32),
+        history=jnp.concatenate([ids, jnp.zeros((B, W), jnp.int32)], axis=1),
+        history_mask=jnp.concatenate([mask, jnp.zeros((B, W), bool)], axis=1),
         logits=logits, teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
     state = _lay_out_loop(state, lay_out)
 
-    def body(s: _LoopState) -> _LoopState:
+    def step(s: _LoopState, _) -> tuple[_LoopState, None]:
         key = jax.random.fold_in(rng, s.step)
         token, logq, logp, weight = _choose(s, P + s.step, key, alpha, config)
         live = ~s.done
@@ -262,14 +278,20 @@ def _generate(student_def, student_state, teacher_def, teacher_state, ids, mask,
             history=jax.lax.dynamic_update_slice(s.history, token[:, None], (0, P + s.step)),
             history_mask=jax.lax.dynamic_update_slice(s.history_mask, live[:, None], (0, P + s.step)),
             logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache),
-            lay_out)
+            lay_out), None
 
-    s = jax.lax.while_loop(lambda s: (s.step < R) & ~jnp.all(s.done), body, state)
+    def decode_chunk(s: _LoopState) -> _LoopState:
+        TRACE_COUNTS["decode_chunk"] += 1
+        return jax.lax.scan(step, s, length=chunk)[0]
+
+    s = jax.lax.while_loop(lambda s: (s.step < R) & ~jnp.all(s.done), decode_chunk, state)
     with_teacher = teacher is not None
-    return SampleOutput(  # laid out by _compiled_generate's out_shardings
-        tokens=s.tokens, mask=s.mask, lengths=s.mask.sum(axis=1, dtype=jnp.int32), logprobs=s.logprobs,
-        prompt_tokens=ids, prompt_mask=mask, teacher_logprobs=s.teacher_logprobs if with_teacher else None,
-        weights=s.weights if with_teacher else None)
+    mask_out = s.mask[:, :R]
+    return SampleOutput(  # laid out by _compiled_generate's out_shardings, or by the caller's
+        tokens=s.tokens[:, :R], mask=mask_out, lengths=mask_out.sum(axis=1, dtype=jnp.int32),
+        logprobs=s.logprobs[:, :R], prompt_tokens=ids, prompt_mask=mask,
+        teacher_logprobs=s.teacher_logprobs[:, :R] if with_teacher else None,
+        weights=s.weights[:, :R] if with_teacher else None)
 
 
 def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):

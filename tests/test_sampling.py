@@ -171,6 +171,63 @@ def test_one_compile_per_bucket():
     assert sampling.TRACE_COUNTS["generate"] - before == 2
 
 
+def test_chunked_sampler_compiles_once_per_bucket_and_batch_size():
+    model = random_model("smollm2_tied")
+    config = SamplingConfig(max_new_tokens=5, prompt_buckets=(16, 32), decode_chunk=2)
+    before = dict(sampling.TRACE_COUNTS)
+
+    def traces(name):
+        return sampling.TRACE_COUNTS[name] - before.get(name, 0)
+
+    for batch in (2, 3):
+        for length in (5, 13):
+            generate(model, [list(range(1, length + 1))] * batch, config, jax.random.key(length))
+    assert traces("generate") == 2 and traces("sample") == 2
+    assert traces("decode_chunk") == 2  # one decode body per compile, whatever the number of chunks run
+    generate(model, [list(range(1, 20))] * 3, config, jax.random.key(0))  # next bucket: one more
+    assert traces("generate") == 3
+
+
+@pytest.mark.parametrize("eos", [(), tuple(range(0, 96, 12))], ids=["no_eos", "eos"])
+def test_decode_chunk_size_does_not_change_samples(eos):
+    """Step t draws with fold_in(rng, t) whatever the chunking; a last chunk that runs past
+    max_new_tokens (11 = 2 * 4 + 3) leaves no trace; rows done mid-chunk stay padded."""
+    student, teacher = random_model("qwen2", seed=0, noise=0.3), random_model("qwen2", seed=1, noise=0.3)
+    prompts = [[3, 4, 5, 6, 7], [10, 11], [12, 13, 14, 15]] * 2
+    outs = [generate(student, prompts, SamplingConfig(max_new_tokens=11, eos_token_id=eos, no_repeat_ngram_size=3,
+                                                      decode_chunk=chunk, pad_token_id=95),
+                     jax.random.key(4), teacher=teacher, mix_alpha=0.4) for chunk in (1, 4, 16)]
+    reference = jax.tree.map(np.asarray, outs[0])
+    assert reference.tokens.shape == (6, 11)
+    if eos:
+        assert reference.lengths.min() < 11 and reference.lengths.max() > 4  # ends within and after chunk 1
+    for out in outs[1:]:
+        for name in ("tokens", "mask", "lengths"):
+            np.testing.assert_array_equal(np.asarray(getattr(out, name)), getattr(reference, name), err_msg=name)
+        for name in ("logprobs", "teacher_logprobs", "weights"):
+            np.testing.assert_allclose(np.asarray(getattr(out, name)), getattr(reference, name), rtol=1e-6,
+                                       atol=1e-6, err_msg=name)
+
+
+def test_sample_is_traceable_inside_another_jitted_function():
+    student, teacher = random_model("gpt2", seed=0), random_model("gpt2", seed=1)
+    config = SamplingConfig(max_new_tokens=6, decode_chunk=4)
+    ids, mask = sampling.pad_prompts([[1, 2, 3], [4, 5]], config.prompt_buckets, config.pad_token_id)
+    (student_def, student_state), (teacher_def, teacher_state) = nnx.split(student), nnx.split(teacher)
+
+    @jax.jit
+    def round_like(student_state, teacher_state, ids, mask, key, alpha):  # e.g. a MiniLLM round's first part
+        out = sampling.sample(nnx.merge(student_def, student_state), nnx.merge(teacher_def, teacher_state), ids,
+                              mask, key, alpha, config=config, num_real=student.config.num_real_tokens)
+        return out, jnp.sum(out.logprobs * out.mask)
+
+    out, total = round_like(student_state, teacher_state, ids, mask, jax.random.key(2), jnp.float32(0.25))
+    expected = generate(student, [[1, 2, 3], [4, 5]], config, jax.random.key(2), teacher=teacher, mix_alpha=0.25)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+    np.testing.assert_allclose(np.asarray(out.weights), np.asarray(expected.weights), rtol=1e-6)
+    np.testing.assert_allclose(float(total), float(jnp.sum(expected.logprobs * expected.mask)), rtol=1e-6)
+
+
 def test_reproducible_with_the_same_key():
     model = random_model("gpt2")
     config = SamplingConfig(max_new_tokens=8)
@@ -262,6 +319,8 @@ def test_bad_input_is_refused():
         generate(student, [PROMPT], config, jax.random.key(0), mix_alpha=0.2)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="decode_chunk"):
+        SamplingConfig(max_new_tokens=2, decode_chunk=0)
     gpt2 = random_model("gpt2")  # learned positions: 64
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
         generate(gpt2, [list(range(1, 40))], SamplingConfig(max_new_tokens=30), jax.random.key(0))
