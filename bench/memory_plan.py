@@ -17,9 +17,11 @@ the conversion stays per layer; `--cpu-hoisting` keeps XLA:CPU's default.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 SETUPS = {
     # name: devices, mesh (data, fsdp, tensor), teacher, student, batch, length, remat, logits chunk
@@ -70,7 +72,7 @@ def main():
     from minillm_jax.models import Transformer
     from minillm_jax.models.families import config_from_hf
     from minillm_jax.trainers import kd
-    from minillm_jax.trainers.common import make_optimizer
+    from minillm_jax.trainers.common import apply_gradients, make_optimizer
 
     mesh = sharding.make_mesh(*mesh_shape)
     teacher_config = config_from_hf(hf_config(teacher_name)).replace(param_dtype="bfloat16", dtype="bfloat16",
@@ -85,9 +87,20 @@ def main():
     teacher_params = abstract_train_state(teacher, make_optimizer(learning_rate=1.0)[0], mesh=mesh,
                                           rules=teacher_rules).params
     rows = sharding.rows_sharding(mesh, (rows_per_step, length))
-    batch = {k: jax.ShapeDtypeStruct((rows_per_step, length), jnp.int32, sharding=rows)
-             for k in ("tokens", "attention_mask", "loss_mask")}
-    step = kd.make_train_step(nnx.graphdef(student), nnx.graphdef(teacher), tx, schedule, logits_chunk_size=chunk)
+    prompt = length // 2
+    batch = {"prompt": jax.ShapeDtypeStruct((rows_per_step, prompt), jnp.int32, sharding=rows),
+             "prompt_mask": jax.ShapeDtypeStruct((rows_per_step, prompt), bool, sharding=rows),
+             "response": jax.ShapeDtypeStruct((rows_per_step, length - prompt), jnp.int32, sharding=rows),
+             "response_mask": jax.ShapeDtypeStruct((rows_per_step, length - prompt), bool, sharding=rows)}
+    # what kd_loss reads of a trainers.common.Setup
+    setup = SimpleNamespace(graphdef=nnx.graphdef(student), teacher_graphdef=nnx.graphdef(teacher),
+                            config=SimpleNamespace(logits_chunk_size=chunk))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, teacher_params, batch):  # the KD update of trainers/kd.py with one micro-batch
+        grad_fn = jax.value_and_grad(kd.kd_loss, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, teacher_params, batch, None, setup=setup, kd_ratio=0.5)
+        return apply_gradients(state, grads, tx, schedule)
     started = time.time()
     compiled = step.lower(state, teacher_params, batch).compile()
     memory = compiled.memory_analysis()

@@ -14,6 +14,7 @@ attention term 12·L·d·T (train) or 4·L·d·T (forward), over the card's dens
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -48,10 +49,11 @@ def run_jax(shapes: dict, repeats: int) -> dict:
     from flax import nnx
 
     from minillm_jax import losses
+    from minillm_jax.data.batches import text_batch
     from minillm_jax.models import Transformer
     from minillm_jax.models.families import config_from_hf
     from minillm_jax.trainers import sft
-    from minillm_jax.trainers.common import create_train_state, make_optimizer
+    from minillm_jax.trainers.common import apply_gradients, create_train_state, make_optimizer
 
     def model(dims):
         config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
@@ -60,12 +62,16 @@ def run_jax(shapes: dict, repeats: int) -> dict:
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, shapes["vocab"], (shapes["batch"], shapes["length"]), dtype=np.int32)
-    batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
-    batch = jax.device_put(batch)
+    batch = jax.device_put(text_batch(tokens))  # every position after the first is a loss position
     student = model(shapes["student"])
     tx, schedule = make_optimizer(learning_rate=1e-5)
     graphdef, state = create_train_state(student, tx)
-    step = sft.make_train_step(graphdef, tx, schedule)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, batch):  # the SFT update of trainers/sft.py with one micro-batch
+        (_, metrics), grads = jax.value_and_grad(sft.sft_loss, has_aux=True)(state.params, graphdef, batch)
+        state, opt_metrics = apply_gradients(state, grads, tx, schedule)
+        return state, {**metrics, **opt_metrics}
     holder = {"state": state}
 
     def train():
@@ -82,8 +88,8 @@ def run_jax(shapes: dict, repeats: int) -> dict:
         logp = losses.log_probs(logits, teacher.config.num_real_tokens)
         return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 
-    score_seconds = median(lambda: jax.block_until_ready(score(teacher_state, batch["tokens"],
-                                                                 batch["attention_mask"])), repeats)
+    ids, mask = jnp.asarray(tokens), jnp.ones(tokens.shape, bool)
+    score_seconds = median(lambda: jax.block_until_ready(score(teacher_state, ids, mask)), repeats)
     count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
     return {"device": jax.devices()[0].device_kind, "train_seconds": train_seconds, "score_seconds": score_seconds,
             "student_params": count(student), "teacher_params": count(teacher)}

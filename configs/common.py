@@ -8,14 +8,10 @@ paths may be local files/directories, hub names, `.gguf` files or `random:<famil
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 
 import ml_collections
-
-# The shared data folder that sits beside a checkout (tests and benchmarks read it there).
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-TASKS = ("sft", "kd", "seqkd", "minillm", "gkd", "distillm", "generate", "eval")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -30,46 +26,51 @@ def base() -> ml_collections.ConfigDict:
     c.remat = "none"
     c.seed = 0
     c.steps = 5000  # optimizer steps
-    c.batch_size = 8
-    c.accumulate_steps = 1
+    c.batch_size = 8  # rows per optimizer step (MiniLLM: rollouts per PPO mini-batch)
+    c.accumulate_steps = 1  # micro-batches per optimizer step (gradients averaged)
     c.logits_chunk_size = 0  # >0: logits of both models a time-chunk at a time
 
     # teacher_rules: "sample" keeps the teacher's weights whole along fsdp (no all-gather per decode step),
     # "train" shards them over fsdp too (less memory); "auto": "sample" where the teacher generates
     # (minillm's mixed sampling, seqkd, generate, eval), "train" where it only scores (kd, gkd, distillm)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, teacher_rules="auto"))
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 3
-    c.eval_every = 100  # validation (loss, Rouge-L, reverse KL) and best-checkpoint selection
-    c.log_every = 10
-    c.sample_every = 100  # decoded completions in the log
-    c.resume = True
+    c.checkpoint_every = 500  # 0: only at validations and at the end
+    c.keep_checkpoints = 3  # the latest N, plus the best by best_metric
+    c.eval_every = 100  # validation; every validated state is also saved and ranked
+    c.best_metric = "valid/rouge_l"  # any validation key ranks checkpoints and picks the export; "" = latest
+    c.best_mode = "max"  # or "min" (e.g. for valid/loss)
+    c.resume = True  # continue from the workdir's checkpoints (the config must match theirs)
+    c.overwrite = False  # with resume=False: move an earlier run in the workdir aside (never deleted)
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=5e-6, warmup_steps=100, schedule="constant", end_learning_rate=1e-7, weight_decay=1e-6,
         b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0))
 
     c.data = ml_collections.ConfigDict(dict(
-        train=str(SHARED_DATA / "dolly" / "train.jsonl"),
-        valid=str(SHARED_DATA / "dolly" / "valid.jsonl"),
+        root="",  # a folder that relative data-file paths (train, valid, eval sets, pretrain) are under
+        train="",
+        valid="",
         split="train",  # for hub datasets
         valid_split="validation",
         instruction_field="instruction", input_field="input", output_field="output", messages_field="",
         template="alpaca",  # or "chat": the tokenizer's chat template
         max_prompt_length=256, max_length=512,
+        add_special_tokens=True,  # tokenizer special tokens (BOS) on prompts; the paper's presets use False
+        length_buckets=2,  # compiled widths per dimension (prompt, response) of training batches
         max_train_examples=0, valid_examples=1000,
         holdout=0,  # >0: the last `holdout` training records are the validation set instead of `valid`
         on_error="fail",  # or "skip": drop malformed records, counted
-        pretrain="",  # L_PT plain text: .txt / .jsonl / hub dataset; "" = no L_PT
+        pretrain="",  # L_PT plain text: .txt / .jsonl / hub dataset; "@train": data.train's answers; "" = none
         pretrain_field="text", pretrain_length=512,
+        pretrain_shuffle=10000,  # documents in the L_PT shuffle buffer (0: file order)
     ))
 
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0))
 
     c.kd = ml_collections.ConfigDict(dict(kd_ratio=0.5))
     c.minillm = ml_collections.ConfigDict(dict(
-        num_rollouts=256, ppo_epochs=4, minibatch_size=64, mix_alpha=0.2, gamma=0.95, clip=0.2,
-        length_norm=True, whiten=True, masked_whiten=True, include_current_reward=True, single_step=True,
+        num_rollouts=256, ppo_epochs=4, mix_alpha=0.2, gamma=0.95, clip=0.2, length_norm=True,
+        include_current_reward=True, whiten="minibatch", whiten_over_padding=True, single_step=True,
         single_step_weights=False, importance="token", pt_coef=1.0, kd_ratio=0.5))
     c.gkd = ml_collections.ConfigDict(dict(beta=0.5, lmbda=0.5))
     c.distillm = ml_collections.ConfigDict(dict(divergence="skew_reverse_kl", skew_alpha=0.1, initial_sgo_prob=0.0,
@@ -78,17 +79,18 @@ def base() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict(dict(
         model="student",  # task eval: "student", "teacher" or "both"
-        sets=ml_collections.ConfigDict({
-            "dolly": str(SHARED_DATA / "dolly" / "test.jsonl"),
-            "self_inst": str(SHARED_DATA / "self_inst" / "test.jsonl"),
-            "vicuna": str(SHARED_DATA / "vicuna" / "test.jsonl"),
-            "sinst": str(SHARED_DATA / "sinst" / "test.jsonl"),
+        sets=ml_collections.ConfigDict({  # under data.root (python -m minillm_jax.data.prepare makes them)
+            "dolly": "dolly/test.jsonl",
+            "self_inst": "self_inst/test.jsonl",
+            "vicuna": "vicuna/test.jsonl",
+            "sinst": "sinst/test.jsonl",
         }),
         seeds=(10, 20, 30, 40, 50), max_new_tokens=256, no_repeat_ngram_size=6, batch_size=32, limit=0,
         exposure_bias=False, exposure_bias_prompts=64, calibration="",
     ))
 
-    c.export = ml_collections.ConfigDict(dict(enabled=True, dtype="", select="best"))  # select: best | last
+    c.export = ml_collections.ConfigDict(dict(enabled=True, dtype="", select="best",  # select: best | last
+                                              format="hf", gguf_type="q8_0"))  # format: hf | gguf | both
     c.logging = ml_collections.ConfigDict(dict(tensorboard=True, wandb=False, wandb_project="minillm_jax",
                                                progress=True))
     return c
@@ -105,25 +107,50 @@ def smollm2_teacher() -> str:
     return "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def paper_setup(c: ml_collections.ConfigDict, method: str, *, teacher: str, student: str, sft_lr: float,
-                sft_student: str, pretrain: str) -> ml_collections.ConfigDict:
-    """The paper's recipe for one method (minillm.md sections 2-3) on Dolly, with the Alpaca template.
+# Records of dolly/train_minillm_exact.jsonl, the paper's training set (prompt <= 256 GPT-2 tokens).
+DOLLY_TRAIN = 11435
+PAPER_DATA = "data"  # python -m minillm_jax.data.prepare dolly --output data (and self_inst, vicuna, sinst)
 
-    sft / kd / seqkd: batch 32, 20 epochs of the ~11.4k training prompts (7,140 steps), cosine to 1e-7,
-    weight decay 0.01, best validation Rouge-L exported. minillm: starts from the SFT'd student
-    (`sft_student`), 5,000 steps of lr 5e-6 with 256 rollouts per round, 4 PPO epochs, mini-batch 64,
-    L_PT on `pretrain`. `teacher_sft` fine-tunes the teacher itself (no distillation)."""
-    c.task = "sft" if method == "teacher_sft" else method
-    c.teacher = "" if method in ("sft", "teacher_sft") else teacher
-    c.student = teacher if method == "teacher_sft" else (sft_student if method == "minillm" else student)
+
+def epochs(count: float, batch_size: int, examples: int = DOLLY_TRAIN) -> int:
+    """Optimizer steps of `count` epochs: preset step counts are derived, never typed in."""
+    return math.ceil(count * examples / batch_size)
+
+
+def paper_setup(c: ml_collections.ConfigDict, method: str, *, teacher: str, student: str, sft_lr: float,
+                sft_init: str, pretrain: str, teacher_epochs: int = 10) -> ml_collections.ConfigDict:
+    """The paper's recipe for one method (minillm.md sections 2-3) on Dolly, with the Alpaca template and
+    the reference's tokenisation (no special tokens on prompts), reading the prepared data under
+    data.root ("data": `python -m minillm_jax.data.prepare dolly --output data`).
+
+    - sft_init: the student's Phase 1: SFT (batch 32, 20 epochs, cosine to 1e-7, weight decay 0.01, the
+      model's dropout) selected by the LOWEST validation loss, what `minillm` starts from (`sft_init`).
+    - sft: the SFT baseline, the same training selected by validation Rouge-L.
+    - kd / seqkd: the same recipe with the teacher (word-level KD; SFT on the teacher's answers).
+    - minillm: 5,000 steps of lr 5e-6 from the sft_init student, 256 rollouts per round, 4 PPO epochs,
+      mini-batch 64, L_PT on `pretrain` (rounds of 16 steps: the run ends at step 5,008).
+    - teacher_sft: fine-tunes the teacher itself for `teacher_epochs` (10 for models over 1.3B, as the
+      paper's sft_xlarge.sh), selected by validation Rouge-L.
+
+    The reference's global batch is 16 per GPU times the GPU count (and gradient accumulation); ours is
+    the fixed batch_size here, whatever the device count."""
+    c.task = "sft" if method in ("teacher_sft", "sft_init") else method
+    c.teacher = "" if method in ("sft", "sft_init", "teacher_sft") else teacher
+    c.student = teacher if method == "teacher_sft" else (sft_init if method == "minillm" else student)
     c.dtype, c.compute_dtype = "float32", "bfloat16"
+    c.data.root = PAPER_DATA
+    c.data.train, c.data.valid = "dolly/train_minillm_exact.jsonl", "dolly/valid.jsonl"
+    c.data.add_special_tokens = False
     if method == "minillm":
         c.steps, c.batch_size = 5000, 64
         c.data.pretrain, c.data.pretrain_field = pretrain, "text"
         return c
-    c.steps, c.batch_size = 7140, 32
+    c.batch_size = 32
+    c.steps = epochs(teacher_epochs if method == "teacher_sft" else 20, c.batch_size)
     c.optimizer.update(dict(learning_rate=sft_lr, schedule="cosine", weight_decay=0.01, warmup_steps=0))
-    c.eval_every = c.checkpoint_every = 357  # every half epoch
+    c.eval_every = c.checkpoint_every = epochs(1, c.batch_size)
+    if method == "sft_init":
+        c.best_metric, c.best_mode = "valid/loss", "min"
     return c
 
 

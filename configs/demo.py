@@ -34,8 +34,7 @@ def get_config(preset: str | None = None):
     c.data.template = "chat"
     c.data.max_prompt_length = 128
     c.data.max_length = 256
-    c.data.pretrain = str(DEMO_DATA)  # L_PT on the training answers (the demo ships no other corpus)
-    c.data.pretrain_field = "output"
+    c.data.pretrain = "@train"  # L_PT on the training answers (the demo ships no other corpus)
     c.data.pretrain_length = 128
     c.sampling.max_new_tokens = 64
     c.steps = 32
@@ -43,12 +42,11 @@ def get_config(preset: str | None = None):
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 4
     c.minillm.num_rollouts = 32
-    c.minillm.minibatch_size = 8
     c.minillm.ppo_epochs = 2
     c.eval_every = c.steps
     c.checkpoint_every = c.steps
-    c.sample_every = 0
-    c.eval.sets.dolly = ""  # task eval on the demo student: only the sets you name
+    for name in c.eval.sets:  # task eval on the demo student: only the sets you name
+        c.eval.sets[name] = ""
     if preset == "tiny":
         tiny(c)
     elif preset:
@@ -73,11 +71,9 @@ def tiny(c):
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 0
     c.minillm.num_rollouts = 8
-    c.minillm.minibatch_size = 4
     c.minillm.ppo_epochs = 1
     c.eval_every = 2
     c.checkpoint_every = 2
-    c.sample_every = 2
     c.logging.progress = False
     c.eval.sets.dolly = str(DEMO_DATA)
     c.eval.seeds = (10, 20)

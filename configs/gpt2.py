@@ -26,9 +26,9 @@ STUDENTS = {"120m": ("openai-community/gpt2", 5e-4), "340m": ("openai-community/
 
 
 def get_config(preset: str | None = "minillm-120m"):
-    method, size = parse_preset(preset, ("teacher_sft", "sft", "kd", "seqkd", "minillm"), tuple(STUDENTS),
+    method, size = parse_preset(preset, ("teacher_sft", "sft_init", "sft", "kd", "seqkd", "minillm"), tuple(STUDENTS),
                                 "configs/gpt2.py")
     student, lr = STUDENTS[size]
     return paper_setup(base(), method, teacher="runs/gpt2-1.5b-sft/hf" if method != "teacher_sft" else student,
-                       student=student, sft_lr=lr, sft_student=f"runs/gpt2-{size}-sft/hf",
+                       student=student, sft_lr=lr, sft_init=f"runs/gpt2-{size}-sft_init/hf",
                        pretrain="Skylion007/openwebtext")

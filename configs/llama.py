@@ -19,11 +19,11 @@ STUDENTS = {"7b": ("meta-llama/Llama-2-7b-hf", 1e-5), "13b": ("meta-llama/Llama-
 
 
 def get_config(preset: str | None = "minillm-7b"):
-    method, size = parse_preset(preset, ("teacher_sft", "sft", "kd", "seqkd", "minillm"), tuple(STUDENTS),
+    method, size = parse_preset(preset, ("teacher_sft", "sft_init", "sft", "kd", "seqkd", "minillm"), tuple(STUDENTS),
                                 "configs/llama.py")
     student, lr = STUDENTS[size]
     c = paper_setup(base(), method, teacher="runs/llama-13b-sft/hf" if method != "teacher_sft" else student,
-                    student=student, sft_lr=lr, sft_student=f"runs/llama-{size}-sft/hf",
+                    student=student, sft_lr=lr, sft_init=f"runs/llama-{size}-sft_init/hf",
                     pretrain="Skylion007/openwebtext")
     c.dtype = "bfloat16"
     c.remat = "dots"

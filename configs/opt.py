@@ -23,11 +23,11 @@ STUDENTS = {"1.3b": ("facebook/opt-1.3b", 1e-5), "2.7b": ("facebook/opt-2.7b", 1
 
 
 def get_config(preset: str | None = "minillm-1.3b"):
-    method, size = parse_preset(preset, ("teacher_sft", "sft", "kd", "seqkd", "minillm"), tuple(STUDENTS),
+    method, size = parse_preset(preset, ("teacher_sft", "sft_init", "sft", "kd", "seqkd", "minillm"), tuple(STUDENTS),
                                 "configs/opt.py")
     student, lr = STUDENTS[size]
     c = paper_setup(base(), method, teacher="runs/opt-13b-sft/hf" if method != "teacher_sft" else student,
-                    student=student, sft_lr=lr, sft_student=f"runs/opt-{size}-sft/hf",
+                    student=student, sft_lr=lr, sft_init=f"runs/opt-{size}-sft_init/hf",
                     pretrain="Skylion007/openwebtext")
     c.dtype = "bfloat16"
     c.remat = "dots"

@@ -22,11 +22,13 @@ STUDENTS = {"0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", 1e-5), "1.5b": ("Qwen/Qwen2.5
 
 
 def get_config(preset: str | None = "minillm-0.5b"):
-    method, size = parse_preset(preset, ("sft", "kd", "seqkd", "minillm", "gkd", "distillm"), tuple(STUDENTS),
+    method, size = parse_preset(preset, ("sft_init", "sft", "kd", "seqkd", "minillm", "gkd", "distillm"),
+                                tuple(STUDENTS),
                                 "configs/qwen.py")
     student, lr = STUDENTS[size]
     c = paper_setup(base(), "sft" if method in ("gkd", "distillm") else method, teacher="Qwen/Qwen2.5-7B-Instruct",
-                    student=student, sft_lr=lr, sft_student=student, pretrain="Skylion007/openwebtext")
+                    student=student, sft_lr=lr, sft_init=f"runs/qwen-{size}-sft_init/hf",
+                    pretrain="Skylion007/openwebtext")
     if method in ("gkd", "distillm"):
         c.task, c.teacher = method, "Qwen/Qwen2.5-7B-Instruct"
     c.data.template = "chat"

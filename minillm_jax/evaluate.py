@@ -40,6 +40,7 @@ from minillm_jax.eval_metrics import (
 from minillm_jax.models.transformer import Transformer
 from minillm_jax.sampling import DEFAULT_BUCKETS, SampleOutput, SamplingConfig, generate, pad_prompts
 from minillm_jax.sharding import to_host
+from minillm_jax.workdir import atomic_write_text
 
 __all__ = ["Answers", "EvalSet", "LENGTH_BUCKETS", "calibration", "evaluate_model", "exact_match",
            "expected_calibration_error", "exposure_bias", "generate_texts", "load_eval_set", "normalize_answer",
@@ -243,7 +244,7 @@ def _prefix_kl(student_def, student_state, teacher_def, teacher_state, ids, mask
         return losses.log_probs(logits, num_real)
 
     log_q, log_p = log_probs(student_def, student_state), log_probs(teacher_def, teacher_state)
-    kl = losses.token_divergence("forward_kl")(log_q, log_p, None)
+    kl = losses.forward_kl(log_q, log_p)
     return jnp.where(mask[:, -length:], kl, 0.0)
 
 
@@ -346,7 +347,7 @@ def write_report(results: dict, workdir: str | os.PathLike) -> tuple[pathlib.Pat
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = workdir / "results.json", workdir / "results.md"
-    json_path.write_text(json.dumps(results, indent=2, default=_to_json))
+    atomic_write_text(json_path, json.dumps(results, indent=2, default=_to_json))
     lines = ["| model | set | n | Rouge-L | exact match | length | reverse KL |", "|---|---|---|---|---|---|---|"]
     buckets = ["", "Rouge-L by gold-response length (tokens), mean (count):", "",
                "| model | set | buckets |", "|---|---|---|"]
@@ -357,7 +358,7 @@ def write_report(results: dict, workdir: str | os.PathLike) -> tuple[pathlib.Pat
         cells = [f"{b['bucket']}: {'–' if b['mean'] is None else format(b['mean'], '.1f')} ({b['count']})"
                  for b in r.get("rouge_l_by_length", [])]
         buckets.append(f"| {model_name} | {set_name} | {'; '.join(cells)} |")
-    md_path.write_text("\n".join(lines + buckets) + "\n")
+    atomic_write_text(md_path, "\n".join(lines + buckets) + "\n")
     return json_path, md_path
 
 
@@ -389,8 +390,9 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike, png_path: str | os.PathLi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in pathlib.Path(metrics_jsonl_path).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "step" in r]
+    from minillm_jax.tracking import read_metrics
+
+    rows = [r for r in read_metrics(metrics_jsonl_path) if "step" in r]
     if keys is None:
         keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))
                        and not isinstance(v, bool)})

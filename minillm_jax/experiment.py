@@ -1,7 +1,5 @@
-"""From a validated config to the things a task runs on: the mesh, the tokenizer, teacher and student, the
-instruction data and the sampling settings. Config validation lives here too, so every bad value is
-reported once, at the boundary, naming the key.
-"""
+"""From a validated `config.RunConfig` to the things a task runs on: the mesh, the tokenizer, teacher and
+student (each created or loaded straight into its shardings), and the sampling settings."""
 
 from __future__ import annotations
 
@@ -13,72 +11,12 @@ import jax
 from flax import nnx
 
 from minillm_jax import sharding
+from minillm_jax.config import TEACHER_GENERATES, ConfigError, RunConfig
 from minillm_jax.models import Transformer, load_pretrained, load_tokenizer, select_layers
 from minillm_jax.models.tiny import byte_tokenizer, parse_random_spec
 from minillm_jax.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
-
-TASKS = ("sft", "kd", "seqkd", "minillm", "gkd", "distillm", "generate", "eval")
-NEEDS_TEACHER = ("kd", "seqkd", "minillm", "gkd", "distillm")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
-
-
-def validate(config) -> None:
-    """Checks that need no files: task, required models, value ranges. Raises ConfigError."""
-    def fail(key, message):
-        raise ConfigError(f"config.{key}: {message}")
-
-    if config.task not in TASKS:
-        fail("task", f"{config.task!r} is not a task (expected one of {', '.join(TASKS)})")
-    if config.task in NEEDS_TEACHER and not config.teacher:
-        fail("teacher", f"task {config.task!r} needs a teacher (--config.teacher=<HF dir, hub name or .gguf>)")
-    needs_student = config.task not in ("eval", "generate") or config.eval.model in ("student", "both")
-    if needs_student and not config.student and not config.student_layers:
-        fail("student", "set a student model, or student_layers to initialise it from teacher layers")
-    if config.student_layers and not config.teacher:
-        fail("student_layers", "initialising the student from teacher layers needs config.teacher")
-    if config.student and config.student_layers:
-        fail("student_layers", "give either config.student or config.student_layers, not both")
-    for key in ("steps", "batch_size", "accumulate_steps"):
-        if config[key] < 1:
-            fail(key, f"{config[key]} must be >= 1")
-    if config.optimizer.learning_rate <= 0:
-        fail("optimizer.learning_rate", f"{config.optimizer.learning_rate} must be > 0")
-    if config.optimizer.schedule not in ("constant", "cosine"):
-        fail("optimizer.schedule", f"{config.optimizer.schedule!r}: expected 'constant' or 'cosine'")
-    if config.data.template not in ("alpaca", "chat"):
-        fail("data.template", f"{config.data.template!r}: expected 'alpaca' or 'chat'")
-    if config.data.on_error not in ("fail", "skip"):
-        fail("data.on_error", f"{config.data.on_error!r}: expected 'fail' or 'skip'")
-    if config.task in ("sft", "kd", "seqkd", "minillm", "gkd", "distillm") and not config.data.train:
-        fail("data.train", "training needs a data file or hub dataset")
-    if config.minillm.importance not in ("token", "sequence"):
-        fail("minillm.importance", f"{config.minillm.importance!r}: expected 'token' or 'sequence'")
-    for key in ("minillm.mix_alpha", "gkd.lmbda", "distillm.initial_sgo_prob", "distillm.max_sgo_prob",
-                "distillm.replay_reuse"):
-        section, name = key.split(".")
-        if not 0.0 <= config[section][name] <= 1.0:
-            fail(key, f"{config[section][name]} must be in [0, 1]")
-    if config.task == "minillm" and config.minillm.num_rollouts % config.minillm.minibatch_size:
-        fail("minillm.num_rollouts", f"{config.minillm.num_rollouts} is not a multiple of minillm.minibatch_size="
-             f"{config.minillm.minibatch_size}")
-    if config.distillm.divergence not in ("skew_kl", "skew_reverse_kl"):
-        fail("distillm.divergence", f"{config.distillm.divergence!r}: expected 'skew_kl' or 'skew_reverse_kl'")
-    if config.eval.model not in ("student", "teacher", "both"):
-        fail("eval.model", f"{config.eval.model!r}: expected 'student', 'teacher' or 'both'")
-    if config.eval.model in ("teacher", "both") and config.task == "eval" and not config.teacher:
-        fail("teacher", "eval.model includes the teacher but config.teacher is empty")
-    if config.export.select not in ("best", "last"):
-        fail("export.select", f"{config.export.select!r}: expected 'best' or 'last'")
-    if config.mesh.teacher_rules not in ("auto", "sample", "train"):
-        fail("mesh.teacher_rules", f"{config.mesh.teacher_rules!r}: expected 'auto', 'sample' or 'train'")
-    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        fail("mesh", f"sizes {sizes}: each must be >= 1, and at most one may be -1")
 
 
 @dataclasses.dataclass
@@ -89,28 +27,30 @@ class Models:
     mesh: jax.sharding.Mesh
 
 
-def build_mesh(config) -> jax.sharding.Mesh:
+def build_mesh(config: RunConfig) -> jax.sharding.Mesh:
     try:
         return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     except ValueError as e:
         raise ConfigError(f"config.mesh: {e}") from None
 
 
-def load_models(config, mesh: jax.sharding.Mesh) -> Models:
+def load_models(config: RunConfig, mesh: jax.sharding.Mesh, tokenizer=None) -> Models:
     """The tokenizer, the teacher (placed by `teacher_rules`) and the student (training rules), each created or
     loaded straight into its shardings. Teacher and student must share a tokenizer; vocabularies that
     differ only by padding are fine."""
-    tokenizer = _load_tokenizer(config)
-    dtype, compute = config.dtype, config.compute_dtype or config.dtype
+    tokenizer = tokenizer if tokenizer is not None else load_run_tokenizer(config)
+    check_same_tokenizer(config, tokenizer)
+    dtype, compute = config.dtype, config.compute_dtype
     teacher = _load_model(config.teacher, tokenizer, config, mesh, teacher_rules(config), seed=config.seed + 1) \
         if config.teacher else None
     if config.student_layers:
+        if max(config.student_layers) >= teacher.config.num_layers:
+            raise ConfigError(f"--config.student_layers: {config.student_layers} names a layer beyond the teacher's "
+                              f"{teacher.config.num_layers} (indices 0..{teacher.config.num_layers - 1})")
         student = select_layers(teacher, list(config.student_layers))
         student = sharding.shard_model(_cast(student, dtype, compute, config.remat), mesh, sharding.TRAIN_RULES)
     elif config.student:
         student = _load_model(config.student, tokenizer, config, mesh, sharding.TRAIN_RULES, seed=config.seed)
-        if teacher is not None:
-            check_same_tokenizer(config)
     else:
         student = None
     for name, model in (("teacher", teacher), ("student", student)):
@@ -119,10 +59,7 @@ def load_models(config, mesh: jax.sharding.Mesh) -> Models:
     return Models(tokenizer=tokenizer, student=student, teacher=teacher, mesh=mesh)
 
 
-TEACHER_GENERATES = ("minillm", "seqkd", "generate", "eval")
-
-
-def teacher_rules(config) -> sharding.Rules:
+def teacher_rules(config: RunConfig) -> sharding.Rules:
     """The teacher's placement: sampling rules (weights whole along fsdp) where it generates, training
     rules (fsdp-sharded, the least memory) where it only scores teacher-forced batches."""
     choice = config.mesh.teacher_rules
@@ -131,12 +68,14 @@ def teacher_rules(config) -> sharding.Rules:
     return sharding.SAMPLE_RULES if choice == "sample" else sharding.TRAIN_RULES
 
 
-def _load_tokenizer(config):
+def load_run_tokenizer(config: RunConfig):
+    """The tokenizer of the run: `config.tokenizer` ("byte": the built-in one), else the student's, else the
+    teacher's."""
     if config.tokenizer == "byte":
         return byte_tokenizer()
     source = config.tokenizer or config.student or config.teacher
     if source.startswith("random:"):
-        raise ConfigError("config.tokenizer: random models need a tokenizer (e.g. --config.tokenizer=byte)")
+        raise ConfigError("--config.tokenizer: random models need a tokenizer (e.g. --config.tokenizer=byte)")
     return load_tokenizer(source)
 
 
@@ -145,7 +84,7 @@ def _load_model(spec: str, tokenizer, config, mesh, rules, seed: int):
         model_config = parse_random_spec(spec, len(tokenizer)).replace(
             param_dtype=config.dtype, dtype=config.compute_dtype or config.dtype, remat=config.remat)
         return sharding.create_model(lambda: Transformer(model_config, rngs=nnx.Rngs(seed)), mesh, rules)
-    return load_pretrained(spec, dtype=config.dtype, compute_dtype=config.compute_dtype or None, mesh=mesh,
+    return load_pretrained(spec, dtype=config.dtype, compute_dtype=config.compute_dtype, mesh=mesh,
                            rules=rules, remat=config.remat, real_vocab_size=len(tokenizer))
 
 
@@ -163,29 +102,34 @@ def _cast(model, dtype: str, compute: str, remat: str):
     return skeleton
 
 
-def check_same_tokenizer(config) -> None:
-    """Refuse a teacher and a student whose tokenizers map text to different ids."""
-    if config.tokenizer or config.teacher.startswith("random:") or config.student.startswith("random:"):
-        return
-    teacher_vocab = load_tokenizer(config.teacher).get_vocab()
-    student_vocab = load_tokenizer(config.student).get_vocab()
-    if teacher_vocab != student_vocab:
-        differ = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:3]
-        raise ConfigError(f"config.teacher ({config.teacher}) and config.student ({config.student}) have different "
-                          f"tokenizers ({len(teacher_vocab)} vs {len(student_vocab)} entries; e.g. {differ}); "
-                          "MiniLLM and KD need one shared vocabulary")
+def check_same_tokenizer(config: RunConfig, tokenizer) -> None:
+    """Refuse models whose own tokenizers map text to other ids than the run's tokenizer (also when
+    `config.tokenizer` overrides them: a model trained on other ids would learn nonsense)."""
+    run_source = config.tokenizer or config.student or config.teacher
+    for key in ("teacher", "student"):
+        source = getattr(config, key)
+        if not source or source.startswith("random:") or source == run_source:
+            continue
+        own = load_tokenizer(source).get_vocab()
+        if own != tokenizer.get_vocab():
+            differ = sorted(set(own.items()) ^ set(tokenizer.get_vocab().items()))[:3]
+            run = f"--config.tokenizer={config.tokenizer}" if config.tokenizer else "the other model"
+            raise ConfigError(f"--config.{key} ({source}) has a different tokenizer from the run's ({run}: "
+                              f"{len(own)} vs {len(tokenizer.get_vocab())} entries; e.g. {differ}); teacher, student "
+                              "and data must share one vocabulary")
 
 
-def sampling_config(config, tokenizer, *, max_new_tokens: int | None = None, no_repeat_ngram_size: int = 0
-                    ) -> SamplingConfig:
+def sampling_config(config: RunConfig, tokenizer, prompt_buckets=None, **changes) -> SamplingConfig:
+    """The run's sampling settings as the sampler's static config; prompts padded to `prompt_buckets`
+    (default: a few up to data.max_prompt_length)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     longest = config.data.max_prompt_length
-    buckets = tuple(b for b in (32, 64, 128, 256, 512, 1024, 2048) if b < longest) + (longest,)
-    return SamplingConfig(max_new_tokens=max_new_tokens or config.sampling.max_new_tokens,
-                          temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-                          top_p=config.sampling.top_p, eos_token_id=eos, pad_token_id=pad,
-                          no_repeat_ngram_size=no_repeat_ngram_size, prompt_buckets=buckets)
+    buckets = prompt_buckets or tuple(b for b in (32, 64, 128, 256, 512, 1024, 2048) if b < longest) + (longest,)
+    s = config.sampling
+    return SamplingConfig(**{**dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                                    top_p=s.top_p, eos_token_id=eos, pad_token_id=pad,
+                                    prompt_buckets=tuple(buckets)), **changes})
 
 
 def workdir_path(workdir: str) -> pathlib.Path:

@@ -1,262 +1,448 @@
-"""The run behind `main.py`: load models and data, train with validation and checkpoints, report
-before/after, export the student to HF; or evaluate / generate without training.
+"""The run behind `main.py`: one generic training loop for every method, and the hand-off to the tasks that
+train nothing (`inference.py`).
 
-Workdir: config.json (the resolved config), student/ (the student's HF config and tokenizer), checkpoints/
-(Orbax), metrics.jsonl, tensorboard/, summary.md, hf/ (the exported student).
+Training: read and tokenise the data, check the workdir (a resume must match the checkpointed run's
+config; nothing is written before these checks), load the models, build the method (`trainers/`), then
+repeat: the feed's next host inputs -> the method's compiled update (one optimizer step, or a whole
+MiniLLM round) -> its metrics, read only after the next update is dispatched. Validation and checkpoints
+happen at update ends, on the same state: every validated state is saved and ranked by `best_metric`.
+SIGINT/SIGTERM finish the current update, save it and stop; rerunning the same command continues.
+
+Workdir: config.json, student/ (the student's HF config and tokenizer), checkpoints/, metrics.jsonl,
+tensorboard/, summary.md, curves.png, hf/ (the exported student), greedy_before.json.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import pathlib
+import shutil
+import signal
 import time
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from minillm_jax import checkpoint, evaluate
-from minillm_jax.data import InstructionData, PackedText, format_prompt, load_records, response_text
-from minillm_jax.data.instructions import split_messages
-from minillm_jax.experiment import build_mesh, load_models, sampling_config, workdir_path
+from minillm_jax import checkpoint, inference, report, sharding
+from minillm_jax.config import RESUMABLE_CHANGES, ConfigError, RunConfig
+from minillm_jax.data import InstructionData, RecordError, load_records
+from minillm_jax.experiment import build_mesh, load_models, load_run_tokenizer, sampling_config, workdir_path
 from minillm_jax.models.hf import save_config
-from minillm_jax.tasks import Context, field_map, make_task, pad_to_bucket
 from minillm_jax.tracking import MetricWriter
-from minillm_jax.trainers import sft
-from minillm_jax.trainers.common import jit_eval_step, make_optimizer, sharded_train_state
+from minillm_jax.trainers import METHODS
+from minillm_jax.trainers.common import Setup, jit_update, make_optimizer, sharded_train_state
+from minillm_jax.validation import Validator
+from minillm_jax.workdir import WorkdirLock, atomic_directory, atomic_write_json, config_differences
 
 logger = logging.getLogger(__name__)
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "summary.md", "curves.png", "hf", "student", "config.json",
+             "greedy_before.json", "seqkd", "student.gguf")
 
-def run(config, workdir: str) -> dict:
+
+def run(config: RunConfig, workdir: str) -> dict:
     """Run `config.task` in `workdir`; returns the final metrics (or evaluation results)."""
-    workdir = workdir_path(workdir)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    models = load_models(config, build_mesh(config))
-    writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard, wandb=config.logging.wandb,
-                          wandb_project=config.logging.wandb_project, config=config.to_dict())
-    try:
+    path = workdir_path(workdir)
+    lock = WorkdirLock(path) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        if config.trains:
+            return train(config, path)
         if config.task == "eval":
-            return run_eval(config, workdir, models)
-        if config.task == "generate":
-            return run_generate(config, workdir, models)
-        return train(config, workdir, models, writer)
-    finally:
-        writer.close()
+            inference.check_sets(config)
+        models = load_models(config, build_mesh(config))
+        if jax.process_index() == 0:
+            atomic_write_json(path / f"{config.task}_config.json", config.raw)
+        run_task = inference.run_eval if config.task == "eval" else inference.run_generate
+        return run_task(config, path, models)
 
 
 # ------------------------------------------------------------------------------------------ data
 
 
-def read_split(config, source: str, split: str, limit: int = 0) -> list[dict]:
-    records, skipped = load_records(source, field_map(config), split=split, on_error=config.data.on_error)
-    if skipped:
-        logger.warning("%s: skipped %d malformed records", source, skipped)
-    return records[:limit] if limit else records
+@dataclasses.dataclass
+class RunData:
+    train: InstructionData
+    valid_records: list[dict]
+    description: str
 
 
-def train_and_valid_records(config) -> tuple[list[dict], list[dict]]:
-    records = read_split(config, config.data.train, config.data.split)
-    if config.data.holdout:
-        records, valid = records[:-config.data.holdout], records[-config.data.holdout:]
-    elif config.data.valid:
-        valid = read_split(config, config.data.valid, config.data.valid_split)
+def read_data(config: RunConfig, tokenizer) -> RunData:
+    """The training examples (tokenised, length-filtered) and the held-out validation records."""
+    d = config.data
+    records = _records(config, d.train, d.split, "data.train")
+    if d.holdout:
+        if d.holdout >= len(records):
+            raise ConfigError(f"--config.data.holdout: {d.holdout} held-out records leave none of the "
+                              f"{len(records)} in {d.train} to train on")
+        records, valid = records[:-d.holdout], records[-d.holdout:]
+        where = f"the last {d.holdout} records of data.train (data.holdout)"
+    elif d.valid:
+        valid = _records(config, d.valid, d.valid_split, "data.valid")
+        where = d.valid
     else:
-        valid = []
-    if config.data.max_train_examples:
-        records = records[:config.data.max_train_examples]
-    return records, valid[:config.data.valid_examples] if config.data.valid_examples else valid
+        valid, where = [], "none"
+    if d.max_train_examples:
+        records = records[:d.max_train_examples]
+    if d.valid_examples:
+        valid = valid[:d.valid_examples]
+    # MiniLLM samples its own answers: its prompts are filtered on the prompt length only (as the reference)
+    max_length = 1 << 30 if config.task == "minillm" else d.max_length
+    data = InstructionData.build(records, tokenizer, d.fields, template=d.template,
+                                 max_prompt_length=d.max_prompt_length, max_length=max_length,
+                                 add_special_tokens=d.add_special_tokens)
+    if not len(data):
+        raise ConfigError(f"--config.data.max_prompt_length: none of the {len(records)} records of {d.train} fits "
+                          f"max_prompt_length={d.max_prompt_length}" + (f" and max_length={d.max_length}"
+                                                                        if config.task != "minillm" else ""))
+    rows = config.method.num_rollouts if config.task == "minillm" else config.batch_size
+    key = "minillm.num_rollouts" if config.task == "minillm" else "batch_size"
+    if rows > len(data):
+        raise ConfigError(f"--config.{key}: {rows} rows per batch, but {d.train} has only {len(data)} usable examples")
+    description = (f"train: {len(data)} examples from {d.train} ({data.dropped} dropped by the length limits); "
+                   f"validation: {len(valid)} records ({where})")
+    if config.task == "minillm" and config.method.pt_coef and d.pretrain:
+        description += f"; L_PT: {d.pretrain}" + (f" (field {d.pretrain_field!r})" if d.pretrain_field else "")
+    return RunData(train=data, valid_records=valid, description=description)
 
 
-def prompt_ids(config, tokenizer, record) -> list[int]:
-    """A record's prompt, truncated to its first max_prompt_length tokens (as the paper's evaluation)."""
-    text = format_prompt(record, field_map(config), template=config.data.template, tokenizer=tokenizer)
-    return tokenizer(text, add_special_tokens=True)["input_ids"][:config.data.max_prompt_length]
+def _records(config: RunConfig, source: str, split: str, key: str) -> list[dict]:
+    try:
+        records, skipped = load_records(source, config.data.fields, split=split, on_error=config.data.on_error)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--config.{key}: {e}" + _prepare_hint(config)) from None
+    except RecordError as e:  # an empty file, or a malformed record under data.on_error=fail
+        raise ConfigError(f"--config.{key}: {e}") from None
+    if skipped:
+        logger.warning("%s: skipped %d malformed records (data.on_error=skip)", source, skipped)
+        print(f"warning: {source}: skipped {skipped} malformed records (data.on_error=skip)", flush=True)
+    if not records:
+        raise ConfigError(f"--config.{key}: {source} holds no records")
+    return records
 
 
-# ------------------------------------------------------------------------------------------ validation
+def _prepare_hint(config: RunConfig) -> str:
+    if config.data.root:
+        return (f" (the paper's data sets are made with `python -m minillm_jax.data.prepare <set> --output "
+                f"{config.data.root}`)")
+    return ""
 
 
-GOLD_ROWS = 8  # rows per chunk of the validation cross-entropy
+# ------------------------------------------------------------------------------------------ workdir
 
 
-class Validator:
-    """Held-out prompts: the student's sampled answers scored by Rouge-L against the gold answers and,
-    with a teacher, against the teacher's answers (sampled once), the reverse KL to the teacher on the
-    student's own samples, and the student's cross-entropy on the gold answers."""
+def check_workdir(config: RunConfig, workdir: pathlib.Path) -> None:
+    """Refuse to mix runs: a workdir with checkpoints is resumed only under a compatible config, and is
+    never started over unless `overwrite` moves the old run aside (nothing is deleted)."""
+    steps = saved_steps(workdir / "checkpoints")
+    if not steps:
+        return
+    if config.resume:
+        saved_path = workdir / "config.json"
+        if not saved_path.exists():
+            return
+        saved = json.loads(saved_path.read_text())
+        differences = config_differences(saved, config.raw, ignore=RESUMABLE_CHANGES)
+        if not differences:
+            return
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])
+        raise ConfigError(f"--workdir {workdir} holds checkpoints (steps {steps[0]}..{steps[-1]}) of a run with "
+                          f"another config ({listed}). Resume with the same config, use another --workdir, or add "
+                          "--config.overwrite=True to move the old run aside and start fresh")
+    if not config.overwrite:
+        raise ConfigError(f"--workdir {workdir} holds checkpoints (steps {steps[0]}..{steps[-1]}) and --config.resume "
+                          "is False: use another --workdir, or add --config.overwrite=True to move the old run aside "
+                          "and start fresh")
 
-    def __init__(self, ctx: Context, records: list[dict]):
-        c, tokenizer = ctx.config, ctx.tokenizer
-        self.ctx = ctx
-        self.records = records
-        self.prompts = [prompt_ids(c, tokenizer, r) for r in records]
-        self.gold = [[response_text(r, field_map(c))] for r in records]
-        self.gold_data = InstructionData.build(records, tokenizer, field_map(c), template=c.data.template,
-                                               max_prompt_length=c.data.max_prompt_length,
-                                               max_length=c.data.max_length)
-        self.teacher_texts = self._answers(ctx.teacher, seed=1).texts if ctx.teacher is not None and records else None
-        self._ce = jit_eval_step(lambda params, batch: sft.sft_loss(params, ctx.graphdef, batch)[0], ctx.layout,
-                                 GOLD_ROWS)
 
-    def _answers(self, model, seed: int, teacher=None) -> evaluate.Answers:
-        return evaluate.sample_answers(model, self.ctx.tokenizer, self.prompts, self.ctx.sampling,
-                                       self.ctx.key(seed, 5), self.ctx.config.batch_size, teacher=teacher)
+def saved_steps(directory: pathlib.Path) -> list[int]:
+    """Committed checkpoint steps (Orbax names each step's directory by its number), read without opening
+    a manager (which would create or clean the directory)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
-    def __call__(self, params) -> tuple[dict, list[str]]:
-        if not self.records:
-            return {}, []
-        student = nnx.merge(self.ctx.graphdef, params)
-        metrics = {}
-        answers = self._answers(student, seed=2, teacher=self.ctx.teacher)
-        texts = answers.texts
-        if self.ctx.teacher is not None:
-            metrics["valid/reverse_kl"] = float(np.mean(answers.reverse_kl))
-            metrics["valid/reverse_kl_per_token"] = float(np.sum(answers.reverse_kl) / max(answers.scored_tokens, 1))
-            metrics["valid/rouge_l_teacher"] = evaluate.score(texts, [[t] for t in self.teacher_texts])["rouge_l"]
-        scores = evaluate.score(texts, self.gold)
-        metrics["valid/rouge_l"], metrics["valid/exact_match"] = scores["rouge_l"], scores["exact_match"]
-        if len(self.gold_data):
-            losses, count = [], len(self.gold_data)
-            for i in range(0, count, GOLD_ROWS):  # fixed-size chunks: a short last one repeats its last row
-                rows = list(range(i, min(i + GOLD_ROWS, count)))
-                batch = self.gold_data.collate(rows + [rows[-1]] * (GOLD_ROWS - len(rows)))
-                batch["loss_mask"][len(rows):] = 0  # ... which does not count
-                batch = self.ctx.place(pad_to_bucket(batch, self.gold_data.pad_token_id))
-                losses.append(float(self._ce(params, batch)))
-            metrics["valid/loss"] = float(np.mean(losses))
-        return metrics, texts
+
+def move_aside(workdir: pathlib.Path) -> pathlib.Path | None:
+    """Move an earlier run's files into workdir/replaced/<time>/ (the `overwrite` start)."""
+    present = [name for name in RUN_FILES if (workdir / name).exists()]
+    if not present:
+        return None
+    target = workdir / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=False)
+    for name in present:
+        shutil.move(str(workdir / name), str(target / name))
+    return target
 
 
 # ------------------------------------------------------------------------------------------ training
 
 
-def train(config, workdir: pathlib.Path, models, writer: MetricWriter) -> dict:
-    c, tokenizer = config, models.tokenizer
-    if c.batch_size % c.accumulate_steps:
-        raise ValueError(f"config.batch_size={c.batch_size} is not a multiple of accumulate_steps={c.accumulate_steps}")
-    records, valid_records = train_and_valid_records(c)
-    data = InstructionData.build(records, tokenizer, field_map(c), template=c.data.template,
-                                 max_prompt_length=c.data.max_prompt_length, max_length=c.data.max_length)
-    print(f"train: {len(data)} examples ({data.dropped} dropped by the length limits), valid: {len(valid_records)}")
-    if not len(data):
-        raise ValueError(f"config.data.train={c.data.train}: no example fits max_prompt_length="
-                         f"{c.data.max_prompt_length} / max_length={c.data.max_length}")
-    o = c.optimizer
-    tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
-                                  total_steps=c.steps, schedule=o.schedule, end_learning_rate=o.end_learning_rate,
+def train(config: RunConfig, workdir: pathlib.Path) -> dict:
+    tokenizer = load_run_tokenizer(config)
+    data = read_data(config, tokenizer)
+    check_workdir(config, workdir)
+    mesh = build_mesh(config)
+    models = load_models(config, mesh, tokenizer)
+    primary = jax.process_index() == 0
+    if primary and config.overwrite and not config.resume:
+        moved = move_aside(workdir)
+        if moved:
+            print(f"moved the earlier run in {workdir} aside to {moved}")
+    print(data.description, flush=True)
+
+    o = config.optimizer
+    tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=config.steps,
+                                  schedule=o.schedule, end_learning_rate=o.end_learning_rate,
                                   weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                                  max_grad_norm=o.max_grad_norm or None, accumulate_steps=c.accumulate_steps)
-    if jax.process_index() == 0:
-        save_config(models.student.config, workdir / "student")
-        tokenizer.save_pretrained(str(workdir / "student"))
-    graphdef, state, layout = sharded_train_state(models.student, tx, models.mesh)
-    pretrain = PackedText([c.data.pretrain], tokenizer, seq_len=c.data.pretrain_length,
-                          batch_size=c.minillm.minibatch_size, text_field=c.data.pretrain_field, seed=c.seed) \
-        if c.data.pretrain and c.task == "minillm" else None
-    ctx = Context(config=c, workdir=workdir, tokenizer=tokenizer, teacher=models.teacher, graphdef=graphdef, tx=tx,
-                  schedule=schedule, train=data, records=records, sampling=sampling_config(c, tokenizer),
-                  pretrain=pretrain, mesh=models.mesh, layout=layout.with_teacher(models.teacher))
-    task = make_task(ctx)
-    checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=c.keep_checkpoints,
-                                          best_metric="valid/rouge_l" if valid_records else None)
-    start, state = _maybe_resume(c, checkpoints, state, task, models.mesh)
-    validator = Validator(ctx, valid_records)
-    before = None
-    if c.eval_every and start == 0:
-        print("validating the initial student ...", flush=True)
-        before = validator(state.params)
-        writer.write(0, before[0])
-    final = _train_loop(c, ctx, task, state, start, validator, checkpoints, writer)
-    checkpoints.wait()
-    after_metrics, after_texts, state = final
-    summary = _summary(c, workdir, validator, before, (after_metrics, after_texts))
-    if jax.process_index() == 0:
-        _plot(workdir)
-    if c.export.enabled and jax.process_index() == 0:
-        step = checkpoint.export_step(workdir, None if c.export.select == "best" else checkpoints.latest_step())
-        out = checkpoint.export_hf(workdir, workdir / "hf", step=step, dtype=c.export.dtype or None)
-        print(f"exported the student (step {step}) to {out}")
-    checkpoints.close()
-    return {**after_metrics, "summary": summary}
+                                  max_grad_norm=o.max_grad_norm or None)
+    setup = Setup(config=config, graphdef=nnx.graphdef(models.student), tx=tx, schedule=schedule,
+                  teacher=models.teacher, mesh=mesh, train=data.train, tokenizer=tokenizer, workdir=workdir,
+                  sampling=sampling_config(config, tokenizer))
+    method = METHODS[config.task](setup)
+    graphdef, state, layout = sharded_train_state(models.student, tx, mesh, extra=method.extra)
+    update = jit_update(method.update, layout, setup.teacher_layout, name=config.task)
+    if method.steps_per_update > 1 and config.steps % method.steps_per_update:
+        print(f"note: {config.task} updates make {method.steps_per_update} optimizer steps each, so the run ends at "
+              f"step {math.ceil(config.steps / method.steps_per_update) * method.steps_per_update}")
+
+    checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
+                                          best_metric=config.best_metric or None, best_mode=config.best_mode)
+    try:
+        start, state = resume(config, checkpoints, state, method.feed)
+        if primary:  # only now: a start refused above leaves the earlier run's files as they were
+            atomic_write_json(workdir / "config.json", config.raw)
+            with atomic_directory(workdir / "student", force=True) as student_dir:
+                save_config(models.student.config, student_dir)
+                tokenizer.save_pretrained(str(student_dir))
+        # a run that starts at step 0 logs step 0 (the initial validation) again
+        writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard, wandb=config.logging.wandb,
+                              wandb_project=config.logging.wandb_project, config=config.raw,
+                              resume_step=start if start else -1)
+        validator = Validator.build(config, data.valid_records, tokenizer, graphdef, models.teacher,
+                                    sampling_config(config, tokenizer), layout)
+        loop = Loop(config, workdir, update, method, validator, checkpoints, writer, models.teacher)
+        try:
+            with Interrupts() as interrupts:
+                result = loop.run(state, start, interrupts)
+        finally:
+            writer.close()
+        if interrupts.signum is not None:
+            raise Stopped(loop.done, interrupts.signum)
+        if primary:
+            export(config, workdir, checkpoints)
+        return result
+    finally:
+        checkpoints.close()
 
 
-def _maybe_resume(config, checkpoints, state, task, mesh):
-    """Continue from the newest checkpoint that restores; a damaged one is skipped with a warning."""
+def resume(config: RunConfig, checkpoints: checkpoint.Checkpointer, state, feed) -> tuple[int, object]:
+    """(start step, state): the newest checkpoint that restores intact; a damaged one (corrupt files,
+    non-finite values) is moved to checkpoints/damaged/ with a warning and the one before is tried. A
+    checkpoint of another shape stops the run with the differences."""
     if not config.resume:
         return 0, state
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def target(x):  # placed leaves keep their layout; scalars made on one device are replicated on the mesh
-        placed = isinstance(getattr(x, "sharding", None), NamedSharding)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed else replicated)
-
-    abstract = jax.tree.map(target, state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     for step in reversed(checkpoints.all_steps()):
         try:
             restored, meta = checkpoints.restore(step, abstract)
-        except Exception as e:  # a truncated or corrupt step: fall back to the one before
-            logger.warning("checkpoint step %d does not restore (%s: %s); trying the previous one", step,
-                           type(e).__name__, str(e)[:200])
-            print(f"warning: checkpoint step {step} is damaged ({type(e).__name__}); falling back", flush=True)
+        except (checkpoint.CheckpointCorrupt, checkpoint.NonFiniteState) as e:
+            moved = checkpoints.quarantine(step, str(e))
+            print(f"warning: checkpoint step {step} is damaged ({e}); moved to {moved}, trying the previous one",
+                  flush=True)
             continue
-        task.set_position(meta["task"])
-        print(f"resumed from step {step}")
+        except checkpoint.CheckpointIncompatible as e:
+            raise ConfigError(f"{e} (use another --workdir, or --config.overwrite=True --config.resume=False to move "
+                              "the old run aside)") from None
+        feed.restore(meta["feed"])
+        print(f"resumed from step {step}", flush=True)
         return step, restored
     return 0, state
 
 
-def _checkpoint_due(config, task, done: int, pending: bool) -> tuple[bool, bool]:
-    """(save now, still pending). Every `checkpoint_every` steps and at the end; for MiniLLM a save that
-    falls inside a round waits for the round's end, so that a resume samples the same next round (same
-    state, same key) as an uninterrupted run."""
-    pending = pending or done % config.checkpoint_every == 0
-    if done == config.steps:
-        return True, False
-    if pending and getattr(task, "at_round_end", True):
-        return True, False
-    return False, pending
+def export(config: RunConfig, workdir: pathlib.Path, checkpoints: checkpoint.Checkpointer) -> None:
+    checkpoints.wait()
+    if not config.export.enabled or not checkpoints.all_steps():
+        return
+    step = checkpoint.export_step(workdir, None if config.export.select == "best" else checkpoints.latest_step())
+    if config.export.format in ("hf", "both"):
+        out = checkpoint.export_hf(workdir, workdir / "hf", step=step, dtype=config.export.dtype or None, force=True)
+        print(f"exported the student (step {step}) to {out}")
+    if config.export.format in ("gguf", "both"):
+        from minillm_jax.models.gguf_export import export_gguf_from_workdir
+
+        out = export_gguf_from_workdir(workdir, step, workdir / "student.gguf", type=config.export.gguf_type,
+                                       force=True)
+        print(f"exported the student (step {step}) to {out}")
 
 
-def _train_loop(c, ctx, task, state, start, validator, checkpoints, writer):
-    progress = _progress(c, start)
-    pending, last_time, valid_metrics, valid_texts = None, time.time(), {}, []
-    save_pending = False
-    for step in range(start, c.steps):
-        state, metrics = task.step(state, step)
-        if pending is not None:  # read step N's metrics only after step N+1 is dispatched
-            last_time = _log(writer, progress, *pending, last_time)
-        pending = (step + 1, metrics)
-        done = step + 1
-        if c.sample_every and done % c.sample_every == 0 and validator.records:
-            student = nnx.merge(ctx.graphdef, state.params)
-            answers = evaluate.sample_answers(student, ctx.tokenizer, validator.prompts[:2], ctx.sampling,
-                                              ctx.key(done, 6), batch_size=2)
-            writer.write(done, {"sample": answers.texts[0]})
-        validated = bool(c.eval_every) and (done % c.eval_every == 0 or done == c.steps)
-        if validated:
-            last_time = _log(writer, progress, *pending, last_time)
+class Stopped(Exception):
+    """The run stopped on a signal after saving its state."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, after saving it; rerun the same "
+                         "command to continue")
+        self.step, self.signum = step, signum
+
+
+class Interrupts:
+    """SIGINT/SIGTERM ask the loop to stop after the current update (SIGTERM is how schedulers and
+    preemptible VMs stop a job); a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "Interrupts":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after the current update and saving it (Ctrl-C again to "
+              "stop at once)", flush=True)
+
+    def requested(self) -> bool:
+        """Whether any process was asked to stop (a collective on several processes: every process calls it
+        after every update, so all stop at the same one)."""
+        flag = self.signum is not None
+        if jax.process_count() == 1:
+            return flag
+        return not sharding.on_every_process(not flag)
+
+
+class Loop:
+    """The generic loop: updates, logging, validation, checkpoints, the run summary."""
+
+    def __init__(self, config: RunConfig, workdir: pathlib.Path, update, method, validator: Validator, checkpoints,
+                 writer: MetricWriter, teacher):
+        self.config, self.workdir, self.update, self.method = config, workdir, update, method
+        self.validator, self.checkpoints, self.writer, self.teacher = validator, checkpoints, writer, teacher
+        self.teacher_params = nnx.state(teacher) if teacher is not None else None
+        self.done = 0
+        self.primary = jax.process_index() == 0
+
+    def run(self, state, start: int, interrupts: Interrupts) -> dict:
+        c, S = self.config, self.method.steps_per_update
+        self.done = start
+        validating = bool(c.eval_every) and bool(self.validator.records)
+        before = self._before(state, start) if validating else None
+        next_eval = (start // c.eval_every + 1) * c.eval_every if c.eval_every else math.inf
+        next_save = (start // c.checkpoint_every + 1) * c.checkpoint_every if c.checkpoint_every else math.inf
+        progress = _progress(c, start)
+        pending, valid, clock = None, {}, time.time()
+        mesh = sharding.mesh_of(state.params)
+        while self.done < c.steps:
+            inputs = self.method.feed.next()
+            placed = sharding.place_batch(inputs, mesh) if mesh is not None else inputs
+            state, metrics = self.update(state, self.teacher_params, placed)
+            if pending is not None:  # step N's metrics are read only after update N+1 is dispatched
+                clock = self._log(*pending, clock, progress)
+            pending = (self.done, metrics)
+            self.done += S
+            stop = interrupts.requested()
+            validate = validating and (self.done >= next_eval or self.done >= c.steps)
+            save = validate or self.done >= next_save or self.done >= c.steps or stop
+            if not (validate or save):
+                continue
+            clock = self._log(*pending, clock, progress)
             pending = None
-            valid_metrics, valid_texts = validator(state.params)
-            writer.write(done, valid_metrics)
-            task.on_validation(valid_metrics)
-            if progress is not None:
-                progress.write(" ".join(f"{k}={v:.4g}" for k, v in valid_metrics.items()))
-        save, save_pending = _checkpoint_due(c, task, done, save_pending)
-        if save:
-            checkpoints.save(done, state, {"step": done, "task": task.get_position(), "config": c.to_dict()},
-                             metrics=valid_metrics if validated else None)
-    if pending is not None:
-        _log(writer, progress, *pending, last_time)
-    if progress is not None:
-        progress.close()
-    return valid_metrics, valid_texts, state
+            if validate:
+                valid, texts = self.validator(state.params)
+                self.writer.write(self.done, {**valid, "sample": texts[0]})
+                self.method.feed.after_validation(valid)
+                if progress is not None:
+                    progress.write(f"step {self.done}: " + " ".join(f"{k}={v:.4g}" for k, v in valid.items()))
+                next_eval = (self.done // c.eval_every + 1) * c.eval_every
+            self._save(state, valid if validate else None)
+            if c.checkpoint_every:
+                next_save = (self.done // c.checkpoint_every + 1) * c.checkpoint_every
+            clock = time.time()  # validation and saving are not training time
+            if stop:
+                break
+        if progress is not None:
+            progress.close()
+        self.checkpoints.wait()
+        if before is not None and interrupts.signum is None:
+            return self._finish(state, before, valid)
+        return valid
+
+    def _save(self, state, metrics: dict | None) -> None:
+        meta = {"step": self.done, "feed": self.method.feed.state(), "config": self.config.raw}
+        self.checkpoints.save(self.done, state, meta, metrics=metrics)
+
+    def _log(self, start: int, metrics: dict, clock: float, progress) -> float:
+        """Write the rows of one update: per-step values ([S] arrays) on their steps, per-update values
+        ([]: e.g. a round's rollout statistics) on its first step; raise on a non-finite value."""
+        values = jax.tree.map(np.asarray, jax.device_get(metrics))
+        now = time.time()
+        S = self.method.steps_per_update
+        seconds = (now - clock) / S
+        for i in range(S):
+            row = {k: float(v[i]) if np.ndim(v) else float(v) for k, v in values.items() if np.ndim(v) or i == 0}
+            bad = sorted(k for k, v in row.items() if not math.isfinite(v))
+            if bad:
+                raise FloatingPointError(f"step {start + i + 1}: non-finite {', '.join(bad)}; checkpoints up to the "
+                                         f"last save are intact ({row})")
+            row["step_seconds"] = seconds
+            if "tokens" in row:
+                row["tokens_per_second"] = row["tokens"] / max(seconds, 1e-9)
+            self.writer.write(start + i + 1, row)
+        if progress is not None:
+            progress.update(start + S - progress.n)
+            progress.set_postfix(loss=f"{float(np.ravel(values.get('loss', [np.nan]))[-1]):.4f}")
+        return now
+
+    def _before(self, state, start: int) -> dict | None:
+        """Validate the initial student (saved and ranked as step 0) and keep its greedy answers for the
+        summary (in greedy_before.json, so a resumed run still has them)."""
+        path = self.workdir / "greedy_before.json"
+        if start > 0:
+            return json.loads(path.read_text()) if path.exists() else None
+        print("validating the initial student ...", flush=True)
+        metrics, _ = self.validator(state.params)
+        student = nnx.merge(self.validator.graphdef, state.params)
+        greedy = self.validator.greedy_answers(student)
+        teacher = self.validator.greedy_answers(self.teacher) if self.teacher is not None else None
+        metrics.update(report.greedy_scores(greedy, teacher, self.validator.gold))
+        self.writer.write(0, metrics)
+        if 0 not in self.checkpoints.all_steps():  # a rerun that resumed from the saved step 0 has it already
+            self._save(state, metrics)
+        before = {"metrics": metrics, "greedy": greedy, "teacher_greedy": teacher}
+        if self.primary:
+            atomic_write_json(path, before)
+        return before
+
+    def _finish(self, state, before: dict, after: dict) -> dict:
+        student = nnx.merge(self.validator.graphdef, state.params)
+        greedy = self.validator.greedy_answers(student)
+        after = {**after, **report.greedy_scores(greedy, before["teacher_greedy"], self.validator.gold)}
+        if self.primary:
+            curves = report.plot(self.workdir)
+            full, printed = report.summary(before["metrics"], after, self.validator.records,
+                                           self.config.data.fields,
+                                           {"teacher": before["teacher_greedy"], "before": before["greedy"],
+                                            "after": greedy}, curves=curves)
+            report.write_summary(self.workdir, full)
+            print("\n" + printed + f"\n(all prompts: {self.workdir / 'summary.md'})\n", flush=True)
+        return after
 
 
-def _progress(config, start):
+def _progress(config: RunConfig, start: int):
     if not config.logging.progress or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
@@ -264,112 +450,5 @@ def _progress(config, start):
     return tqdm(total=config.steps, initial=start, desc=config.task, unit="step", dynamic_ncols=True)
 
 
-def _log(writer, progress, step, metrics, last_time):
-    values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)} ({values})")
-    now = time.time()
-    values["step_seconds"] = now - last_time
-    if "tokens" in values:
-        values["tokens_per_second"] = values["tokens"] / max(now - last_time, 1e-9)
-    writer.write(step, values)
-    if progress is not None:
-        progress.update(step - progress.n)
-        progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
-    return now
-
-
-CURVES = ("loss", "valid/rouge_l", "valid/reverse_kl", "valid/loss", "rollout/reverse_kl", "pg", "single_step", "pt",
-          "ce", "grad_norm", "lr", "tokens_per_second")
-
-
-def _plot(workdir: pathlib.Path) -> None:
-    """curves.png: the main training curves that this run logged."""
-    logged = set()
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        logged |= set(json.loads(line))
-    keys = [k for k in CURVES if k in logged]
-    if keys:
-        evaluate.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png", keys=keys)
-
-
-def shown_prompt(record: dict, fields) -> str:
-    """What the user asked, for display: the instruction (and its input), or a chat record's last prompt
-    turn. (Rendering the Alpaca template and cutting it apart failed on chat records, which refuse it.)"""
-    if fields.messages:
-        return split_messages(record[fields.messages])[0][-1]["content"]
-    extra = (record.get(fields.input) or "") if fields.input else ""
-    return record[fields.instruction] + (f"\n\n{extra}" if extra.strip() else "")
-
-
-def _summary(config, workdir, validator, before, after) -> str:
-    """Before/after figures and a few answers side by side (printed, and kept as summary.md)."""
-    if not validator.records or before is None:
-        return ""
-    lines = ["| metric | before | after |", "|---|---|---|"]
-    for key in after[0]:
-        lines.append(f"| {key} | {before[0].get(key, float('nan')):.4g} | {after[0][key]:.4g} |")
-    for i in range(min(3, len(validator.records))):
-        lines += ["", f"**Prompt {i + 1}:** {shown_prompt(validator.records[i], field_map(config)).strip()}"]
-        if validator.teacher_texts is not None:
-            lines.append(f"- teacher: {validator.teacher_texts[i]}")
-        lines += [f"- student before: {before[1][i]}", f"- student after: {after[1][i]}"]
-    text = "\n".join(lines)
-    if jax.process_index() == 0:
-        (workdir / "summary.md").write_text(text + "\n")
-        print("\n" + text + "\n")
-    return text
-
-
-# ------------------------------------------------------------------------------------------ eval, generate
-
-
-def run_eval(config, workdir: pathlib.Path, models) -> dict:
-    """The paper's protocol on every configured set, for the student and/or the teacher."""
-    e = config.eval
-    results = {}
-    chosen = {"student": [("student", models.student)], "teacher": [("teacher", models.teacher)],
-              "both": [("teacher", models.teacher), ("student", models.student)]}[e.model]
-    sets = [evaluate.load_eval_set(name, path, models.tokenizer, template=config.data.template,
-                                   max_prompt_length=config.data.max_prompt_length, limit=e.limit or None)
-            for name, path in e.sets.items() if path]
-    tokenizer = models.tokenizer
-    for name, model in chosen:
-        results[name] = evaluate.evaluate_model(
-            model, tokenizer, sets, seeds=tuple(e.seeds), max_new_tokens=e.max_new_tokens,
-            no_repeat_ngram_size=e.no_repeat_ngram_size, batch_size=e.batch_size,
-            teacher=models.teacher if name == "student" else None, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        if e.exposure_bias and name == "student" and models.teacher is not None and sets:
-            results[name]["exposure_bias"] = evaluate.exposure_bias(
-                model, models.teacher, sets[0].prompts[:e.exposure_bias_prompts], max_new_tokens=e.max_new_tokens,
-                seed=e.seeds[0], batch_size=e.batch_size)
-        if e.calibration:
-            results[name]["calibration"] = evaluate.calibration(model, tokenizer, e.calibration,
-                                                                template=config.data.template)
-    if jax.process_index() == 0:
-        json_path, md_path = evaluate.write_report(results, workdir)
-        print(pathlib.Path(md_path).read_text())
-        metrics = workdir / "metrics.jsonl"
-        if metrics.exists() and metrics.stat().st_size:
-            evaluate.plot_curves(metrics, workdir / "curves.png")
-    return results
-
-
-def run_generate(config, workdir: pathlib.Path, models) -> dict:
-    """Sampled answers of the student (or the teacher when there is no student) to the validation
-    prompts, written to generations.jsonl."""
-    model = models.student if models.student is not None else models.teacher
-    _, records = train_and_valid_records(config) if config.data.train else ([], read_split(
-        config, config.data.valid, config.data.valid_split))
-    tokenizer = models.tokenizer
-    sampling = sampling_config(config, tokenizer)
-    texts = evaluate.generate_texts(model, tokenizer, [prompt_ids(config, tokenizer, r) for r in records], sampling,
-                                    config.seed, config.batch_size)[0]
-    rows = [{**record, "generated": text} for record, text in zip(records, texts, strict=True)]
-    path = workdir / "generations.jsonl"
-    if jax.process_index() == 0:
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"wrote {len(rows)} answers to {path}")
-    return {"generations": str(path), "count": len(rows)}
+__all__ = ["Interrupts", "Loop", "RunData", "Stopped", "check_workdir", "move_aside", "read_data", "resume", "run",
+           "saved_steps", "train"]

@@ -1,11 +1,14 @@
 """Entry point: `python -m minillm_jax.main --config configs/<file>.py[:<preset>] --workdir <dir>
 [--config.<key>=<value> ...]`. Parses flags (the config is locked: an unknown key or a wrong type fails),
-validates it once, starts `jax.distributed` on multi-process launches, and hands off to `loop.run`."""
+validates it once into a typed `RunConfig`, starts `jax.distributed` on multi-process launches, and hands
+off to `loop.run`. Errors a user can act on end the run with one line and exit code 2."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pathlib
 import sys
 
 from absl import app, flags
@@ -14,6 +17,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:preset])",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, results and the export")
+
+QUIET_LOGGERS = ("orbax", "jax._src.distributed")  # Orbax warns about every read-only open
+NO_SPACE = ("No space left on device", "os_error_code='28'")  # how TensorStore (Orbax's writer) reports ENOSPC
 
 
 def initialize_distributed(jax) -> None:
@@ -28,27 +34,70 @@ def initialize_distributed(jax) -> None:
         jax.distributed.initialize()
 
 
+def _no_space(error: BaseException) -> OSError | None:
+    """The disk-full error behind `error` (Orbax and others wrap it), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        if any(text in str(error) for text in NO_SPACE):  # Orbax's array writes raise ValueError(RESOURCE_EXHAUSTED)
+            return OSError(errno.ENOSPC, str(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """Orbax logs through absl (logger "absl"): its warnings on every read-only open, and its background
+    threads' errors, which reach the run again as the exception it raises."""
+    return record.levelno >= logging.CRITICAL or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    import jax
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs every file it writes and each read-only open
+    absl_logging.set_verbosity(absl_logging.WARNING)  # warnings (e.g. skipped records) show; infos do not
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("absl").addFilter(_quiet_orbax)
+    import jax
 
-    from minillm_jax import experiment, loop
+    from minillm_jax import loop
+    from minillm_jax.checkpoint import CheckpointIncompatible
+    from minillm_jax.config import ConfigError, RunConfig
+    from minillm_jax.workdir import WorkdirBusy
 
     initialize_distributed(jax)
-    config = _CONFIG.value
     try:
-        experiment.validate(config)
-        loop.run(config, _WORKDIR.value)
-    except experiment.ConfigError as e:
+        loop.run(RunConfig.from_dict(_CONFIG.value), _WORKDIR.value)
+    except (ConfigError, WorkdirBusy, CheckpointIncompatible) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # a diverged run: non-finite metrics, or a state the checkpointer refused
+        print(f"error: the run diverged: {e}", file=sys.stderr)
+        sys.exit(3)
+    except loop.Stopped as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints saved before this point are intact; rerun the same command to continue",
+              file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        full = _no_space(e)
+        if full is None:
+            raise
+        steps = loop.saved_steps(pathlib.Path(_WORKDIR.value) / "checkpoints")
+        intact = f"checkpoints up to step {steps[-1]} are intact" if steps else "no checkpoint was saved yet"
+        print(f"error: no space left on device at {full.filename or _WORKDIR.value}; {intact}: free space and "
+              "rerun the same command to continue", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(28)  # not sys.exit: at interpreter shutdown Orbax's abandoned writes print tracebacks
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -107,32 +107,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def rows_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = TRAIN_RULES) -> NamedSharding:
-    """The layout of a batch array: rows over the batch mesh axes (data, fsdp) when they divide the row
-    count, otherwise replicated (every device sees the whole, small, batch)."""
+def rows_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = TRAIN_RULES, row_axis: int = 0) -> NamedSharding:
+    """The layout of a batch array: rows (axis `row_axis`) over the batch mesh axes (data, fsdp) when they
+    divide the row count, otherwise replicated (every device sees the whole, small, batch)."""
     if not len(shape):
         return replicated(mesh)
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh, rules))
+    axes = [None] * len(shape)
+    axes[row_axis] = "batch"
+    return NamedSharding(mesh, logical_to_spec(tuple(axes), shape, mesh, rules))
 
 
-def process_rows(target: NamedSharding, shape: Sequence[int]) -> slice:
-    """The block of rows of a global array of `shape` that this process's devices hold under `target`."""
-    rows = [index[0] for index in target.addressable_devices_indices_map(tuple(shape)).values()]
+def input_row_axis(ndim: int) -> int:
+    """Where the rows of a step input are: inputs are [..., rows, time] (stacked micro-batches, rounds of
+    L_PT batches), so the second-to-last axis; a vector's only axis."""
+    return max(ndim - 2, 0)
+
+
+def process_rows(target: NamedSharding, shape: Sequence[int], row_axis: int = 0) -> slice:
+    """The block of rows (along `row_axis`) of a global array of `shape` that this process's devices hold."""
+    rows = [index[row_axis] for index in target.addressable_devices_indices_map(tuple(shape)).values()]
     start = min(r.start or 0 for r in rows)
-    stop = max(shape[0] if r.stop is None else r.stop for r in rows)
+    stop = max(shape[row_axis] if r.stop is None else r.stop for r in rows)
     return slice(start, stop)
 
 
 def place_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
     """Global arrays from a host batch that every process built the same way (same seed, same order):
-    each process hands over only the rows its own devices hold
-    (`jax.make_array_from_process_local_data`). Arrays already on the mesh are re-laid out if needed."""
+    rows (`input_row_axis`) over (data, fsdp), each process handing over only the rows its own devices
+    hold (`jax.make_array_from_process_local_data`); scalars replicated. Arrays already on the mesh are
+    re-laid out if needed."""
     def put(x):
-        target = rows_sharding(mesh, np.shape(x), rules)
-        if isinstance(x, jax.Array) or not np.ndim(x):
+        ndim = np.ndim(x)
+        row_axis = input_row_axis(ndim)
+        target = rows_sharding(mesh, np.shape(x), rules, row_axis)
+        if isinstance(x, jax.Array) or not ndim:
             return jax.device_put(x, target)  # a no-op where it is already laid out so
         x = np.asarray(x)
-        return jax.make_array_from_process_local_data(target, x[process_rows(target, x.shape)], x.shape)
+        local = x[(slice(None),) * row_axis + (process_rows(target, x.shape, row_axis),)]
+        return jax.make_array_from_process_local_data(target, local, x.shape)
 
     return jax.tree.map(put, tree)
 

@@ -40,47 +40,60 @@ def batch():
     return dict(student=student, teacher=teacher, mask=mask, labels=labels, q=q, p=p)
 
 
+def _mean(fn, batch, *args, num_real=9):
+    log_q = losses.log_probs(batch["student"], num_real)
+    log_p = losses.log_probs(batch["teacher"], num_real)
+    return float(losses.masked_mean(fn(log_q, log_p, *args), batch["mask"]))
+
+
 def test_divergences_match_float64(batch):
-    s, t, m, q, p = batch["student"], batch["teacher"], batch["mask"], batch["q"], batch["p"]
-    kw = dict(num_real_tokens=9)
+    m, q, p = batch["mask"], batch["q"], batch["p"]
     close = dict(rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(losses.forward_kl(s, t, m, **kw), _np_mean(_np_kl(p, q), m), **close)
-    np.testing.assert_allclose(losses.reverse_kl(s, t, m, **kw), _np_mean(_np_kl(q, p), m), **close)
-    np.testing.assert_allclose(losses.soft_cross_entropy(s, t, m, **kw), _np_mean(-(p * np.log(q)).sum(-1), m), **close)
-    np.testing.assert_allclose(losses.tvd(s, t, m, **kw), _np_mean(0.5 * np.abs(p - q).sum(-1), m), **close)
+    np.testing.assert_allclose(_mean(losses.forward_kl, batch), _np_mean(_np_kl(p, q), m), **close)
+    np.testing.assert_allclose(_mean(losses.reverse_kl, batch), _np_mean(_np_kl(q, p), m), **close)
+    np.testing.assert_allclose(_mean(losses.soft_cross_entropy, batch), _np_mean(-(p * np.log(q)).sum(-1), m), **close)
+    np.testing.assert_allclose(_mean(losses.tvd, batch), _np_mean(0.5 * np.abs(p - q).sum(-1), m), **close)
+    np.testing.assert_allclose(_mean(lambda lq, lp: losses.entropy(lq), batch), _np_mean(-(q * np.log(q)).sum(-1), m),
+                               **close)
     for beta in (0.1, 0.5, 0.9):
         mix = beta * p + (1 - beta) * q
         expected = _np_mean(beta * _np_kl(p, mix) + (1 - beta) * _np_kl(q, mix), m)
-        np.testing.assert_allclose(losses.jsd(s, t, m, beta, **kw), expected, **close)
+        np.testing.assert_allclose(_mean(losses.jsd, batch, beta), expected, **close)
     for alpha in (0.1, 0.3):
-        np.testing.assert_allclose(losses.skew_kl(s, t, m, alpha, **kw),
+        np.testing.assert_allclose(_mean(losses.skew_kl, batch, alpha),
                                    _np_mean(_np_kl(p, alpha * p + (1 - alpha) * q), m), **close)
-        np.testing.assert_allclose(losses.skew_reverse_kl(s, t, m, alpha, **kw),
+        np.testing.assert_allclose(_mean(losses.skew_reverse_kl, batch, alpha),
                                    _np_mean(_np_kl(q, alpha * q + (1 - alpha) * p), m), **close)
     nll = -np.log(np.take_along_axis(q, batch["labels"][..., None], -1)[..., 0])
-    np.testing.assert_allclose(losses.cross_entropy(s, batch["labels"], m, **kw), _np_mean(nll, m), **close)
-    np.testing.assert_allclose(losses.kd_loss(s, t, batch["labels"], m, kd_ratio=0.5, **kw),
-                               0.5 * _np_mean(nll, m) + 0.5 * _np_mean(-(p * np.log(q)).sum(-1), m), **close)
+    np.testing.assert_allclose(_mean(lambda lq, lp: losses.cross_entropy(lq, batch["labels"]), batch),
+                               _np_mean(nll, m), **close)
 
 
-def test_endpoints_are_exact(batch):
-    s, t, m = batch["student"], batch["teacher"], batch["mask"]
-    kw = dict(num_real_tokens=9)
-    assert float(losses.jsd(s, t, m, 0.0, **kw)) == float(losses.forward_kl(s, t, m, **kw))
-    assert float(losses.jsd(s, t, m, 1.0, **kw)) == float(losses.reverse_kl(s, t, m, **kw))
-    assert float(losses.skew_kl(s, t, m, 0.0, **kw)) == float(losses.forward_kl(s, t, m, **kw))
-    assert float(losses.skew_reverse_kl(s, t, m, 0.0, **kw)) == float(losses.reverse_kl(s, t, m, **kw))
-    # near the endpoints the interior formula vanishes (hence the special case), it does not approach the KL
-    assert float(losses.jsd(s, t, m, 1e-6, **kw)) < 1e-3 * float(losses.forward_kl(s, t, m, **kw))
+def test_endpoints_are_the_plain_kls(batch):
+    """jsd(0) and skew_kl(0) are KL(p || q); jsd(1) and skew_reverse_kl(0) are KL(q || p) (float64 references);
+    the interior formula itself vanishes near the endpoints, hence the special case."""
+    m, q, p = batch["mask"], batch["q"], batch["p"]
+    forward, reverse = _np_mean(_np_kl(p, q), m), _np_mean(_np_kl(q, p), m)
+    close = dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_mean(losses.jsd, batch, 0.0), forward, **close)
+    np.testing.assert_allclose(_mean(losses.jsd, batch, 1.0), reverse, **close)
+    np.testing.assert_allclose(_mean(losses.skew_kl, batch, 0.0), forward, **close)
+    np.testing.assert_allclose(_mean(losses.skew_reverse_kl, batch, 0.0), reverse, **close)
+    assert _mean(losses.jsd, batch, 1e-6) < 1e-3 * forward
     with pytest.raises(ValueError, match="beta"):
-        losses.jsd(s, t, m, 1.5)
+        losses.jsd(jnp.zeros((1, 3)), jnp.zeros((1, 3)), 1.5)
 
 
 def test_padded_vocabulary_is_masked(batch):
-    s, t, m = batch["student"], batch["teacher"], batch["mask"]
-    sliced = float(losses.reverse_kl(s, t, m, num_real_tokens=9))
-    unsliced = float(losses.reverse_kl(s, t, m))
+    sliced = _mean(losses.reverse_kl, batch, num_real=9)
+    unsliced = _mean(losses.reverse_kl, batch, num_real=None)
     assert sliced != pytest.approx(unsliced)  # the padding ids would dominate otherwise
+
+
+def test_temperature_divides_the_logits(batch):
+    expected = _np_log_softmax(batch["student"][..., :9] / 0.7)
+    np.testing.assert_allclose(np.asarray(losses.log_probs(batch["student"], 9, temperature=0.7)), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ advantages
@@ -113,8 +126,10 @@ def test_advantages_match_float64(gamma, length_norm, whiten, masked_whiten, inc
     rng = np.random.default_rng(1)
     rewards = rng.normal(size=(4, 7)) * 3
     mask = np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 1 + [0] * 6, [0] * 7], np.float32)
-    ours = losses.minillm_advantages(rewards, mask, gamma, length_norm=length_norm, whiten=whiten,
-                                     masked_whiten=masked_whiten, include_current_reward=include_current)
+    ours = losses.discounted_returns(rewards, mask, gamma, length_norm=length_norm,
+                                     include_current_reward=include_current)
+    if whiten:
+        ours = losses.whiten(ours, mask, over_padding=not masked_whiten)
     expected = _np_advantages(rewards, mask, gamma, length_norm, whiten, masked_whiten, include_current)
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=2e-5, atol=2e-5)
 
@@ -124,7 +139,7 @@ def test_long_responses_with_large_rewards_stay_finite():
     rewards = rng.choice([-100.0, 100.0], size=(8, 256))
     mask = (np.arange(256)[None, :] < rng.integers(1, 257, size=(8, 1))).astype(np.float32)
     for gamma in (0.95, 1.0):
-        adv = losses.minillm_advantages(rewards, mask, gamma)
+        adv = losses.whiten(losses.discounted_returns(rewards, mask, gamma), mask, over_padding=False)
         assert np.isfinite(np.asarray(adv)).all()
         expected = _np_advantages(rewards, mask, gamma, True, True, True, True)
         np.testing.assert_allclose(np.asarray(adv), expected, rtol=1e-4, atol=1e-4)
@@ -217,7 +232,7 @@ def _estimator_gradient(theta_q, theta_p, responses, *, alpha=0.0, include_curre
     log_p = jnp.take_along_axis(log_p_table[prefix], tokens[..., None], -1)[..., 0]
     old = jnp.take_along_axis(jax.nn.log_softmax(theta_q, -1)[prefix], tokens[..., None], -1)[..., 0]
     rewards = log_p - old
-    advantages = losses.minillm_advantages(rewards, mask, 1.0, length_norm=False, whiten=False,
+    advantages = losses.discounted_returns(rewards, mask, 1.0, length_norm=False,
                                            include_current_reward=include_current)
     weights = None
     if alpha and weights_mode != "none":
@@ -231,10 +246,19 @@ def _estimator_gradient(theta_q, theta_p, responses, *, alpha=0.0, include_curre
         logq = jnp.take_along_axis(jax.nn.log_softmax(theta, -1)[prefix], tokens[..., None], -1)[..., 0]
         value = losses.policy_gradient_loss(logq, old, advantages, mask, weights=weights, clip=None)
         if add_single_step:
-            value = value + losses.single_step_loss(theta[prefix], theta_p[prefix], mask, weights=weights)
+            value = value + _single_step(theta[prefix], theta_p[prefix], mask, weights)
         return value * scale
 
     return jax.grad(loss)(theta_q)
+
+
+def _single_step(student_logits, teacher_logits, mask, weights=None):
+    """MiniLLM's single-step term as the round computes it: the per-position KL(q || p), teacher fixed."""
+    values = losses.reverse_kl(losses.log_probs(student_logits),
+                               jax.lax.stop_gradient(losses.log_probs(teacher_logits)))
+    if weights is not None:
+        values = values * jax.lax.stop_gradient(weights)
+    return losses.masked_mean(values, mask)
 
 
 def _relative_error(estimate, exact):
@@ -251,8 +275,7 @@ def test_single_step_term_equals_exact_per_position_gradient(tables):
     prob = jax.lax.stop_gradient(jnp.exp(_sequence_logprob(theta_q, tokens, mask, prefix)))
 
     def ours(theta):
-        per_response = jax.vmap(lambda pr, m: losses.single_step_loss(theta[pr][None], theta_p[pr][None], m[None]))(
-            prefix, mask)
+        per_response = jax.vmap(lambda pr, m: _single_step(theta[pr][None], theta_p[pr][None], m[None]))(prefix, mask)
         return jnp.sum(prob * per_response * mask.sum(1))
 
     def brute(theta):
@@ -317,12 +340,12 @@ def test_enumeration_is_complete():
     assert len(_responses()) == 15 and len(set(itertools.chain(_responses()))) == 15
 
 
-@pytest.mark.parametrize("name,params", [("ce", {}), ("soft_ce", {}), ("forward_kl", {}), ("reverse_kl", {}),
-                                         ("jsd", {"beta": 0.3}), ("jsd", {"beta": 1.0}),
+@pytest.mark.parametrize("name,params", [("ce", {}), ("soft_cross_entropy", {}), ("forward_kl", {}),
+                                         ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("jsd", {"beta": 1.0}),
                                          ("skew_kl", {"alpha": 0.1}), ("skew_reverse_kl", {"alpha": 0.1}),
                                          ("tvd", {})])
 def test_chunked_logits_equal_full_logits(name, params):
-    """Value and gradient through the chunked path equal the full [B, T, V] computation (T = 11 is not a
+    """Value and gradient through the chunked path equal the whole [B, T, V] computation (T = 11 is not a
     multiple of the chunk, so padding is exercised)."""
     rng = np.random.default_rng(4)
     B, T, E, V = 2, 11, 6, 13
@@ -332,23 +355,19 @@ def test_chunked_logits_equal_full_logits(name, params):
     w_teacher = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
     mask = jnp.asarray(rng.random((B, T)) > 0.3, jnp.float32)
     labels = jnp.asarray(rng.integers(0, 11, (B, T)), jnp.int32)
-    token_fn = losses.token_divergence(name, **params)
-    public = {"ce": lambda s, t: losses.cross_entropy(s, labels, mask, num_real_tokens=11),
-              "soft_ce": lambda s, t: losses.soft_cross_entropy(s, t, mask, num_real_tokens=11),
-              "forward_kl": lambda s, t: losses.forward_kl(s, t, mask, num_real_tokens=11),
-              "reverse_kl": lambda s, t: losses.reverse_kl(s, t, mask, num_real_tokens=11),
-              "jsd": lambda s, t: losses.jsd(s, t, mask, params.get("beta"), num_real_tokens=11),
-              "skew_kl": lambda s, t: losses.skew_kl(s, t, mask, params.get("alpha"), num_real_tokens=11),
-              "skew_reverse_kl": lambda s, t: losses.skew_reverse_kl(s, t, mask, params.get("alpha"),
-                                                                     num_real_tokens=11),
-              "tvd": lambda s, t: losses.tvd(s, t, mask, num_real_tokens=11)}[name]
+    if name == "ce":
+        def fn(log_q, log_p, lab):
+            return losses.cross_entropy(log_q, lab)
+    else:
+        divergence = getattr(losses, name)
 
-    def full(w):
-        return public(student_hidden @ w, jax.lax.stop_gradient(teacher_hidden @ w_teacher))
+        def fn(log_q, log_p, lab):
+            return divergence(log_q, log_p, *params.values())
 
-    def chunked(w):
-        return losses.chunked_token_mean(token_fn, student_hidden, lambda h: h @ w, teacher_hidden,
-                                         lambda h: h @ w_teacher, mask, labels, chunk_size=4, num_real_tokens=11)
+    def mean(w, chunk):
+        values = losses.token_values(fn, student_hidden, lambda h: h @ w, teacher_hidden, lambda h: h @ w_teacher,
+                                     labels, num_real_tokens=11, temperature=0.8, chunk_size=chunk)
+        return losses.masked_mean(values, mask)
 
-    np.testing.assert_allclose(chunked(w_student), full(w_student), rtol=1e-5)
-    np.testing.assert_allclose(jax.grad(chunked)(w_student), jax.grad(full)(w_student), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(mean(w_student, 4), mean(w_student, None), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(mean)(w_student, 4), jax.grad(mean)(w_student, None), rtol=1e-4, atol=1e-6)

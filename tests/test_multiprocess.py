@@ -16,9 +16,9 @@ import numpy as np
 from flax import nnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FLAGS = ["--config.task=minillm", "--config.steps=3", "--config.batch_size=8", "--config.minillm.minibatch_size=8",
+FLAGS = ["--config.task=minillm", "--config.steps=3", "--config.batch_size=8", "--config.minillm.num_rollouts=8",
          "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.eval_every=3",
-         "--config.sample_every=2", "--config.checkpoint_every=3", "--config.logging.progress=false"]
+         "--config.checkpoint_every=3", "--config.logging.progress=false"]
 TIMING = ("time", "step_seconds", "tokens_per_second")
 
 

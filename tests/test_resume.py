@@ -18,7 +18,7 @@ from minillm_jax import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ["--config.task=minillm", "--config.steps=10", "--config.checkpoint_every=2", "--config.eval_every=0",
-         "--config.sample_every=0", "--config.export.enabled=false"]
+         "--config.export.enabled=false", "--config.best_metric="]
 
 
 def start(workdir: pathlib.Path) -> subprocess.Popen:
@@ -63,13 +63,13 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
-    loop.run(tiny(task="sft", steps=4, eval_every=0, **{"export.enabled": False}), str(tmp_path))
+    loop.run(tiny(task="sft", steps=4, eval_every=0, best_metric="", **{"export.enabled": False}), str(tmp_path))
     latest = tmp_path / "checkpoints" / "4"
     for item in latest.glob("params/*"):  # corrupt the array store of the latest step
         if item.is_dir():
             shutil.rmtree(item)
         else:
             item.write_bytes(b"garbage")
-    loop.run(tiny(task="sft", steps=6, eval_every=0, **{"export.enabled": False}), str(tmp_path))
+    loop.run(tiny(task="sft", steps=6, eval_every=0, best_metric="", **{"export.enabled": False}), str(tmp_path))
     out = capsys.readouterr().out
     assert "checkpoint step 4 is damaged" in out and "resumed from step 2" in out

@@ -1,242 +1,250 @@
-"""Tiny end-to-end runs on CPU: each method's loss falls; MiniLLM lowers the reverse KL to the teacher on
-held-out prompts."""
+"""Each method through its production update (the function the CLI compiles) on tiny models: the loss falls
+or the student moves towards the teacher; MiniLLM's round has the reference's structure; gradients
+accumulate exactly; the teacher is never touched; an update compiles once per input shape."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import kit
 import numpy as np
 import pytest
 from flax import nnx
 
-from minillm_jax.models import ModelConfig, Transformer
-from minillm_jax.sampling import SamplingConfig, generate
-from minillm_jax.trainers import kd, minillm, sft
-from minillm_jax.trainers.common import create_train_state, make_optimizer, sequence_reverse_kl
-
-CONFIG = ModelConfig(model_type="llama", vocab_size=16, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                     head_dim=16, intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+from minillm_jax import losses
+from minillm_jax.models import select_layers
+from minillm_jax.sampling import generate
+from minillm_jax.trainers import minillm
+from minillm_jax.trainers.common import TRACE_COUNTS, make_optimizer, step_keys
 
 
-def _teacher(seed=1, sharpness=12.0) -> Transformer:
-    """A random model made confident, so there is something definite to learn from it."""
-    model = Transformer(CONFIG, rngs=nnx.Rngs(seed))
-    model.lm_head[...] = model.lm_head[...] * sharpness
-    return model
+def _held_out_reverse_kl(student, teacher, prompts, seed=123):
+    out = generate(student, prompts, kit.sampling(), jax.random.key(seed), teacher=teacher)
+    mask = np.asarray(out.mask, np.float64)
+    return float(np.mean(np.sum((np.asarray(out.logprobs) - np.asarray(out.teacher_logprobs)) * mask, axis=1)))
 
 
-def _prompts(n, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, 16, size=int(rng.integers(2, 6))).tolist() for _ in range(n)]
+def _teacher_forced(graphdef, params, teacher, batch, fn):
+    """The mean of fn(log_q, log_p) over the response tokens of a sequence batch, in float64 numpy."""
+    from minillm_jax.trainers.common import response_hidden
+
+    student = nnx.merge(graphdef, params)
+
+    def log_probs(model):
+        logits = np.asarray(model.unembed(response_hidden(model, batch)), np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+    values = np.asarray(fn(jnp.asarray(log_probs(student)), jnp.asarray(log_probs(teacher))))
+    mask = np.asarray(batch["response_mask"], np.float64)
+    return float((values * mask).sum() / mask.sum())
 
 
-def _sequences(n=16, seed=0):
-    """Left-padded prompt + response batches with a response loss mask."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, 16, size=(n, 10)).astype(np.int32)
-    attention = np.ones((n, 10), np.int32)
-    attention[::2, :2] = 0
-    tokens[attention == 0] = 0
-    loss_mask = np.zeros((n, 10), np.int32)
-    loss_mask[:, 6:] = 1
-    return {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(attention),
-            "loss_mask": jnp.asarray(loss_mask)}
+def _held_out_batch(seed=7):
+    from minillm_jax.data.batches import sequence_batch
+
+    data = kit.data(16, seed)
+    return sequence_batch(data.prompts, data.responses, 8, 8, 0)
 
 
 def test_sft_loss_falls():
-    tx, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=2)
-    graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
-    step = sft.make_train_step(graphdef, tx, schedule)
-    batch = _sequences()
-    history = []
-    for _ in range(40):
-        state, metrics = step(state, batch)
-        history.append(float(metrics["loss"]))
-    assert history[-1] < 0.5 * history[0], history[::8]
+    config = kit.run_config(task="sft", batch_size=16, **{"optimizer.learning_rate": 3e-3})
+    method, state, update, _ = kit.compile_method(config, kit.student_model(), None, kit.data(16))
+    state, history = kit.run_updates(method, state, update, None, 40)
+    losses_seen = [float(h["loss"][0]) for h in history]
+    assert losses_seen[-1] < 0.5 * losses_seen[0], losses_seen[::8]
     assert int(state.step) == 40
 
 
 @pytest.mark.parametrize("kd_ratio", [0.5, 1.0])
 def test_kd_loss_falls_and_pure_kd_approaches_the_teacher(kd_ratio):
-    teacher = _teacher()
-    teacher_def, teacher_params = nnx.split(teacher)
-    tx, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=2)
-    graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
-    step = kd.make_train_step(graphdef, teacher_def, tx, schedule, kd_ratio=kd_ratio)
-    batch = _sequences()
-    first = None
-    for _ in range(40):
-        state, metrics = step(state, teacher_params, batch)
-        first = first or {k: float(v) for k, v in metrics.items()}
+    config = kit.run_config(task="kd", batch_size=16, **{"optimizer.learning_rate": 3e-3, "kd.kd_ratio": kd_ratio})
+    method, state, update, teacher_params = kit.compile_method(config, kit.student_model(), kit.teacher_model(),
+                                                               kit.data(16))
+    state, history = kit.run_updates(method, state, update, teacher_params, 40)
+    first, last = history[0], history[-1]
     if kd_ratio == 1.0:  # soft CE = forward KL + the teacher's entropy: the KL part must vanish
-        assert float(metrics["forward_kl"]) < 0.3 * first["forward_kl"]
+        assert float(last["forward_kl"][0]) < 0.3 * float(first["forward_kl"][0])
     else:
-        assert float(metrics["loss"]) < 0.7 * first["loss"]
-
-
-def _held_out_reverse_kl(student, teacher, prompts, sampling, seed=123):
-    out = generate(student, prompts, sampling, jax.random.key(seed), teacher=teacher, mix_alpha=0.0)
-    return float(sequence_reverse_kl(out.logprobs, out.teacher_logprobs, out.mask))
+        assert float(last["loss"][0]) < 0.7 * float(first["loss"][0])
 
 
 @pytest.mark.parametrize("importance,single_step", [("token", True), ("sequence", False)])
-def test_minillm_lowers_reverse_kl_on_held_out_prompts(importance, single_step):
-    """Also with the policy-gradient term alone (no single-step term), so a wrong sign there fails."""
-    teacher = _teacher()
-    student = Transformer(CONFIG, rngs=nnx.Rngs(0))
-    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
-    config = minillm.MiniLLMConfig(minibatch_size=32, ppo_epochs=2, importance=importance, single_step=single_step)
-    tx, schedule = make_optimizer(learning_rate=1e-2, warmup_steps=2)
-    graphdef, state = create_train_state(student, tx)
-    step = minillm.make_train_step(graphdef, nnx.graphdef(teacher), tx, schedule, config)
-    held_out = _prompts(256, seed=99)
-    before = _held_out_reverse_kl(student, teacher, held_out, sampling)
-    rng = jax.random.key(0)
-    for round_index in range(8):
-        state, stats, metrics = minillm.train_round(state, graphdef, teacher, _prompts(64, round_index), sampling,
-                                                    jax.random.fold_in(rng, round_index), config, step)
-        assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(stats["rollout/reverse_kl"]))
-    after = _held_out_reverse_kl(nnx.merge(graphdef, state.params), teacher, held_out, sampling)
+def test_minillm_rounds_lower_reverse_kl_on_held_out_prompts(importance, single_step):
+    """The production round; also with the policy-gradient term alone, so a wrong sign there fails."""
+    teacher, student = kit.teacher_model(), kit.student_model()
+    held_out = kit.prompts(256, seed=99)
+    before = _held_out_reverse_kl(student, teacher, held_out)
+    config = kit.run_config(task="minillm", batch_size=32, **{
+        "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2, "minillm.num_rollouts": 64,
+        "minillm.ppo_epochs": 2, "minillm.importance": importance, "minillm.single_step": single_step,
+        "data.pretrain": ""})
+    method, state, update, teacher_params = kit.compile_method(config, student, teacher, kit.data(256, seed=3))
+    state, history = kit.run_updates(method, state, update, teacher_params, 8)
+    assert int(state.step) == 8 * 4  # 2 epochs x 64 rollouts / 32 per step, per round
+    for h in history:
+        assert all(np.all(np.isfinite(v)) for v in h.values())
+    after = _held_out_reverse_kl(nnx.merge(nnx.graphdef(student), state.params), teacher, held_out)
     assert after < 0.7 * before, (before, after)
-    assert {"pg", "entropy", "grad_norm", "lr"} | ({"single_step"} if single_step else set()) <= set(metrics)
+    assert {"pg", "entropy", "grad_norm", "lr", "policy_ratio_deviation", "clip_fraction"} | (
+        {"single_step"} if single_step else set()) <= set(history[-1])
 
 
-def _eval_divergence(graphdef, state, teacher, batch, fn):
-    from minillm_jax.trainers.common import shifted_logits
-
-    student = nnx.merge(graphdef, state.params)
-    s = shifted_logits(student, batch["tokens"], batch["attention_mask"])
-    t = shifted_logits(teacher, batch["tokens"], batch["attention_mask"])
-    return float(fn(s, t, batch["loss_mask"][:, 1:]))
-
-
-def test_gkd_mixes_on_policy_batches_and_lowers_jsd():
-    from minillm_jax import losses
-    from minillm_jax.trainers import gkd
-
-    teacher = _teacher()
-    config = gkd.GKDConfig(beta=0.5, lmbda=0.5)
-    tx, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=2)
-    graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
-    step = gkd.make_train_step(graphdef, nnx.graphdef(teacher), tx, schedule, config)
-    gold, prompts = _sequences(), _prompts(16, seed=5)
-    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
-    held_out = _sequences(seed=7)
-
-    def jsd(s, t, m):
-        return losses.jsd(s, t, m, 0.5)
-
-    before = _eval_divergence(graphdef, state, teacher, held_out, jsd)
-    coin, kinds = np.random.default_rng(0), []
-    for i in range(30):
-        batch, on_policy = gkd.choose_batch(gold, prompts, state, graphdef, sampling, jax.random.key(i), config, coin)
-        kinds.append(on_policy)
-        state, metrics = step(state, nnx.state(teacher), batch)
-    assert 5 < sum(kinds) < 25  # both kinds of batch were used
-    assert _eval_divergence(graphdef, state, teacher, held_out, jsd) < 0.7 * before
+def test_minillm_round_structure():
+    """A round makes ppo_epochs x num_rollouts / batch_size optimizer steps, each epoch sees every rollout
+    once (the answer tokens of an epoch's steps add up to the round's), the rescored first step has ratio
+    1 and nothing clipped, and L_PT takes one batch of the plain-text stream per step."""
+    teacher = kit.teacher_model()
+    config = kit.run_config(task="minillm", batch_size=8, **{"minillm.num_rollouts": 32, "minillm.ppo_epochs": 3,
+                                                             "data.pretrain": ""})
+    method, state, update, teacher_params = kit.compile_method(config, kit.student_model(), teacher, kit.data(64))
+    assert method.steps_per_update == 12
+    inputs = method.feed.next()
+    state, metrics = update(state, teacher_params, inputs)
+    metrics = jax.device_get(metrics)
+    tokens = np.asarray(metrics["tokens"]).reshape(3, 4).sum(axis=1)  # per epoch
+    assert tokens[0] == tokens[1] == tokens[2]
+    assert tokens[0] == int(np.sum(inputs["prompt_mask"])) + int(round(32 * float(metrics["rollout/length_mean"])))
+    assert float(metrics["policy_ratio_deviation"][0]) < 1e-5 and float(metrics["clip_fraction"][0]) == 0.0
+    assert int(state.step) == 12
 
 
-def test_distillm_adaptive_off_policy_and_skew_reverse_kl():
-    from minillm_jax import losses
-    from minillm_jax.trainers import distillm
-    from minillm_jax.trainers.batches import from_samples
-
-    config = distillm.DistiLLMConfig(initial_sgo_prob=0.5)
-    schedule_state = distillm.AdaptiveOffPolicy(config)
-    assert schedule_state.update(1.0) == 0.5  # improved: unchanged
-    assert schedule_state.update(1.2) == pytest.approx(0.6)  # worse: more student-generated outputs
-    assert schedule_state.update(0.9) == pytest.approx(0.6)
-
-    teacher = _teacher()
-    tx, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=2)
-    graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
-    step = distillm.make_train_step(graphdef, nnx.graphdef(teacher), tx, schedule, config)
-    gold, prompts = _sequences(), _prompts(16, seed=6)
-    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
-    held_out = _sequences(seed=8)
-
-    def srkl(s, t, m):
-        return losses.skew_reverse_kl(s, t, m, 0.1)
-
-    before = _eval_divergence(graphdef, state, teacher, held_out, srkl)
-    kinds = []
-    for i in range(30):
-        def fresh(i=i):
-            return from_samples(generate(nnx.merge(graphdef, state.params), prompts, sampling, jax.random.key(i)))
-
-        batch, kind = schedule_state.choose(gold, fresh)
-        kinds.append(kind)
-        state, _ = step(state, nnx.state(teacher), batch)
-    assert {"gold", "fresh", "replay"} <= set(kinds)
-    assert _eval_divergence(graphdef, state, teacher, held_out, srkl) < 0.7 * before
+def test_minillm_pretrain_stream_gives_each_step_its_own_batch(tmp_path):
+    path = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    path.write_text("\n\n".join(" ".join(f"w{int(i)}" for i in rng.integers(0, 15, size=12)) for _ in range(40)))
+    tokenizer = _word_tokenizer()
+    config = kit.run_config(task="minillm", batch_size=4, **{"minillm.num_rollouts": 8, "minillm.ppo_epochs": 2,
+                                                             "data.pretrain": str(path), "data.pretrain_length": 6,
+                                                             "data.pretrain_shuffle": 0})
+    s, _ = kit.setup(config, kit.student_model(), kit.teacher_model(), kit.data(16))
+    s = dataclasses.replace(s, tokenizer=tokenizer)
+    stream = minillm.pretrain_stream(s)
+    expected = [next(stream)["tokens"] for _ in range(4)]
+    pt = minillm.build(s).feed.next()["pt"]
+    assert pt["prompt"].shape[:2] == (4, 1)  # one batch per step of the round, one micro-batch each
+    for step in range(4):
+        np.testing.assert_array_equal(np.concatenate([pt["prompt"][step, 0], pt["response"][step, 0]], axis=1),
+                                      expected[step])
 
 
-def test_seqkd_writes_teacher_answers_and_sft_learns_them(tmp_path):
-    import json
-
+def _word_tokenizer():
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from minillm_jax.sampling import SampleOutput
-    from minillm_jax.trainers import seqkd
-    from minillm_jax.trainers.batches import from_samples
 
     vocab = {f"w{i}": i for i in range(16)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w0", unk_token="w1")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w0", unk_token="w1")
 
-    teacher = _teacher()
-    prompts = _prompts(24, seed=11)
-    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
-    answers = seqkd.teacher_answers(teacher, prompts, sampling, jax.random.key(0), batch_size=8)
-    records = [{"instruction": " ".join(f"w{t}" for t in p), "output": "gold"} for p in prompts]
-    path = seqkd.write_teacher_data(tmp_path / "seqkd.jsonl", records, answers, tokenizer)
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(lines) == 24 and lines[3]["instruction"] == records[3]["instruction"]
-    assert lines[3]["output"] == " ".join(f"w{t}" for t in answers[3] if t != 0)
 
-    # SFT on the teacher's answers (the second SeqKD stage) learns them.
-    width = max(map(len, answers))
-    tokens = np.zeros((24, width), np.int32)
-    mask = np.zeros((24, width), bool)
-    for i, answer in enumerate(answers):
-        tokens[i, : len(answer)], mask[i, : len(answer)] = answer, True
-    from minillm_jax.sampling import pad_prompts
+def _on_and_off_policy_training(task, overrides, divergence, source_key, held_out_seed):
+    """30 updates of `task`: both kinds of batch (gold and the student's own, per `source_key`) occur, and
+    the teacher-forced `divergence` on held-out sequences falls by 30%; returns the final state."""
+    teacher = kit.teacher_model()
+    config = kit.run_config(task=task, batch_size=16, **{"optimizer.learning_rate": 3e-3, **overrides})
+    method, state, update, teacher_params = kit.compile_method(config, kit.student_model(), teacher, kit.data(16))
+    held_out = _held_out_batch(held_out_seed)
+    graphdef = nnx.graphdef(kit.student_model())
+    before = _teacher_forced(graphdef, state.params, teacher, held_out, divergence)
+    state, history = kit.run_updates(method, state, update, teacher_params, 30)
+    chosen = sum(float(h[source_key][0]) for h in history)
+    assert 5 < chosen < 25, chosen
+    assert _teacher_forced(graphdef, state.params, teacher, held_out, divergence) < 0.7 * before
+    return state, chosen
 
-    prompt_ids, prompt_mask = pad_prompts(prompts, (8,), 0)
-    batch = from_samples(SampleOutput(tokens=jnp.asarray(tokens), mask=jnp.asarray(mask), lengths=None,
-                                      logprobs=None, prompt_tokens=jnp.asarray(prompt_ids),
-                                      prompt_mask=jnp.asarray(prompt_mask)))
-    tx, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=2)
-    graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
-    step = sft.make_train_step(graphdef, tx, schedule)
-    losses_seen = []
-    for _ in range(30):
-        state, metrics = step(state, batch)
-        losses_seen.append(float(metrics["loss"]))
-    assert losses_seen[-1] < 0.6 * losses_seen[0]
+
+def test_gkd_mixes_on_policy_batches_and_lowers_jsd():
+    _on_and_off_policy_training("gkd", {"gkd.lmbda": 0.5}, lambda log_q, log_p: losses.jsd(log_q, log_p, 0.5),
+                                "on_policy", 7)
+
+
+def test_distillm_adaptive_off_policy_replay_and_skew_reverse_kl():
+    from minillm_jax.trainers import distillm
+
+    feed = distillm.AdaptiveFeed(kit.data(8), 8, 1, 0, _widths(), config=distillm.DistiLLMConfig(initial_sgo_prob=0.5))
+    feed.after_validation({"valid/loss": 1.0})
+    assert feed.sgo_prob == 0.5  # improved: unchanged
+    feed.after_validation({"valid/loss": 1.2})
+    assert feed.sgo_prob == pytest.approx(0.6)  # worse: more student-generated outputs
+    feed.after_validation({"valid/loss": 0.9})
+    assert feed.sgo_prob == pytest.approx(0.6)
+
+    state, generated = _on_and_off_policy_training(
+        "distillm", {"distillm.initial_sgo_prob": 0.5}, lambda log_q, log_p: losses.skew_reverse_kl(log_q, log_p, 0.1),
+        "student_generated", 8)
+    assert int(state.extra["stored"]) >= 1  # fresh samples went into the replay buffer ...
+    assert int(state.extra["stored"]) < generated  # ... and some updates replayed one instead
+
+
+def _widths():
+    from minillm_jax.data.batches import Widths
+
+    return Widths(prompt=(8,), response=(8,))
+
+
+def test_seqkd_trains_on_the_teacher_token_ids_and_resumes_its_answers(tmp_path):
+    from minillm_jax.trainers import seqkd
+
+    teacher = kit.teacher_model()
+    train = kit.data(24, seed=11)
+    config = kit.run_config(task="seqkd", batch_size=8, **{"optimizer.learning_rate": 3e-3})
+    s, _ = kit.setup(config, kit.student_model(), teacher, train, workdir=tmp_path)
+    method = seqkd.build(s)
+    answers = seqkd.read_answers(tmp_path / seqkd.ANSWERS)
+    assert len(answers) == 24
+    key = jax.random.fold_in(step_keys(config.seed, 0)["sample"], 0)  # the first batch of answers
+    direct = generate(teacher, train.prompts[:8], s.sampling, key)
+    first = [np.asarray(row)[:n].tolist() for row, n in zip(direct.tokens, direct.lengths)]
+    assert answers[:8] == first  # exactly the sampled ids: no decode / re-tokenise round trip
+    assert method.feed.data.responses[:8] == first
+    # an interrupted answer file (one batch and a torn line) is continued to the same answers
+    lines = (tmp_path / seqkd.ANSWERS).read_text().splitlines()
+    (tmp_path / seqkd.ANSWERS).write_text("\n".join(lines[:8]) + "\n" + lines[8][:5])
+    seqkd.build(s)
+    assert seqkd.read_answers(tmp_path / seqkd.ANSWERS) == answers
+    _, state, update, _ = kit.compile_method(config, kit.student_model(), teacher, train, workdir=tmp_path)
+    state, history = kit.run_updates(method, state, update, None, 30)
+    assert float(history[-1]["loss"][0]) < 0.6 * float(history[0]["loss"][0])
 
 
 def test_gradient_accumulation_equals_one_large_batch():
-    batch = _sequences(n=16)
-    halves = [{k: v[:8] for k, v in batch.items()}, {k: v[8:] for k, v in batch.items()}]
-    # the two halves hold the same number of loss tokens, so the mean of means is the global mean
-    assert int(halves[0]["loss_mask"][:, 1:].sum()) == int(halves[1]["loss_mask"][:, 1:].sum())
+    """accumulate_steps=2 over the same 16 rows takes the same optimizer steps as one batch of 16 (the
+    halves hold equally many answer tokens, so the mean of the micro-batch means is the global mean)."""
+    train = kit.data(16, response_length=(3, 4))
 
-    def run(batches, accumulate):
-        tx, schedule = make_optimizer(learning_rate=1e-2, accumulate_steps=accumulate)
-        graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
-        step = sft.make_train_step(graphdef, tx, schedule)
-        for b in batches:
-            state, _ = step(state, b)
-        return state.params
+    def run(accumulate):
+        config = kit.run_config(task="sft", batch_size=16, accumulate_steps=accumulate,
+                                **{"optimizer.learning_rate": 1e-2})
+        method, state, update, _ = kit.compile_method(config, kit.student_model(), None, train)
+        state, history = kit.run_updates(method, state, update, None, 2)
+        return state, history
 
-    one = run([batch, batch], 1)
-    accumulated = run(halves + halves, 2)
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(accumulated)):
+    (one, one_history), (two, two_history) = run(1), run(2)
+    assert int(one.step) == int(two.step) == 2
+    np.testing.assert_allclose(two_history[0]["loss"], one_history[0]["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # Adam amplifies ~1e-7
-    moved = run([batch], 1)
-    assert not all(np.allclose(np.asarray(a), np.asarray(b)) for a, b in
-                   zip(jax.tree.leaves(moved), jax.tree.leaves(run([], 1))))
+
+
+def test_minillm_accumulation_keeps_the_number_of_optimizer_steps():
+    """accumulate_steps splits each PPO mini-batch into micro-batches: the same rollouts, the same number of
+    optimizer steps, each step over the whole mini-batch (its tokens)."""
+    teacher = kit.teacher_model()
+
+    def run(accumulate):
+        config = kit.run_config(task="minillm", batch_size=8, accumulate_steps=accumulate,
+                                **{"minillm.num_rollouts": 16, "data.pretrain": ""})
+        method, state, update, teacher_params = kit.compile_method(config, kit.student_model(), teacher,
+                                                                   kit.data(32))
+        return kit.run_updates(method, state, update, teacher_params, 1)
+
+    (one, one_history), (two, two_history) = run(1), run(2)
+    assert int(one.step) == int(two.step) == 2
+    np.testing.assert_array_equal(two_history[0]["tokens"], one_history[0]["tokens"])
+    np.testing.assert_allclose(two_history[0]["rollout/seq_log_ratio"], one_history[0]["rollout/seq_log_ratio"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(two_history[0]["policy_ratio_deviation"][0], 0.0, atol=1e-6)
 
 
 def test_learning_rate_schedules():
@@ -247,59 +255,41 @@ def test_learning_rate_schedules():
     _, cosine = make_optimizer(learning_rate=0.1, warmup_steps=10, schedule="cosine", total_steps=110,
                                end_learning_rate=1e-7)
     assert float(cosine(60)) == pytest.approx(0.05, rel=1e-3) and float(cosine(110)) == pytest.approx(1e-7, rel=1e-2)
-    _, accumulated = make_optimizer(learning_rate=0.1, warmup_steps=10, accumulate_steps=4)
-    assert float(accumulated(20)) == pytest.approx(0.05)  # micro-step 20 belongs to update 5
 
 
-def test_chunked_logits_train_like_full_logits():
-    """KD with logits made a time-chunk at a time takes the same steps as with whole [B, T, V] logits."""
-    teacher = _teacher()
-    batch = _sequences()
+@pytest.mark.parametrize("task", ["kd", "minillm"])
+def test_chunked_logits_train_like_full_logits(task):
+    """Logits made a time-chunk at a time take the same optimizer steps as whole [B, T, V] logits."""
+    teacher = kit.teacher_model()
 
     def run(chunk):
-        tx, schedule = make_optimizer(learning_rate=3e-3)
-        graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), tx)
-        step = kd.make_train_step(graphdef, nnx.graphdef(teacher), tx, schedule, logits_chunk_size=chunk)
-        for _ in range(3):
-            state, metrics = step(state, nnx.state(teacher), batch)
-        return state.params, metrics
+        config = kit.run_config(task=task, batch_size=8, logits_chunk_size=chunk,
+                                **{"minillm.num_rollouts": 8, "data.pretrain": ""})
+        method, state, update, teacher_params = kit.compile_method(config, kit.student_model(), teacher,
+                                                                   kit.data(16))
+        return kit.run_updates(method, state, update, teacher_params, 2)
 
-    (full, full_metrics), (chunked, chunked_metrics) = run(None), run(4)
-    for name in ("loss", "ce", "soft_ce", "forward_kl"):
-        np.testing.assert_allclose(chunked_metrics[name], full_metrics[name], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(chunked)):
+    (full, full_history), (chunked, chunked_history) = run(0), run(3)
+    for name in full_history[-1]:
+        np.testing.assert_allclose(chunked_history[-1][name], full_history[-1][name], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(chunked.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_minillm_chunked_logits_match_full_logits():
-    teacher = _teacher()
-    student = Transformer(CONFIG, rngs=nnx.Rngs(0))
-    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=0, prompt_buckets=(8,))
-    results = []
-    for chunk in (None, 4):
-        config = minillm.MiniLLMConfig(minibatch_size=16, ppo_epochs=1, logits_chunk_size=chunk)
-        rollouts, _ = minillm.make_rollouts(student, teacher, _prompts(16, 3), sampling, jax.random.key(0), config)
-        graphdef, params = nnx.split(student)
-        pt_batch = _sequences()
-        grad_fn = jax.value_and_grad(minillm.minillm_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(params, graphdef, nnx.graphdef(teacher), nnx.state(teacher), rollouts, pt_batch,
-                                      config)
-        results.append((metrics, grads))
-    (full_metrics, full_grads), (chunked_metrics, chunked_grads) = results
-    for name in ("loss", "pg", "single_step", "pt", "entropy"):
-        np.testing.assert_allclose(chunked_metrics[name], full_metrics[name], rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(chunked_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-
-
-def test_student_from_teacher_layers_can_be_trained_without_touching_the_teacher():
-    """Training donates the student's buffers; a student cut from the teacher must not alias them."""
-    from minillm_jax.models import select_layers
-
-    teacher = _teacher()
-    before = np.asarray(teacher(_sequences()["tokens"]))
-    tx, schedule = make_optimizer(learning_rate=1e-2)
-    graphdef, state = create_train_state(select_layers(teacher, [1]), tx)
-    step = sft.make_train_step(graphdef, tx, schedule)
-    state, _ = step(state, _sequences())
-    np.testing.assert_array_equal(np.asarray(teacher(_sequences()["tokens"])), before)
+@pytest.mark.parametrize("task", ["sft", "kd", "seqkd", "minillm", "gkd", "distillm"])
+def test_updates_never_touch_the_teacher_and_compile_once(task, tmp_path):
+    """Training donates the student's buffers: a student cut from the teacher must not alias them, and no
+    update may change the teacher. Updates with inputs of one shape compile once."""
+    teacher = kit.teacher_model()
+    before = jax.tree.map(np.array, nnx.state(teacher))
+    student = select_layers(teacher, [1])
+    config = kit.run_config(task=task, batch_size=8, **{"minillm.num_rollouts": 8, "data.pretrain": "",
+                                                        "data.length_buckets": 1})
+    method, state, update, teacher_params = kit.compile_method(config, student, teacher, kit.data(16),
+                                                               workdir=tmp_path)
+    traced = TRACE_COUNTS[task]
+    kit.run_updates(method, state, update, teacher_params, 3)
+    assert TRACE_COUNTS[task] - traced == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(teacher))):
+        np.testing.assert_array_equal(a, np.asarray(b))

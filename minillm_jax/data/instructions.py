@@ -239,15 +239,18 @@ def _chat_template(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """MiniLLM's rule: response ids are the joint tokenisation past the prompt's length, plus EOS."""
-    return tokenize_pairs(tokenizer, [prompt], [response])[0]
+def tokenize_pair(tokenizer, prompt: str, response: str, *, add_special_tokens: bool = True
+                  ) -> tuple[list[int], list[int]]:
+    """MiniLLM's rule: response ids are the joint tokenisation past the prompt's length, plus EOS.
+    `add_special_tokens=False` is the reference's encoding (no BOS even where the tokenizer adds one)."""
+    return tokenize_pairs(tokenizer, [prompt], [response], add_special_tokens=add_special_tokens)[0]
 
 
-def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], *, add_special_tokens: bool = True
+                   ) -> list[tuple[list[int], list[int]]]:
     """`tokenize_pair` over many examples in one tokenizer call (fast tokenizers encode a list in parallel)."""
-    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    full = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=True)["input_ids"]
+    prompt_ids = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+    full = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=add_special_tokens)["input_ids"]
     return [(list(p), list(f[len(p):]) + [tokenizer.eos_token_id]) for p, f in zip(prompt_ids, full)]
 
 
@@ -269,8 +272,8 @@ class InstructionData:
 
     @classmethod
     def build(cls, records, tokenizer, fields: FieldMap = FieldMap(), *, template: str = "alpaca",
-              max_prompt_length: int = 256, max_length: int = 512,
-              max_examples: int | None = None) -> "InstructionData":
+              max_prompt_length: int = 256, max_length: int = 512, max_examples: int | None = None,
+              add_special_tokens: bool = True) -> "InstructionData":
         """Keeps the examples within both length limits, in record order; with `max_examples`, the first
         that many kept (tokenising stops there, so a small run does not pay for the whole file)."""
         prompts, responses, dropped = [], [], 0
@@ -278,7 +281,9 @@ class InstructionData:
             if max_examples is not None and len(prompts) >= max_examples:
                 break
             texts = [format_prompt(record, fields, template=template, tokenizer=tokenizer) for record in chunk]
-            for prompt_ids, response_ids in tokenize_pairs(tokenizer, texts, [response_text(r, fields) for r in chunk]):
+            pairs = tokenize_pairs(tokenizer, texts, [response_text(r, fields) for r in chunk],
+                                   add_special_tokens=add_special_tokens)
+            for prompt_ids, response_ids in pairs:
                 if max_examples is not None and len(prompts) >= max_examples:
                     break
                 if len(prompt_ids) > max_prompt_length or len(prompt_ids) + len(response_ids) > max_length:

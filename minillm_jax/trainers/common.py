@@ -1,22 +1,33 @@
-"""What every trainer shares: the student's train state, the optimizer, sequence layout helpers.
+"""What every method shares: the train state, the optimizer, one optimizer update over stacked
+micro-batches, the teacher-forced response forward, named key streams, and the `Method` record the
+generic loop runs.
 
-The teacher never enters the train state: it is a read-only argument of the steps that need it, so it
-is neither optimised nor checkpointed.
+The teacher never enters the train state: it is a read-only argument of the updates that need it, so it
+is neither optimised nor checkpointed. A method's update is pure and compiled once per input shape:
+`update(state, teacher_params, inputs) -> (state, metrics)`, the state donated, the metrics stacked over
+the optimizer steps the update made ([S] each). Its random keys come from the run's seed and the state's
+own step counter (`step_keys`), so an update is a function of its arguments alone and a resumed run draws
+what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, Callable
+import functools
+import pathlib
+from typing import Any, Callable, Protocol
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from minillm_jax import losses, sharding
+
+KEY_STREAMS = ("sample", "shuffle", "dropout", "coin")
 
 
 @flax.struct.dataclass
@@ -24,15 +35,15 @@ class TrainState:
     step: Int[Array, ""]
     params: nnx.State
     opt_state: optax.OptState
+    extra: Any = flax.struct.field(default_factory=dict)  # a method's own carried arrays (DistiLLM's replay)
 
 
 def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: int | None = None,
                    schedule: str = "constant", end_learning_rate: float = 1e-7, weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float | None = 1.0,
-                   accumulate_steps: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW after global-norm clipping; linear warm-up, then constant or cosine decay. With
-    `accumulate_steps` = k, gradients of k consecutive micro-batches are averaged into one update (the
-    returned schedule then maps micro-steps to the learning rate of their update)."""
+                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float | None = 1.0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW after global-norm clipping; linear warm-up, then constant or cosine decay to
+    `end_learning_rate`. Gradient accumulation happens inside the update (`accumulated_gradients`)."""
     if schedule == "constant":
         lr = optax.warmup_constant_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else \
             optax.constant_schedule(learning_rate)
@@ -46,143 +57,189 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: 
         raise ValueError(f"schedule={schedule!r}: expected 'constant' or 'cosine'")
     chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    tx = optax.chain(*chain)
-    if accumulate_steps > 1:
-        return optax.MultiSteps(tx, every_k_schedule=accumulate_steps), lambda step: lr(step // accumulate_steps)
-    return tx, lr
+    return optax.chain(*chain), lr
 
 
 def train_state_shardings(params: nnx.State, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                          rules: sharding.Rules = sharding.TRAIN_RULES) -> TrainState:
+                          rules: sharding.Rules = sharding.TRAIN_RULES, extra: Any = None) -> TrainState:
     """Where each part of the train state lives: parameters by the training rules, every optimizer
-    moment like its parameter (`optax.tree_map_params`), counters replicated. A prefix tree of
-    NamedShardings, usable as jit in/out shardings."""
+    moment like its parameter (`optax.tree_map_params`), counters and a method's extra arrays replicated.
+    A prefix tree of NamedShardings, usable as jit in/out shardings."""
     params_layout = sharding.state_shardings(params, mesh, rules)
     replicated = sharding.replicated(mesh)
     opt_layout = optax.tree_map_params(tx, lambda _, layout: layout, jax.eval_shape(tx.init, params), params_layout,
                                        transform_non_params=lambda _: replicated,
                                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return TrainState(step=replicated, params=params_layout, opt_state=opt_layout)
+    return TrainState(step=replicated, params=params_layout, opt_state=opt_layout,
+                      extra=jax.tree.map(lambda _: replicated, extra if extra is not None else {}))
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, extra: Any = None
+                       ) -> tuple[nnx.GraphDef, TrainState]:
     graphdef, params = nnx.split(model)
-    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                extra=jax.tree.map(jnp.asarray, extra if extra is not None else {}))
 
 
-def sharded_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
-                        ) -> tuple[nnx.GraphDef, TrainState, "StepLayout"]:
-    """The student's initial train state on the mesh, the optimizer state created straight into its
-    shardings, and the StepLayout that the jitted steps use."""
+def sharded_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                        extra: Any = None) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """The student's initial train state on the mesh (the optimizer state created straight into its
+    shardings) and its layout (`train_state_shardings`)."""
     graphdef, params = nnx.split(model)
-    layout = train_state_shardings(params, tx, mesh)
+    layout = train_state_shardings(params, tx, mesh, extra=extra)
     params = jax.device_put(params, layout.params)  # a no-op for a model placed by the same rules
     opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(params)
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), layout.step), params=params, opt_state=opt_state)
-    return graphdef, state, StepLayout(mesh=mesh, state=layout)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), layout.step), params=params, opt_state=opt_state,
+                       extra=jax.device_put(extra if extra is not None else {}, layout.extra))
+    return graphdef, state, layout
 
 
-@dataclasses.dataclass(frozen=True)
-class StepLayout:
-    """Explicit shardings of a jitted step's arguments and results: the train state (see
-    `train_state_shardings`), the teacher's parameters as they were placed (`experiment.teacher_rules`),
-    and batches, whose rows go over the batch mesh axes (data, fsdp) when they divide them."""
-
-    mesh: jax.sharding.Mesh
-    state: Any
-    teacher: Any = None
-
-    def with_teacher(self, teacher: nnx.Module | None) -> "StepLayout":
-        if teacher is None:
-            return self
-        return dataclasses.replace(self, teacher=jax.tree.map(lambda x: x.sharding, nnx.state(teacher)))
-
-    def rows(self, count: int | None):
-        return None if count is None else sharding.rows_sharding(self.mesh, (count,))
-
-
-def jit_eval_step(fn: Callable, layout: StepLayout | None, *batch_rows: int) -> Callable:
-    """jit `fn(params, *batches) -> metrics` (a scoring step: nothing donated), with the student's parameter
-    layout and batch rows over (data, fsdp) in, and replicated results out, when there is a layout."""
-    if layout is None:
-        return jax.jit(fn)
-    return jax.jit(fn, in_shardings=(layout.state.params, *(layout.rows(n) for n in batch_rows)),
-                   out_shardings=sharding.replicated(layout.mesh))
-
-
-def jit_train_step(step: Callable, layout: StepLayout | None, *batch_rows: int | None,
-                   teacher: bool = True) -> Callable:
-    """jit `step(state, [teacher_params,] *batches) -> (state, metrics)`, the state donated. With a layout:
-    explicit in/out shardings (batches of `batch_rows` rows; None for an absent batch), metrics replicated."""
-    if layout is None:
-        return jax.jit(step, donate_argnums=0)
-    if teacher and layout.teacher is None:
-        raise ValueError("this step takes the teacher's parameters: build the layout with_teacher(teacher)")
-    ins = (layout.state, *((layout.teacher,) if teacher else ()), *(layout.rows(n) for n in batch_rows))
-    return jax.jit(step, in_shardings=ins, out_shardings=(layout.state, sharding.replicated(layout.mesh)),
-                   donate_argnums=0)
+def step_keys(seed: int, step) -> dict[str, jax.Array]:
+    """The run's named key streams (split once from the seed), each folded with the step."""
+    streams = jax.random.split(jax.random.key(seed), len(KEY_STREAMS))
+    return {name: jax.random.fold_in(stream, step) for name, stream in zip(KEY_STREAMS, streams)}
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, schedule) -> tuple[TrainState, dict]:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def shifted_logits(model, tokens: Int[Array, "B T"], attention_mask) -> Float[Array, "B T-1 V"]:
-    """Logits at positions 0..T-2, each predicting the next token (tokens[:, 1:])."""
-    return model(tokens[:, :-1], attention_mask[:, :-1])
+def accumulated_gradients(loss_fn: Callable, params, micro_batches, key=None) -> tuple[Any, dict]:
+    """Mean gradients and metrics of `loss_fn(params, batch, key) -> (loss, metrics)` over micro-batches
+    stacked on a leading axis [A, ...]: one micro-batch at a time (`lax.scan`), so activations of only one
+    exist at once. Each micro-batch gets `fold_in(key, index)`."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    count = jax.tree.leaves(micro_batches)[0].shape[0]
+    keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))
+    if count == 1:
+        (_, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches),
+                                      None if keys is None else keys[0])
+        return grads, metrics
+
+    def micro(total, xs):
+        batch, micro_key = xs
+        (_, metrics), grads = grad_fn(params, batch, micro_key)
+        return jax.tree.map(jnp.add, total, (grads, metrics)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(
+        params, jax.tree.map(lambda x: x[0], micro_batches), None if keys is None else keys[0])))
+    zero_grads, zero_metrics = zeros[1], zeros[0][1]
+    (grads, metrics), _ = jax.lax.scan(micro, (zero_grads, zero_metrics), (micro_batches, keys))
+    return jax.tree.map(lambda x: x / count, (grads, metrics))
 
 
-def response_hidden(model, prompt_tokens, prompt_mask, response_tokens, response_mask):
+def response_hidden(model, batch: dict, *, dropout_rng=None):
     """Teacher-forced final hidden states aligned with the response tokens [B, R, E]: position t holds the
     state that predicts response token t (left-padded prompt, then the response)."""
-    tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
-    return model.hidden_states(tokens[:, :-1], mask[:, :-1])[:, prompt_tokens.shape[1] - 1:]
+    prompt = batch["prompt"]
+    tokens = jnp.concatenate([prompt, batch["response"]], axis=1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1)
+    kwargs = {} if dropout_rng is None else {"dropout_rng": dropout_rng}
+    return model.hidden_states(tokens[:, :-1], mask[:, :-1], **kwargs)[:, prompt.shape[1] - 1:]
 
 
-def response_logits(model, prompt_tokens, prompt_mask, response_tokens, response_mask):
-    """Teacher-forced logits aligned with the response tokens [B, R, V]."""
-    return model.unembed(response_hidden(model, prompt_tokens, prompt_mask, response_tokens, response_mask))
+def batch_tokens(batch: dict):
+    """Real tokens of a sequence batch (counted inside the compiled update, never eagerly on the host)."""
+    return jnp.sum(batch["prompt_mask"], dtype=jnp.int32) + jnp.sum(batch["response_mask"], dtype=jnp.int32)
 
 
-def sequence_reverse_kl(student_logprobs, teacher_logprobs, mask) -> Float[Array, ""]:
-    """Monte-Carlo estimate of KL[q || p] per response: mean over responses of sum_t (log q - log p)."""
-    mask = mask.astype(jnp.float32)
-    per_response = jnp.sum((student_logprobs - teacher_logprobs) * mask, axis=1)
-    return jnp.mean(per_response)
+class Feed(Protocol):
+    """Host inputs of a method's updates, resumable: `next()` the next update's numpy inputs, `state()`
+    and `restore()` its position (JSON), `after_validation(metrics)` a hook for schedules that follow the
+    validation figures."""
+
+    def next(self) -> dict: ...
+
+    def state(self) -> dict: ...
+
+    def restore(self, saved: dict) -> None: ...
+
+    def after_validation(self, metrics: dict) -> None: ...
 
 
-__all__ = ["StepLayout", "TrainState", "apply_gradients", "create_train_state", "jit_eval_step",
-           "jit_train_step", "make_optimizer", "response_hidden", "response_logits", "sequence_reverse_kl",
-           "sharded_train_state", "shifted_logits", "token_means", "train_state_shardings"]
+@dataclasses.dataclass
+class Method:
+    """What the generic loop runs: the `update` (pure; the loop compiles it with the state's layout), how
+    many optimizer steps one update makes, the feed of its inputs, and the initial extra state (carried in
+    TrainState.extra)."""
+
+    update: Callable  # (state, teacher_params, inputs) -> (state, metrics stacked [steps_per_update])
+    steps_per_update: int
+    feed: Feed
+    extra: Any = None
 
 
-def token_means(student, teacher, batch: dict, chunk_size: int | None = None):
-    """Runs both models once over the batch and returns `mean(name, **params)`: the masked mean over the
-    batch's loss tokens of `losses.token_divergence(name, **params)`. With `chunk_size`, logits are made
-    one time-chunk at a time (see `losses.chunked_token_mean`) instead of as whole [B, T, V] arrays."""
-    tokens, attention = batch["tokens"], batch["attention_mask"]
-    labels, mask = tokens[:, 1:], batch["loss_mask"][:, 1:]
-    n = student.config.num_real_tokens
-    if chunk_size is None:
-        log_q = losses.log_probs(shifted_logits(student, tokens, attention), n)
-        log_p = jax.lax.stop_gradient(losses.log_probs(shifted_logits(teacher, tokens, attention), n)) \
-            if teacher is not None else log_q
+# Incremented each time an update is traced (compiled): tests bound the number of compiles with it.
+TRACE_COUNTS: collections.Counter = collections.Counter()
 
-        def mean(name, **params):
-            return losses.masked_mean(losses.token_divergence(name, **params)(log_q, log_p, labels), mask)
 
-        return mean
-    student_hidden = student.hidden_states(tokens[:, :-1], attention[:, :-1])
-    teacher_hidden = jax.lax.stop_gradient(teacher.hidden_states(tokens[:, :-1], attention[:, :-1])) \
-        if teacher is not None else None
+def jit_update(update: Callable, layout: TrainState | None, teacher_layout=None, name: str = "update") -> Callable:
+    """jit `update(state, teacher_params, inputs)` with the state donated. With a layout: the state in
+    and out by its shardings, the teacher's parameters as placed, inputs as `sharding.place_batch` laid
+    them out, metrics replicated. Each trace counts in TRACE_COUNTS[name]."""
+    def counted(*args):
+        TRACE_COUNTS[name] += 1
+        return update(*args)
 
-    def chunked_mean(name, **params):
-        return losses.chunked_token_mean(losses.token_divergence(name, **params), student_hidden, student.unembed,
-                                         teacher_hidden, teacher.unembed if teacher is not None else None, mask,
-                                         labels, chunk_size=chunk_size, num_real_tokens=n)
+    if layout is None:
+        return jax.jit(counted, donate_argnums=0)
+    mesh = jax.tree.leaves(layout)[0].mesh
+    replicated = sharding.replicated(mesh)
+    return jax.jit(counted, in_shardings=(layout, teacher_layout, None),
+                   out_shardings=(layout, replicated), donate_argnums=0)
 
-    return chunked_mean
+
+def jit_eval(fn: Callable, layout: TrainState | None) -> Callable:
+    """jit `fn(params, inputs) -> metrics` (a scoring step: nothing donated), replicated results out."""
+    if layout is None:
+        return jax.jit(fn)
+    mesh = jax.tree.leaves(layout)[0].mesh
+    return jax.jit(fn, in_shardings=(layout.params, None), out_shardings=sharding.replicated(mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The fixed ingredients a method's `build` combines: the typed run config (`config.RunConfig`), the
+    student's graph and optimizer, the teacher, the mesh, the training data, the sampling settings."""
+
+    config: Any
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    teacher: nnx.Module | None
+    mesh: jax.sharding.Mesh | None
+    train: Any  # data.InstructionData
+    tokenizer: Any
+    workdir: pathlib.Path
+    sampling: Any  # sampling.SamplingConfig of the rollouts / on-policy samples
+
+    @functools.cached_property
+    def teacher_graphdef(self):
+        return None if self.teacher is None else nnx.graphdef(self.teacher)
+
+    @functools.cached_property
+    def teacher_layout(self):
+        return None if self.teacher is None or self.mesh is None else \
+            jax.tree.map(lambda x: x.sharding, nnx.state(self.teacher))
+
+
+def paired_token_values(setup: Setup, params, teacher_params, batch: dict, fn: Callable, *, dropout_rng=None,
+                        temperature: float = 1.0, teacher_hidden=None):
+    """fn(log_q, log_p, labels) at every response position of `batch`: the student forward (with dropout
+    when a key is given) and the teacher's (no gradient; or its precomputed `teacher_hidden`)."""
+    student = nnx.merge(setup.graphdef, params)
+    teacher = nnx.merge(setup.teacher_graphdef, teacher_params)
+    hidden = response_hidden(student, batch, dropout_rng=dropout_rng)
+    if teacher_hidden is None:
+        teacher_hidden = jax.lax.stop_gradient(response_hidden(teacher, batch))
+    return losses.token_values(fn, hidden, student.unembed, teacher_hidden, teacher.unembed, labels=batch["response"],
+                               num_real_tokens=student.config.num_real_tokens, temperature=temperature,
+                               chunk_size=setup.config.logits_chunk_size or None)
+
+
+__all__ = ["Feed", "KEY_STREAMS", "Method", "Setup", "TrainState", "accumulated_gradients", "apply_gradients",
+           "batch_tokens", "create_train_state", "jit_eval", "jit_update", "make_optimizer", "paired_token_values",
+           "response_hidden", "sharded_train_state", "step_keys", "train_state_shardings", "TRACE_COUNTS"]

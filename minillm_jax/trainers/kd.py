@@ -1,34 +1,39 @@
-"""Word-level KD: (1 - kd_ratio) * CE on the gold response + kd_ratio * soft CE(p || q), teacher-forced on
-the same sequences (kd_ratio = 0.5 as in the MiniLLM baselines). Batch layout as in `sft.py`."""
+"""Word-level KD: (1 - kd_ratio) CE on the gold response + kd_ratio soft CE(p || q), teacher-forced on the
+same sequences (kd_ratio = 0.5 as in the MiniLLM baselines), the student with its dropout."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
-from flax import nnx
 
-from minillm_jax.trainers.common import StepLayout, apply_gradients, jit_train_step, token_means
+from minillm_jax import losses
+from minillm_jax.trainers import sft
+from minillm_jax.trainers.common import Method, paired_token_values
 
 
-def kd_loss(params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio: float, chunk_size=None):
-    student = nnx.merge(graphdef, params)
-    teacher = nnx.merge(teacher_graphdef, teacher_params)
-    mean = token_means(student, teacher, batch, chunk_size)
-    ce, soft = mean("ce"), mean("soft_ce")
+@dataclasses.dataclass(frozen=True)
+class KDConfig:
+    kd_ratio: float = 0.5
+    dropout: bool = True
+
+
+def kd_loss(params, teacher_params, batch, dropout_rng, *, setup, kd_ratio: float):
+    def per_token(log_q, log_p, labels):
+        return jax.numpy.stack([losses.cross_entropy(log_q, labels), losses.soft_cross_entropy(log_q, log_p),
+                                jax.lax.stop_gradient(losses.forward_kl(log_q, log_p))], axis=-1)
+
+    values = paired_token_values(setup, params, teacher_params, batch, per_token, dropout_rng=dropout_rng)
+    ce, soft, forward_kl = (losses.masked_mean(values[..., i], batch["response_mask"]) for i in range(3))
     loss = (1.0 - kd_ratio) * ce + kd_ratio * soft
-    return loss, {"loss": loss, "ce": ce, "soft_ce": soft, "forward_kl": jax.lax.stop_gradient(mean("forward_kl"))}
+    return loss, {"loss": loss, "ce": ce, "soft_ce": soft, "forward_kl": forward_kl}
 
 
-def make_train_step(graphdef, teacher_graphdef, tx, schedule, kd_ratio: float = 0.5, logits_chunk_size=None,
-                    layout: StepLayout | None = None, batch_rows: int | None = None):
-    """A jitted `train_step(state, teacher_params, batch) -> (state, metrics)`; only the state is donated.
-    `logits_chunk_size` computes the [B, T, V] logits of both models a time-chunk at a time. With a
-    `layout`, the step is compiled with its explicit in/out shardings (batches of `batch_rows` rows)."""
+def build(setup) -> Method:
+    config = setup.config.method
 
-    def train_step(state, teacher_params, batch):
-        grad_fn = jax.value_and_grad(kd_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, graphdef, teacher_graphdef, teacher_params, batch, kd_ratio,
-                                      logits_chunk_size)
-        state, opt_metrics = apply_gradients(state, grads, tx, schedule)
-        return state, {**metrics, **opt_metrics}
+    def loss(params, teacher_params, batch, key):
+        return kd_loss(params, teacher_params, batch, key, setup=setup, kd_ratio=config.kd_ratio)
 
-    return jit_train_step(train_step, layout, batch_rows)
+    return Method(update=sft.supervised_update(loss, setup, dropout=config.dropout), steps_per_update=1,
+                  feed=sft.gold_feed(setup))

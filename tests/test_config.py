@@ -1,0 +1,108 @@
+"""The one config path: every bad value is one ConfigError naming the --config. key, raised before any data
+or model is read; the presets are valid and derive their numbers from the paper's recipe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_main import config_from, tiny
+
+from minillm_jax import loop
+from minillm_jax.config import ConfigError, RunConfig
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(task="kd", teacher=""), "--config.teacher"),
+    (dict(student="", student_layers=()), "--config.student"),
+    (dict(student_layers=(0, 1)), "--config.student_layers"),
+    (dict(batch_size=0), "--config.batch_size"),
+    (dict(accumulate_steps=3), "--config.accumulate_steps"),
+    (dict(keep_checkpoints=0), "--config.keep_checkpoints"),
+    (dict(checkpoint_every=-1), "--config.checkpoint_every"),
+    (dict(dtype="fp8"), "--config.dtype"),
+    (dict(best_metric="loss"), "--config.best_metric"),
+    (dict(best_mode="lowest"), "--config.best_mode"),
+    (dict(**{"optimizer.learning_rate": float("nan")}), "--config.optimizer.learning_rate"),
+    (dict(**{"optimizer.learning_rate": 0.0}), "--config.optimizer.learning_rate"),
+    (dict(**{"sampling.temperature": 0.0}), "--config.sampling.temperature"),
+    (dict(**{"sampling.top_p": 1.5}), "--config.sampling.top_p"),
+    (dict(**{"sampling.top_k": 5}), "--config.sampling.top_k"),  # MiniLLM refuses a truncated distribution
+    (dict(**{"data.template": "vicuna"}), "--config.data.template"),
+    (dict(**{"data.max_length": 100}), "--config.data.max_length"),
+    (dict(**{"minillm.num_rollouts": 6}), "--config.minillm.num_rollouts"),
+    (dict(**{"minillm.whiten": "batch"}), "--config.minillm.whiten"),
+    (dict(**{"mesh.data": -1, "mesh.fsdp": -1}), "--config.mesh"),
+    (dict(task="distillm", **{"distillm.initial_sgo_prob": 1.5}), "--config.distillm.initial_sgo_prob"),
+    (dict(task="gkd", **{"gkd.lmbda": -0.1}), "--config.gkd.lmbda"),
+    (dict(task="eval", **{"eval.sets.dolly": ""}), "--config.eval.sets"),
+])
+def test_a_bad_value_names_its_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        tiny(**overrides)
+
+
+def test_the_temperature_hint_names_a_real_key():
+    with pytest.raises(ConfigError) as error:
+        tiny(**{"sampling.temperature": -1.0})
+    assert "--config.sampling.temperature" in str(error.value)
+
+
+def test_data_checks_come_before_any_model_loads(tmp_path):
+    """A batch larger than the data is reported by its key although the teacher does not even exist: the
+    check ran before any model was opened."""
+    config = tiny(task="sft", batch_size=64, teacher=str(tmp_path / "no-such-teacher"), tokenizer="byte")
+    with pytest.raises(ConfigError, match=r"--config\.batch_size: 64 rows"):
+        loop.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "config.json").exists()  # nothing written either
+
+
+def test_student_layers_beyond_the_teacher_are_named(tmp_path):
+    config = tiny(task="sft", student="", student_layers=(0, 7))
+    with pytest.raises(ConfigError, match=r"--config\.student_layers: \(0, 7\) names a layer beyond"):
+        loop.run(config, str(tmp_path))
+
+
+def test_tokenizers_are_compared_even_when_config_tokenizer_is_set(tmp_path, smollm2_gguf):
+    """A SmolLM2 teacher trained against the byte tokenizer's ids would learn nonsense: refused."""
+    from minillm_jax.models import load_tokenizer, save_pretrained
+    from minillm_jax.models.tiny import random_model
+
+    smol = load_tokenizer(smollm2_gguf)
+    save_pretrained(random_model("random:llama:layers=1,hidden=32", len(smol)), tmp_path / "a", tokenizer=smol)
+    config = tiny(task="kd", tokenizer="byte", teacher=str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="--config.teacher .* has a different tokenizer"):
+        loop.run(config, str(tmp_path / "run"))
+
+
+PRESETS = [("gpt2.py", f"{m}-{s}") for m in ("sft_init", "sft", "kd", "seqkd", "minillm") for s in ("120m", "340m")] + [
+    ("gpt2.py", "teacher_sft-1.5b"), ("opt.py", "kd-1.3b"), ("opt.py", "sft_init-1.3b"), ("opt.py", "teacher_sft-13b"),
+    ("llama.py", "minillm-7b"), ("qwen.py", "gkd-0.5b"), ("qwen.py", "distillm-1.5b"), ("demo.py", None)]
+
+
+@pytest.mark.parametrize("file, preset", PRESETS)
+def test_presets_are_valid(file, preset):
+    RunConfig.from_dict(config_from(file, preset))
+
+
+def test_paper_presets_follow_the_recipe():
+    from configs.common import DOLLY_TRAIN
+
+    init = RunConfig.from_dict(config_from("gpt2.py", "sft_init-120m"))
+    assert (init.task, init.best_metric, init.best_mode) == ("sft", "valid/loss", "min")
+    baseline = RunConfig.from_dict(config_from("gpt2.py", "sft-120m"))
+    assert (baseline.best_metric, baseline.best_mode) == ("valid/rouge_l", "max")
+    assert baseline.steps == math.ceil(20 * DOLLY_TRAIN / 32)
+    minillm = RunConfig.from_dict(config_from("gpt2.py", "minillm-120m"))
+    assert minillm.student == "runs/gpt2-120m-sft_init/hf"  # Phase 2 starts from the lowest-loss SFT student
+    assert minillm.batch_size == 64 and minillm.method.num_rollouts == 256 and minillm.method.ppo_epochs == 4
+    assert minillm.data.train.endswith("data/dolly/train_minillm_exact.jsonl")
+    teacher = RunConfig.from_dict(config_from("gpt2.py", "teacher_sft-1.5b"))
+    assert teacher.steps == math.ceil(10 * DOLLY_TRAIN / 32)  # 10 epochs for teachers over 1.3B
+    for config in (init, minillm, teacher):
+        assert config.data.add_special_tokens is False  # the reference encodes prompts without BOS
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="preset"):
+        config_from("gpt2.py", "minillm-9b")
