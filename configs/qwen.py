@@ -1,7 +1,8 @@
 """Qwen2.5 setups (not in the paper; same recipe): teacher Qwen2.5-7B-Instruct, students Qwen2.5-0.5B
 and 1.5B (their checkpoints pad the vocabulary differently; the code slices to the real tokenizer size).
-Chat template instead of Alpaca. Presets '<method>-<size>', method in {sft, kd, seqkd, minillm, gkd,
-distillm}, size in {0.5b, 1.5b}.
+Chat template instead of Alpaca. Presets '<method>-<size>', method in {sft_init, sft, kd, seqkd, minillm, gkd,
+distillm}, size in {0.5b, 1.5b}; sft_init is the Phase-1 SFT selected by validation loss, for a MiniLLM run
+that should start from it (--config.student=runs/qwen-<size>-sft_init/hf).
 
     python -m minillm_jax.main --config configs/qwen.py:minillm-0.5b --workdir runs/qwen-0.5b-minillm
 
@@ -27,7 +28,7 @@ def get_config(preset: str | None = "minillm-0.5b"):
                                 "configs/qwen.py")
     student, lr = STUDENTS[size]
     c = paper_setup(base(), "sft" if method in ("gkd", "distillm") else method, teacher="Qwen/Qwen2.5-7B-Instruct",
-                    student=student, sft_lr=lr, sft_init=f"runs/qwen-{size}-sft_init/hf",
+                    student=student, sft_lr=lr, sft_init=student,  # MiniLLM from the released Instruct student
                     pretrain="Skylion007/openwebtext")
     if method in ("gkd", "distillm"):
         c.task, c.teacher = method, "Qwen/Qwen2.5-7B-Instruct"
