@@ -71,7 +71,7 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, type: str = "f16
     `type` is one of `TYPES`; an existing `output` is replaced only with `force`. `tokenizer_pre` overrides
     the llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`) read off the tokenizer's pipeline.
     """
-    from gguf import GGML_QUANT_VERSION, GGUFWriter
+    from gguf import GGML_QUANT_VERSION
 
     if type not in TYPES:
         raise ValueError(f"GGUF type {type!r} is not supported; choose one of {', '.join(TYPES)}")
@@ -91,7 +91,7 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, type: str = "f16
     os.close(fd)
     tmp = pathlib.Path(tmp_name)
     try:
-        writer = GGUFWriter(tmp, arch)
+        writer = _writer_class()(tmp, arch)
         writer.add_name(name or f"minillm_jax {config.model_type}")
         writer.add_file_type(_file_type(type))
         if type not in ("f32", "f16", "bf16"):
@@ -144,6 +144,22 @@ def export_gguf_from_workdir(workdir: str | os.PathLike, step: int | None, outpu
     with tempfile.TemporaryDirectory(prefix="gguf-export-") as tmp:
         hf_dir = export_hf(workdir, pathlib.Path(tmp) / "hf", step=step, dtype="float32")
         return export_gguf_from_hf(hf_dir, output, type=type, force=force, **kwargs)
+
+
+def _writer_class():
+    from gguf import GGUFValueType, GGUFWriter
+
+    class Writer(GGUFWriter):
+        """gguf's writer, also writing empty typed arrays: llama.cpp requires tokenizer.ggml.merges for a
+        byte-level vocabulary even when it has no merges (the byte tokenizer of `models/tiny.py`)."""
+
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
@@ -452,6 +468,10 @@ def _write_vocabulary(writer, v: _Vocabulary) -> None:
         writer.add_token_scores(v.scores)
     if v.merges:
         writer.add_token_merges(v.merges)
+    elif v.model == "gpt2":
+        from gguf import GGUFValueType
+
+        writer.add_key_value("tokenizer.ggml.merges", [], GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
     for key, index in v.special_ids.items():
         writer.add_uint32(f"tokenizer.ggml.{key}_token_id" if key != "unk" else "tokenizer.ggml.unknown_token_id",
                           index)
