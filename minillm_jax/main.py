@@ -53,6 +53,23 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.CRITICAL or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with ml_collections' errors for a bad override (an unknown key surfaces as an
+    AttributeError deep in its parser) turned into one line naming the flag, and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # flags.Error, and AttributeError/KeyError/TypeError/ValueError from ml_collections
+        message = str(e)
+        named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        culprit = next((a for a in named if a.split(".")[-1] in message), None)
+        if isinstance(e, (AttributeError, KeyError)) and culprit:
+            message = f"{culprit}: the config has no key {culprit[len('--config.'):]!r}"
+        print(f"error: {message}", file=sys.stderr)
+        print(f"usage: python -m minillm_jax.main --config configs/<file>.py[:<preset>] --workdir <dir> "
+              "[--config.<key>=<value> ...]", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -100,4 +117,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
