@@ -109,7 +109,7 @@ def smollm2_teacher() -> str:
 
 # Records of dolly/train_minillm_exact.jsonl, the paper's training set (prompt <= 256 GPT-2 tokens).
 DOLLY_TRAIN = 11435
-PAPER_DATA = "data"  # python -m minillm_jax.data.prepare dolly --output data (and self_inst, vicuna, sinst)
+PAPER_DATA = "data"  # python -m minillm_jax.data.prepare dolly --output data/dolly (and self_inst, vicuna, sinst)
 
 
 def epochs(count: float, batch_size: int, examples: int = DOLLY_TRAIN) -> int:
@@ -121,7 +121,7 @@ def paper_setup(c: ml_collections.ConfigDict, method: str, *, teacher: str, stud
                 sft_init: str, pretrain: str, teacher_epochs: int = 10) -> ml_collections.ConfigDict:
     """The paper's recipe for one method (minillm.md sections 2-3) on Dolly, with the Alpaca template and
     the reference's tokenisation (no special tokens on prompts), reading the prepared data under
-    data.root ("data": `python -m minillm_jax.data.prepare dolly --output data`).
+    data.root ("data": `python -m minillm_jax.data.prepare dolly --output data/dolly`, and the others).
 
     - sft_init: the student's Phase 1: SFT (batch 32, 20 epochs, cosine to 1e-7, weight decay 0.01, the
       model's dropout) selected by the LOWEST validation loss, what `minillm` starts from (`sft_init`).

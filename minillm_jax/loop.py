@@ -106,7 +106,8 @@ def read_data(config: RunConfig, tokenizer) -> RunData:
     description = (f"train: {len(data)} examples from {d.train} ({data.dropped} dropped by the length limits); "
                    f"validation: {len(valid)} records ({where})")
     if config.task == "minillm" and config.method.pt_coef and d.pretrain:
-        description += f"; L_PT: {d.pretrain}" + (f" (field {d.pretrain_field!r})" if d.pretrain_field else "")
+        description += "; L_PT: " + ("the answers of data.train" if d.pretrain == "@train" else
+                                     f"{d.pretrain} (field {d.pretrain_field!r})")
     return RunData(train=data, valid_records=valid, description=description)
 
 
@@ -128,7 +129,7 @@ def _records(config: RunConfig, source: str, split: str, key: str) -> list[dict]
 def _prepare_hint(config: RunConfig) -> str:
     if config.data.root:
         return (f" (the paper's data sets are made with `python -m minillm_jax.data.prepare <set> --output "
-                f"{config.data.root}`)")
+                f"{config.data.root}/<set>`, <set> one of dolly, self_inst, vicuna, sinst)")
     return ""
 
 
@@ -417,7 +418,7 @@ class Loop:
         metrics, _ = self.validator(state.params)
         student = nnx.merge(self.validator.graphdef, state.params)
         greedy = self.validator.greedy_answers(student)
-        teacher = self.validator.greedy_answers(self.teacher) if self.teacher is not None else None
+        teacher = self.validator.teacher_texts
         metrics.update(report.greedy_scores(greedy, teacher, self.validator.gold))
         self.writer.write(0, metrics)
         if 0 not in self.checkpoints.all_steps():  # a rerun that resumed from the saved step 0 has it already

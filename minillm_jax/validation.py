@@ -33,7 +33,8 @@ def prompt_ids(tokenizer, record: dict, fields: FieldMap, *, template: str, max_
 
 @dataclasses.dataclass
 class Validator:
-    """Held-out records of a run, scored at every validation by `__call__(params) -> (metrics, texts)`."""
+    """Held-out records of a run, scored at every validation by `__call__(params) -> (metrics, texts)`. The
+    teacher's greedy answers (made once) are the reference of `valid/rouge_l_teacher` and of the summary."""
 
     records: list[dict]
     prompts: list[list[int]]
@@ -60,9 +61,9 @@ class Validator:
         validator = cls(records=records, prompts=prompts, gold=[[response_text(r, d.fields)] for r in records],
                         gold_data=gold_data if gold_data is not None and len(gold_data) else None,
                         tokenizer=tokenizer, graphdef=graphdef, teacher=teacher, sampling=sampling,
-                        batch_size=config.batch_size, seed=config.seed, layout=layout)
+                        batch_size=config.eval.batch_size, seed=config.seed, layout=layout)
         if teacher is not None and records:
-            validator.teacher_texts = validator._answers(teacher, stream=1).texts
+            validator.teacher_texts = validator.greedy_answers(teacher)
         return validator
 
     def _answers(self, model, stream: int, teacher=None, sampling=None) -> evaluate.Answers:

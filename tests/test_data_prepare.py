@@ -63,14 +63,14 @@ def test_record_key_ignores_revision_differences():
 
 def test_dolly_rebuilds_minillm_splits(dolly_hub_file, tmp_path):
     counts = prep.prepare("dolly", tmp_path / "dolly", source=dolly_hub_file)
-    assert counts == {"train": 13512, "valid": 1000, "test": 500, "train_minillm": 11431}
+    assert counts == {"train": 13512, "valid": 1000, "test": 500, "train_minillm_exact": 11431}
     out = {split: [json.loads(line) for line in (tmp_path / "dolly" / f"{split}.jsonl").read_text().splitlines()]
            for split in counts}
     for split in ("test", "valid", "train"):  # same records, same order, same text
         assert _texts(out[split]) == _texts(_shared(f"dolly/{split}.jsonl")), split
     shared_train = _shared("dolly/train.jsonl")
     assert [r["in_minillm_train"] for r in out["train"]] == [r["in_minillm_train"] for r in shared_train]
-    assert _texts(out["train_minillm"]) == _texts([r for r in shared_train if r["in_minillm_train"]])
+    assert _texts(out["train_minillm_exact"]) == _texts([r for r in shared_train if r["in_minillm_train"]])
     assert set(out["test"][0]) == {"instruction", "input", "output", "source", "category"}
 
 
@@ -89,7 +89,7 @@ def test_dolly_from_minillm_release_layout(tmp_path):
     read = lambda split: [json.loads(x) for x in (tmp_path / "out" / f"{split}.jsonl").read_text().splitlines()]
     assert _texts(read("test")) == _texts(_shared("dolly/test.jsonl"))
     assert _texts(read("valid")) == _texts(_shared("dolly/valid.jsonl"))
-    assert _texts(read("train_minillm")) == _texts(_shared("dolly/train_minillm_exact.jsonl"))
+    assert _texts(read("train_minillm_exact")) == _texts(_shared("dolly/train_minillm_exact.jsonl"))
 
 
 @pytest.mark.parametrize("name,shared,hub_path", [("self_inst", "self_inst/test.jsonl", "valid.jsonl"),

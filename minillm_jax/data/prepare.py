@@ -4,7 +4,7 @@
 
 | name | default source | writes |
 |---|---|---|
-| dolly | databricks/databricks-dolly-15k | train, valid (1,000), test (500), train_minillm |
+| dolly | databricks/databricks-dolly-15k | train, valid (1,000), test (500), train_minillm_exact |
 | self_inst | MiniLLM/self-inst (valid.jsonl) | test (242) |
 | vicuna | MiniLLM/Vicuna (valid.jsonl) | test (80) |
 | sinst | MiniLLM/sinst (11_/valid.jsonl) | test (1,694, with all references) |
@@ -12,8 +12,8 @@
 Dolly's held-out membership is MiniLLM's own (`splits/dolly.json`: one key per record, robust to the
 citation markers and whitespace that differ between Dolly revisions), so the test and valid sets hold
 MiniLLM's records in MiniLLM's order, in the source's text. train is every other record, sorted then
-shuffled with seed 42; train_minillm drops the records MiniLLM's prompt-length filter dropped. A source
-in MiniLLM's own layout (`MiniLLM/dolly`: raw.jsonl + valid.jsonl) gives MiniLLM's exact text instead.
+shuffled with seed 42; train_minillm_exact (the paper presets' training file) drops the records MiniLLM's
+prompt-length filter dropped. A source in MiniLLM's own layout (`MiniLLM/dolly`: raw.jsonl + valid.jsonl) gives MiniLLM's exact text instead.
 `--source` takes a hub name, a local directory in the hub's layout, or a local file (a
 databricks-dolly-15k-style JSONL for dolly, the `valid.jsonl` for the others). Files are JSONL with
 `instruction`, `input`, `output`, `source`, `category` (sinst adds `references`, dolly's train
@@ -50,7 +50,7 @@ class Dataset:
 
 
 DATASETS = {
-    "dolly": Dataset("databricks/databricks-dolly-15k", ("train", "valid", "test", "train_minillm"),
+    "dolly": Dataset("databricks/databricks-dolly-15k", ("train", "valid", "test", "train_minillm_exact"),
                      ("databricks-dolly-15k.jsonl", "raw.jsonl")),
     "self_inst": Dataset("MiniLLM/self-inst", ("test",), ("valid.jsonl",)),
     "vicuna": Dataset("MiniLLM/Vicuna", ("test",), ("valid.jsonl",)),
@@ -207,8 +207,8 @@ def _dolly(file: pathlib.Path, source: str) -> dict[str, list[dict]]:
     dropped = set(splits["minillm_dropped"])
     for record in train:
         record["in_minillm_train"] = record_key(record["instruction"], record["output"]) not in dropped
-    train_minillm = [{k: v for k, v in r.items() if k != "in_minillm_train"} for r in train if r["in_minillm_train"]]
-    return {"train": train, "valid": valid, "test": test, "train_minillm": train_minillm}
+    kept = [{k: v for k, v in r.items() if k != "in_minillm_train"} for r in train if r["in_minillm_train"]]
+    return {"train": train, "valid": valid, "test": test, "train_minillm_exact": kept}
 
 
 def _split_by_membership(records: list[dict], splits: dict, file: pathlib.Path):
