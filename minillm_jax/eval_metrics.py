@@ -69,6 +69,25 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
             "exact_match": float(np.mean([exact_match(p, r) for p, r in zip(predictions, references)]))}
 
 
+def distinct_ngrams(tokens: Sequence, n: int = 4) -> float | None:
+    """Dist-n of one response (MiniLLM's diversity table): the number of distinct n-grams over the number of
+    n-gram positions, N / (L - n + 1), in [0, 1]; None when the response is shorter than n."""
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    tokens = list(tokens)
+    positions = len(tokens) - n + 1
+    if positions < 1:
+        return None
+    return len({tuple(tokens[i:i + n]) for i in range(positions)}) / positions
+
+
+def dist_n(responses: Sequence[Sequence], n: int = 4) -> float | None:
+    """Dist-n x 100 of a set: the mean of each response's `distinct_ngrams` (responses shorter than n are left
+    out; None when every one is). Tokens are whatever the items are (the evaluation passes generated ids)."""
+    values = [v for v in (distinct_ngrams(r, n) for r in responses) if v is not None]
+    return 100.0 * float(np.mean(values)) if values else None
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for one value): the spread between seeds."""
     values = np.asarray(values, np.float64)

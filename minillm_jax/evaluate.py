@@ -25,10 +25,18 @@ from jaxtyping import Array, Bool, Float
 from tqdm.auto import tqdm
 
 from minillm_jax import losses
-from minillm_jax.data.instructions import FieldMap, format_prompt, read_records, response_text, tokenize_pair
+from minillm_jax.data.instructions import (
+    FieldMap,
+    format_prompt,
+    read_records,
+    response_text,
+    tokenize_pair,
+    tokenize_pairs,
+)
 from minillm_jax.eval_metrics import (
     LENGTH_BUCKETS,
     bucket_means,
+    dist_n,
     exact_match,
     expected_calibration_error,
     finite_or_none,
@@ -43,8 +51,8 @@ from minillm_jax.sharding import to_host
 from minillm_jax.workdir import atomic_write_text
 
 __all__ = ["Answers", "EvalSet", "LENGTH_BUCKETS", "calibration", "evaluate_model", "exact_match",
-           "expected_calibration_error", "exposure_bias", "generate_texts", "load_eval_set", "normalize_answer",
-           "plot_curves", "prefix_kl", "rouge_l", "sample_answers", "score", "write_report"]
+           "expected_calibration_error", "exposure_bias", "generate_texts", "gold_loss", "load_eval_set",
+           "normalize_answer", "plot_curves", "prefix_kl", "rouge_l", "sample_answers", "score", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +61,14 @@ SEEDS = (10, 20, 30, 40, 50)
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-    """A test set: tokenised prompts (each cut to its first max_prompt_length tokens) and reference lists."""
+    """A test set: tokenised prompts (each cut to its first max_prompt_length tokens), reference lists and the
+    first reference's token ids after its prompt (`gold`, without EOS; for the LM loss)."""
 
     name: str
     prompts: list[list[int]]
     references: list[list[str]]
     records: list[dict[str, Any]]
+    gold: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -83,11 +93,13 @@ def load_eval_set(name: str, path: str | os.PathLike, tokenizer, *, template: st
     if limit is not None:
         records, references = records[:limit], references[:limit]
     texts = [format_prompt(record, fields, template=template, tokenizer=tokenizer) for record in records]
-    full = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    pairs = tokenize_pairs(tokenizer, texts, [refs[0] for refs in references]) if texts else []
+    full = [prompt for prompt, _ in pairs]
     truncated = sum(len(ids) > max_prompt_length for ids in full)
     logger.info("%s: %d prompts from %s, %d cut to their first %d tokens", name, len(full), path, truncated,
                 max_prompt_length)
-    return EvalSet(name, [list(ids[:max_prompt_length]) for ids in full], references, records)
+    return EvalSet(name, [list(ids[:max_prompt_length]) for ids in full], references, records,
+                   gold=[response[:-1] for _, response in pairs])  # the project's tokenisation rule, EOS dropped
 
 
 def _references(record: dict[str, Any], fields: FieldMap) -> list[str]:
@@ -111,12 +123,13 @@ def reference_lengths(tokenizer, references: Sequence[Sequence[str]]) -> list[in
 def _sample_batches(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seed,
                     batch_size: int, *, teacher: Transformer | None = None,
                     desc: str | None = None) -> Iterator[tuple[SampleOutput, int]]:
-    """(samples, number of real rows) batch by batch; every call to `generate` has the same batch size, the
-    padding rows being copies of the last prompt. `seed`: an int or a JAX key; batch i uses fold_in(key, i)."""
+    """(samples, number of real rows) batch by batch; every call to `generate` has the same batch size: the
+    fewest batches of at most `batch_size`, balanced (40 prompts at 32: two of 20), the last batch's padding
+    rows being copies of its last prompt. `seed`: an int or a JAX key; batch i uses fold_in(key, i)."""
     if not prompts:
         raise ValueError("no prompts to sample from")
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    width = min(batch_size, len(prompts))
+    width = -(-len(prompts) // -(-len(prompts) // batch_size))  # balanced: 40 prompts at 32 are two batches of 20
     starts = range(0, len(prompts), width)
     for index, start in enumerate(tqdm(starts, desc=desc, leave=False, disable=desc is None)):
         rows = [list(p) for p in prompts[start:start + width]]
@@ -185,19 +198,27 @@ def evaluate_model(model: Transformer, tokenizer, eval_sets: Sequence[EvalSet], 
     over seeds, mean response length (generated tokens without EOS), Rouge-L by gold length (first
     reference, in tokens; buckets [edge_i, edge_i+1) and a last open one; per-example Rouge-L averaged over
     seeds), and with a `teacher` the mean sequence-level reverse KL sum_t (log q - log p) of the student's
-    samples (a Monte-Carlo estimate; the n-gram block makes the samples slightly off q). EOS and padding
-    ids default to the tokenizer's."""
+    samples (a Monte-Carlo estimate; the n-gram block makes the samples slightly off q), also per token.
+    Per seed also Dist-4 (distinct 4-grams of each answer's generated ids, x 100: `eval_metrics.dist_n`), and
+    per set the LM loss on the gold answers (`gold_loss`; sets from `load_eval_set`). EOS and padding ids
+    default to the tokenizer's."""
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos,
                               no_repeat_ngram_size=no_repeat_ngram_size, pad_token_id=0 if pad is None else int(pad))
-    return {s.name: _evaluate_set(model, tokenizer, s, sampling, seeds, batch_size, teacher, length_buckets,
-                                  keep_predictions) for s in eval_sets}
+    results = {}
+    for s in eval_sets:
+        results[s.name] = _evaluate_set(model, tokenizer, s, sampling, seeds, batch_size, teacher, length_buckets,
+                                        keep_predictions)
+        if s.gold is not None:
+            results[s.name].update(gold_loss(model, s, max_response_length=max_new_tokens,
+                                             pad_token_id=sampling.pad_token_id))
+    return results
 
 
 def _evaluate_set(model, tokenizer, eval_set: EvalSet, sampling, seeds, batch_size, teacher, length_buckets,
                   keep_predictions) -> dict:
-    per_seed, example_rouge, lengths, sequence_kl, predictions = {}, [], [], [], []
+    per_seed, example_rouge, lengths, sequence_kl, predictions, scored = {}, [], [], [], [], 0
     for seed in seeds:
         answers = sample_answers(model, tokenizer, eval_set.prompts, sampling, seed, batch_size, teacher=teacher,
                                  desc=f"{eval_set.name} seed {seed}")
@@ -205,21 +226,73 @@ def _evaluate_set(model, tokenizer, eval_set: EvalSet, sampling, seeds, batch_si
         lengths += map(len, answers.tokens)
         rouges = [rouge_l(t, r) for t, r in zip(texts, eval_set.references)]
         matches = [exact_match(t, r) for t, r in zip(texts, eval_set.references)]
-        per_seed[str(seed)] = {"rouge_l": float(np.mean(rouges)), "exact_match": float(np.mean(matches))}
+        per_seed[str(seed)] = {"rouge_l": float(np.mean(rouges)), "exact_match": float(np.mean(matches)),
+                               "dist_4": dist_n(answers.tokens, 4)}
         example_rouge.append(rouges)
         sequence_kl += kls
+        scored += answers.scored_tokens
         predictions = predictions or texts[:keep_predictions]
     rouge_mean, rouge_std = mean_std([v["rouge_l"] for v in per_seed.values()])
     em_mean, em_std = mean_std([v["exact_match"] for v in per_seed.values()])
+    dist = [v["dist_4"] for v in per_seed.values() if v["dist_4"] is not None]
+    dist_mean, dist_std = mean_std(dist) if dist else (None, None)
     result = {"n": len(eval_set), "seeds": [int(s) for s in seeds], "per_seed": per_seed, "rouge_l_mean": rouge_mean,
               "rouge_l_std": rouge_std, "exact_match_mean": em_mean, "exact_match_std": em_std,
+              "dist_4_mean": dist_mean, "dist_4_std": dist_std,
               "length_mean": float(np.mean(lengths)),
               "rouge_l_by_length": bucket_means(np.mean(example_rouge, axis=0),
                                                 reference_lengths(tokenizer, eval_set.references), length_buckets),
               "predictions": predictions}
     if teacher is not None:
         result["reverse_kl"] = float(np.mean(sequence_kl))
+        result["reverse_kl_per_token"] = float(np.sum(sequence_kl) / max(scored, 1))
     return result
+
+
+# ------------------------------------------------------------------------------------ LM loss on the gold answers
+
+GOLD_LOSS_ROWS = 8  # rows per teacher-forced batch ([rows, T, V] float32 logits)
+
+
+def gold_loss(model: Transformer, eval_set: EvalSet, *, max_response_length: int = 256, pad_token_id: int = 0,
+              batch_size: int = GOLD_LOSS_ROWS) -> dict:
+    """The model's cross-entropy on each example's first reference (`eval_set.gold`, without EOS), cut to its
+    first `max_response_length` tokens, teacher-forced after the (truncated) prompt, over the real vocabulary
+    in float32. As MiniLLM's evaluate_main.py: `lm_loss` is the mean over answers of each answer's token mean;
+    `lm_loss_per_token` pools every token. Answers with no tokens are left out. Rows are sorted by length and
+    right-padded to power-of-two widths (a few compiled shapes)."""
+    rows = [(list(p), list(g[:max_response_length])) for p, g in zip(eval_set.prompts, eval_set.gold) if g]
+    if not rows:
+        return {"lm_loss": None, "lm_loss_per_token": None, "lm_loss_tokens": 0}
+    graphdef, state = nnx.split(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    width = min(batch_size, len(rows))
+    sums, counts = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
+    for start in range(0, len(rows), width):
+        real = order[start:start + width]
+        chunk = real + [real[-1]] * (width - len(real))
+        longest = max(len(rows[i][0]) + len(rows[i][1]) for i in chunk)
+        T = max(16, 1 << (longest - 1).bit_length())
+        ids, mask = np.full((width, T), pad_token_id, np.int32), np.zeros((width, T), bool)
+        target = np.zeros((width, T), bool)
+        for r, i in enumerate(chunk):
+            prompt, answer = rows[i]
+            ids[r, :len(prompt) + len(answer)] = prompt + answer
+            mask[r, :len(prompt) + len(answer)] = True
+            target[r, len(prompt):len(prompt) + len(answer)] = True
+        nll = to_host(_token_nll(graphdef, state, ids, mask, num_real=model.config.num_real_tokens))
+        nll = np.where(target[:, 1:], nll.astype(np.float64), 0.0)
+        for r, i in enumerate(real):
+            sums[i], counts[i] = nll[r].sum(), target[r].sum()
+    return {"lm_loss": float(np.mean(sums / counts)), "lm_loss_per_token": float(sums.sum() / counts.sum()),
+            "lm_loss_tokens": int(counts.sum())}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_real"))
+def _token_nll(graphdef, state, ids, mask, *, num_real: int) -> Float[Array, "B T-1"]:
+    """-log q(ids[:, t] | ids[:, <t]) for t >= 1 (right padding is fine: positions count real tokens)."""
+    logits = nnx.merge(graphdef, state)(ids, mask)[:, :-1]
+    return losses.cross_entropy(losses.log_probs(logits, num_real), ids[:, 1:])
 
 
 # ------------------------------------------------------------------------------------ exposure bias

@@ -12,7 +12,7 @@ from hf_reference import build_hf_model, hf_logits
 from rouge_score import rouge_scorer
 
 from minillm_jax.data import format_prompt
-from minillm_jax.eval_metrics import bucket_means, expected_calibration_error, mean_std
+from minillm_jax.eval_metrics import bucket_means, dist_n, distinct_ngrams, expected_calibration_error, mean_std
 from minillm_jax.evaluate import (
     EvalSet,
     calibration,
@@ -20,6 +20,7 @@ from minillm_jax.evaluate import (
     exact_match,
     exposure_bias,
     generate_texts,
+    gold_loss,
     load_eval_set,
     plot_curves,
     prefix_kl,
@@ -138,6 +139,17 @@ def test_mean_std_and_length_buckets():
         ("[0, 5)", 2, 15.0), ("[5, 10)", 1, 30.0), ("[10, inf)", 1, 40.0)]
 
 
+def test_dist_4_hand_counted():
+    """Distinct 4-grams over 4-gram positions, N / (L - 3), per answer; the set's value is the mean x 100."""
+    repeated = [1, 2, 3, 4, 1, 2, 3, 4, 5]  # (1234) (2341) (3412) (4123) (1234) (2345): 5 distinct of 6
+    assert distinct_ngrams(repeated) == pytest.approx(5 / 6)
+    assert distinct_ngrams([7] * 5) == pytest.approx(1 / 2)  # (7777) twice
+    assert distinct_ngrams([1, 2, 3, 4]) == 1.0 and distinct_ngrams([1, 2, 3]) is None
+    assert distinct_ngrams("a b a b a".split(), n=2) == pytest.approx(2 / 4)
+    assert dist_n([repeated, [7] * 5, [1, 2, 3]]) == pytest.approx(100 * (5 / 6 + 1 / 2) / 2)  # too short: left out
+    assert dist_n([[1, 2], []]) is None
+
+
 # ------------------------------------------------------------------------------------ calibration
 
 
@@ -229,9 +241,8 @@ def test_exposure_bias_equals_float64_reconstruction(hf_pair):
     curves = {}
     for name, sampler in (("R", student), ("epsilon", teacher)):
         total = np.zeros(6)
-        for index, start in enumerate((0, 3)):  # documented keys: fold_in(key(seed), batch index)
-            real = prompts[start:start + 3]
-            rows = real + [real[-1]] * (3 - len(real))
+        for index, start in enumerate((0, 2)):  # 4 prompts at batch_size 3: two balanced batches of 2
+            real = rows = prompts[start:start + 2]  # documented keys: fold_in(key(seed), batch index)
             key = jax.random.fold_in(jax.random.key(3), index)
             out = jax.tree.map(np.asarray, generate(sampler, rows, config, key))
             total += _kl_float64(hf_student, hf_teacher, out)[:len(real)].sum(0)
@@ -241,6 +252,47 @@ def test_exposure_bias_equals_float64_reconstruction(hf_pair):
     np.testing.assert_allclose(result["exacc_err"], error, rtol=1e-3, atol=1e-6)
     assert list(result["summary"]) == ["1", "6"]
     assert result["summary"]["6"]["R"] == pytest.approx(curves["R"][-1], rel=1e-4)
+
+
+def test_gold_loss_equals_float64_torch(hf_pair):
+    """Per-answer token-mean CE of the first reference after its prompt (EOS not scored), from each row alone
+    through transformers in float64, then the mean over answers and the pooled token mean. Rows of several
+    lengths (padding), a short last batch, an answer cut at max_response_length and an empty one (left out)."""
+    import copy
+
+    (hf_student, student), _ = hf_pair
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 90, int(n)).tolist() for n in (3, 9, 5, 14, 2, 7, 4)]
+    gold = [rng.integers(1, 90, int(n)).tolist() for n in (4, 1, 12, 6, 30, 0, 9)]
+    eval_set = EvalSet("x", prompts, [["ref"]] * 7, [{}] * 7, gold=gold)
+    result = gold_loss(student, eval_set, max_response_length=20, batch_size=3)
+    reference = copy.deepcopy(hf_student).double()
+    per_answer, nll_sum, count = [], 0.0, 0
+    for prompt, answer in zip(prompts, gold):
+        answer = answer[:20]
+        if not answer:
+            continue
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            log_q = torch.log_softmax(reference(input_ids=ids).logits[0].double(), -1).numpy()
+        nll = -log_q[np.arange(len(prompt) - 1, len(prompt) + len(answer) - 1), answer]
+        per_answer.append(nll.mean())
+        nll_sum, count = nll_sum + nll.sum(), count + len(answer)
+    assert result["lm_loss_tokens"] == count == 4 + 1 + 12 + 6 + 20 + 9
+    assert result["lm_loss"] == pytest.approx(np.mean(per_answer), rel=1e-5)
+    assert result["lm_loss_per_token"] == pytest.approx(nll_sum / count, rel=1e-5)
+    assert result["lm_loss"] != pytest.approx(result["lm_loss_per_token"], rel=1e-3)  # the two means differ here
+
+
+def test_gold_answers_follow_the_tokenisation_rule(smollm2_tokenizer):
+    """gold = the first reference's ids past the untruncated prompt (joint tokenisation), without the EOS."""
+    from conftest import SHARED_DATA
+
+    eval_set = load_eval_set("sinst", SHARED_DATA / SINST, smollm2_tokenizer, template="chat", limit=20)
+    assert len(eval_set.gold) == 20
+    for record, gold in zip(eval_set.records, eval_set.gold):
+        assert smollm2_tokenizer.eos_token_id not in gold
+        assert smollm2_tokenizer.decode(gold) == record["references"][0]
 
 
 # ------------------------------------------------------------------------------------ data
@@ -310,6 +362,10 @@ def test_evaluate_model_end_to_end(words, tmp_path):
         texts, tokens = generate_texts(model, words, eval_set.prompts, sampling, seed=20, batch_size=4)
         assert score(texts, eval_set.references)["rouge_l"] == pytest.approx(r["per_seed"]["20"]["rouge_l"])
         assert all(0 not in row for row in tokens)
+        assert r["per_seed"]["20"]["dist_4"] == pytest.approx(dist_n(tokens, 4))
+        assert r["dist_4_mean"] == pytest.approx(np.mean([r["per_seed"][k]["dist_4"] for k in ("10", "20")]))
+        assert 0 < r["reverse_kl_per_token"] < r["reverse_kl"]  # answers are longer than one token
+        assert r["lm_loss"] == pytest.approx(gold_loss(model, eval_set, max_response_length=12)["lm_loss"])
     counts = [b["count"] for b in results["plain"]["rouge_l_by_length"]]
     assert counts == [1, 1, 1, 1, 1]  # gold lengths 2, 7, 15, 30, 60 words: one per default bucket
 
