@@ -95,11 +95,12 @@ def test_attention_dropout_keeps_the_expected_output():
     key_is_real = jnp.asarray([[True] * 5, [False] * 2 + [True] * 3])  # row 1 left-padded by 2
     allowed = key_is_real[:, None, :] & jnp.tril(jnp.ones((5, 5), bool))[None]  # its first 2 queries: none
     reference = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])
-    exact = transformer_lib._attention_with_dropout(q, k, v, allowed, transformer_lib._Dropout(None), 0.3)
+    k_heads, v_heads = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # its layout: [B K S Dh]
+    exact = transformer_lib._softmax_attention(q, k_heads, v_heads, allowed, transformer_lib._Dropout(None), 0.3)
     np.testing.assert_allclose(np.asarray(exact), np.asarray(reference), atol=1e-5)
 
     def one(key):
-        return transformer_lib._attention_with_dropout(q, k, v, allowed, transformer_lib._Dropout(key), 0.3)
+        return transformer_lib._softmax_attention(q, k_heads, v_heads, allowed, transformer_lib._Dropout(key), 0.3)
 
     samples = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(0), 4000))
     mean, spread = np.asarray(samples.mean(0)), np.asarray(samples.std(0))

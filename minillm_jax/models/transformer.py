@@ -7,7 +7,8 @@ F mlp, V vocab (as stored, padding included), L layers, P learned positions.
 Layers are stacked on a leading `layers` axis and applied with `lax.scan`, so compile time does not grow
 with depth. Positions count real tokens only (left padding is free), as HF does with
 `position_ids = cumsum(mask) - 1`. Attention goes through `jax.nn.dot_product_attention` with one boolean
-mask (padding, causality, sliding windows), except with attention dropout, which it does not offer.
+mask (padding, causality, sliding windows), except over a KV cache and with attention dropout (an explicit
+XLA softmax attention: faster when reading a cache on CPU, and the only one with dropout).
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, written slot by slot; passed in and out explicitly."""
+    """Keys and values of every layer, written slot by slot; passed in and out explicitly. Heads before
+    slots, so attention reads each head's keys and values as contiguous [S, Dh] matrices (no transposed
+    copy of the cache per decode step)."""
 
-    k: Float[Array, "L B S K Dh"]
-    v: Float[Array, "L B S K Dh"]
+    k: Float[Array, "L B K S Dh"]
+    v: Float[Array, "L B K S Dh"]
     mask: Bool[Array, "B S"]  # the slot holds a real token
     positions: Int[Array, "B S"]  # position of the token in each slot
     lengths: Int[Array, " B"]  # real tokens so far: the next token's position
@@ -49,7 +52,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def mask_padded_vocab(logits: Float[Array, "... V"], num_real_tokens: int) -> Float[Array, "... V"]:
@@ -146,7 +149,7 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         c = self.config
-        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim)
         dtype = jnp.dtype(dtype or c.dtype)
         return KVCache(
             k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -173,8 +176,9 @@ class Transformer(nnx.Module):
                      lengths=cache.lengths + mask.sum(axis=1, dtype=jnp.int32), index=start + input_ids.shape[1])
         if empty_cache:
             hidden, (k_new, v_new) = self._run(input_ids, mask, positions, collect_kv=True)
-            k = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, 0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, 0, start, 0, 0))
+            k, v = (jax.lax.dynamic_update_slice(whole, jnp.swapaxes(new, 2, 3).astype(whole.dtype),  # [L B K T Dh]
+                                                 (0, 0, 0, start, 0))
+                    for whole, new in ((cache.k, k_new), (cache.v, v_new)))
             cache = KVCache(k=k, v=v, **slots)
         else:
             cache = cache.replace(**slots)
@@ -364,19 +368,23 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
         cos, sin = context.rope
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
 
-    if kv is None:
+    cached = kv is not None
+    if not cached:
         keys, values, kv = k, v, (k, v)
-    else:  # write this layer's new slots in place, then read the layer's whole cache
-        kv = tuple(jax.lax.dynamic_update_slice(whole, new[None].astype(whole.dtype), (layer, 0, context.start, 0, 0))
-                   for whole, new in zip(kv, (k, v)))
+    else:  # write this layer's new slots in place, then read the layer's whole cache ([B K S Dh] each)
+        kv = tuple(jax.lax.dynamic_update_slice(whole, jnp.swapaxes(new, 1, 2)[None].astype(whole.dtype),
+                                                (layer, 0, 0, context.start, 0)) for whole, new in zip(kv, (k, v)))
         keys, values = (jax.lax.dynamic_index_in_dim(whole, layer, keepdims=False).astype(dtype) for whole in kv)
 
     allowed = context.allowed
     if c.sliding_windows:  # windows count positions (real tokens), not slots
         distance = context.query_positions[:, :, None] - context.key_positions[:, None, :]
         allowed = allowed & ((window <= 0) | (distance < window))
-    if dropout.key is not None and c.attention_dropout > 0:
-        out = _attention_with_dropout(q, keys, values, allowed, dropout, c.attention_dropout)
+    if cached:  # the cache in its own layout (faster than XLA's dot_product_attention: compare_checkouts.py)
+        out = _softmax_attention(q, keys, values, allowed, _Dropout(None), 0.0)
+    elif dropout.key is not None and c.attention_dropout > 0:  # which dot_product_attention does not offer
+        out = _softmax_attention(q, jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2), allowed, dropout,
+                                 c.attention_dropout)
     else:  # implementation=None: jax's choice (XLA on every backend as of jax 0.11; cuDNN once jax selects it)
         out = jax.nn.dot_product_attention(q, keys, values, mask=allowed[:, None], implementation=None)
     out = jnp.einsum("bthk,hkd->btd", out, w("o_proj"))
@@ -385,16 +393,17 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     return out, kv
 
 
-def _attention_with_dropout(q, k, v, allowed, dropout: _Dropout, rate: float):
-    """Softmax attention with dropout on the probabilities (training), which jax.nn.dot_product_attention
-    does not offer: q [B T H Dh], k/v [B S K Dh], allowed [B T S]."""
+def _softmax_attention(q, k, v, allowed, dropout: _Dropout, rate: float):
+    """Softmax attention in XLA, the G query heads of a kv head as one matrix (the cache is read once),
+    with dropout on the probabilities when `dropout` has a key (training), which
+    jax.nn.dot_product_attention does not offer: q [B T H Dh], k/v [B K S Dh], allowed [B T S]."""
     B, T, H, Dh = q.shape
-    K = k.shape[2]
+    K = k.shape[1]
     q = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(Dh)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(Dh)
     probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, _MASKED), axis=-1)
     probs = dropout.apply(probs, rate, "attention").astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(B, T, H, Dh)
 
 
 def _mlp(h, p, c: ModelConfig):
