@@ -21,6 +21,7 @@ read (`CheckpointCorrupt`: damaged files). `quarantine` moves a damaged step out
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
 import logging
 import math
@@ -143,6 +144,7 @@ class Checkpointer:
         if non_finite:
             raise NonFiniteState(f"{self.directory}: not saving step {step}: non-finite values in "
                                  f"{_first(non_finite)}", step=step, paths=non_finite)
+        self._check_space(step, items)
         meta = {**_jsonable(meta), _INTEGRITY: integrity}
         args = ocp.args.Composite(params=ocp.args.StandardSave(items["params"]),
                                   opt_state=ocp.args.StandardSave(items["opt_state"]), meta=ocp.args.JsonSave(meta))
@@ -150,6 +152,23 @@ class Checkpointer:
             raise SaveSkipped(f"{self.directory}: Orbax did not write step {step} (latest saved step: "
                               f"{self._manager.latest_step()})")
         return True
+
+    def _check_space(self, step: int, items: dict) -> None:
+        """Raise OSError(ENOSPC) before writing a step that does not fit on the disk (a write that fails
+        half-way leaves Orbax's background writers failing one after another). Collective: every process
+        checks the bytes it writes, and all refuse when one must."""
+        self.wait()  # the previous step's writes (and Orbax's removal of old steps) are done
+        arrays = sum(_bytes_written(leaf) for name in _ARRAY_ITEMS for leaf in jax.tree.leaves(items[name]))
+        needed = arrays + arrays // 16 + 2**20  # Orbax's metadata, index files and block rounding
+        try:
+            usage = shutil.disk_usage(self.directory)
+        except OSError:
+            return
+        fits = not usage.total or usage.free >= needed  # total 0: a filesystem that reports no sizes
+        if not sharding_lib.on_every_process(fits):
+            raise OSError(errno.ENOSPC, f"No space left on device: checkpoint step {step} needs "
+                          f"{needed / 2**20:.1f} MiB, {usage.free / 2**20:.1f} MiB free (on some process)",
+                          str(self.directory))
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -289,6 +308,13 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _bytes_written(leaf) -> int:
+    """The bytes of `leaf` this process writes: one replica of each of its shards."""
+    if isinstance(leaf, jax.Array):
+        return sum(shard.data.nbytes for shard in leaf.addressable_shards if shard.replica_id == 0)
+    return np.asarray(leaf).nbytes
 
 
 def _state_items(state) -> dict:
