@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            force=args.force)
             else:
                 out = gguf_export.export_gguf_from_hf(args.hf, args.output, type=args.type, force=args.force)
-        except (FileNotFoundError, FileExistsError, ValueError) as e:
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as e:
             parser.error(str(e))
         print(f"wrote {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -284,10 +284,28 @@ def test_workdir_export_from_the_command_line(tmp_path, capsys):
     assert "--step goes with --workdir" in capsys.readouterr().err
 
 
+def test_a_run_writes_its_gguf_with_export_format_both(tmp_path):
+    """export.format=both: the run's end writes hf/ and student.gguf of the same state; our GGUF import of
+    the f32 file equals the HF export exactly."""
+    from configs.demo import get_config
+
+    from minillm_jax import loop
+    from minillm_jax.config import RunConfig
+
+    c = get_config("tiny")
+    c.task, c.teacher, c.steps, c.eval_every, c.best_metric = "sft", "", 2, 0, ""
+    c.export.format, c.export.gguf_type = "both", "f32"
+    loop.run(RunConfig.from_dict(c), str(tmp_path))
+    from_gguf, from_hf = load_pretrained(tmp_path / "student.gguf"), load_pretrained(tmp_path / "hf")
+    for a, b in zip(jax.tree.leaves(nnx.state(from_gguf)), jax.tree.leaves(nnx.state(from_hf))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
 
 @pytest.mark.slow
+@pytest.mark.llamacpp
 def test_llama_cpp_matches_our_sampler_on_the_smollm2_student(smollm2_gguf, tmp_path):
     """llama.cpp itself (llama-cpp-python, built from source: `python bench/llamacpp.py build`) on our f32
     export of the 10-layer SmolLM2 student: the same greedy tokens as our sampler on 3 prompts, and prompt
@@ -338,6 +356,7 @@ LLAMA_CPP_VARIANTS = {  # name -> (family, overrides): every layout the writer p
 }
 
 
+@pytest.mark.llamacpp
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(LLAMA_CPP_VARIANTS))
 def test_llama_cpp_logits_on_tiny_models(variant, tmp_path):

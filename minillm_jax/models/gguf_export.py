@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import tempfile
 from collections.abc import Callable
 
@@ -78,6 +79,8 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, type: str = "f16
     output = pathlib.Path(output)
     if output.suffix != ".gguf":
         raise ValueError(f"{output}: the output file name should end in .gguf")
+    if output.is_dir():
+        raise IsADirectoryError(f"{output} is a directory; the output is one .gguf file")
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists; pass force=True (--force) to replace it")
     if not output.parent.is_dir():
@@ -87,9 +90,8 @@ def export_gguf(model, tokenizer, output: str | os.PathLike, *, type: str = "f16
     vocab = _vocabulary(tokenizer, config, tokenizer_pre)
     plan = _tensor_plan(config, arch, type)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
+    # beside the output (so the rename is atomic), created by the writer with the usual file mode
+    tmp = output.with_name(f".{output.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         writer = _writer_class()(tmp, arch)
         writer.add_name(name or f"minillm_jax {config.model_type}")
