@@ -1,8 +1,19 @@
-"""Test set-up: 8 fake CPU devices so sharding code runs without accelerators."""
+"""Test set-up: 8 fake CPU devices so sharding code runs without accelerators, and one persistent XLA
+compilation cache for the session, shared with the CLI subprocesses the tests start (through the
+environment): the suite compiles the same tiny-model programs in many runs, and XLA:CPU compilation is
+most of its time. Keys are the compiled programs themselves, so a hit runs exactly what a compile would."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # a cache the caller chose is kept; ours goes at exit
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="minillm_jax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 

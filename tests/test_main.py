@@ -159,6 +159,7 @@ def test_cli_rejects_bad_config_with_one_clear_line(flag, message, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_demo_config_shortened_on_the_real_model(tmp_path, smollm2_gguf):
     """configs/demo.py as shipped, through the CLI on one CPU device, cut to one short round and 4 held-out
     prompts: SmolLM2 teacher, a student from its layers, the project's own data, the before/after summary
@@ -167,10 +168,11 @@ def test_demo_config_shortened_on_the_real_model(tmp_path, smollm2_gguf):
     import transformers
 
     demo = config_from("demo.py")
-    steps = demo.steps
-    overrides = dict(teacher=str(smollm2_gguf), **{"data.holdout": 4})
+    steps = demo.minillm.num_rollouts // demo.batch_size * demo.minillm.ppo_epochs  # one round
+    overrides = dict(teacher=str(smollm2_gguf), steps=steps, eval_every=steps, checkpoint_every=steps,
+                     **{"data.holdout": 4})
     done = run_cli("--config", "configs/demo.py", "--workdir", str(tmp_path),
-                   *[f"--config.{key}={value}" for key, value in overrides.items()], timeout=1200)
+                   *[f"--config.{key}={value}" for key, value in overrides.items()], timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "student before (greedy)" in done.stdout and "student after (greedy)" in done.stdout
     rows = metrics_rows(tmp_path)

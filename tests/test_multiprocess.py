@@ -13,7 +13,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from flax import nnx
+
+pytestmark = pytest.mark.slow  # two processes x a compile each: minutes; CI runs it in the slow step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ["--config.task=minillm", "--config.steps=3", "--config.batch_size=8", "--config.minillm.num_rollouts=8",

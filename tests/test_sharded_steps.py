@@ -17,6 +17,8 @@ from minillm_jax.models import Transformer
 from minillm_jax.models.tiny import parse_random_spec
 from minillm_jax.sampling import SamplingConfig, generate
 
+pytestmark = pytest.mark.slow  # every update on several mesh shapes: many compiles; CI runs it in the slow step
+
 VOCAB, REAL = 128, 123  # a checkpoint vocabulary padded beyond the tokenizer's 123 ids
 TEACHER = parse_random_spec("random:llama:layers=2,hidden=64,heads=4,kv_heads=2,mlp=128", VOCAB).replace(
     real_vocab_size=REAL)
