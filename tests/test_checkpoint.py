@@ -312,6 +312,7 @@ def test_export_errors_say_what_is_missing(run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 @pytest.mark.parametrize("target", [(2, 2, 2), (1, 2, 4)])
 def test_saved_on_one_mesh_restores_onto_another(target, tmp_path):
     """Saved from a (8, 1, 1) layout, restored straight into the (2, 2, 2) / (1, 2, 4) training layout."""
@@ -493,6 +494,7 @@ def test_export_refuses_a_foreign_directory_unless_forced(run, tmp_path):
     assert marker["step"] == 2 and marker["workdir"] == str(workdir)
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_export_from_the_command_line_refuses_in_one_line(run, tmp_path):
     workdir = _workdir(run, tmp_path / "run", tokenizer=False)
     theirs = tmp_path / "theirs"

@@ -178,6 +178,7 @@ def test_batches_are_deterministic_and_resumable(tokenizer, dolly_train):
     assert prompt_length > 0 and loss_mask[row, : attention.shape[1] - loss_mask[row].sum()].sum() == 0
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_length_filter_count_on_the_full_train_file(tokenizer):
     """Dolly train.jsonl, Alpaca template, prompt <= 256 and sequence <= 512 tokens: the dropped count
     against one computed here from the template text and the tokenizer alone."""

@@ -107,6 +107,7 @@ def test_attention_dropout_keeps_the_expected_output():
     assert (spread.max() > 0.1) and np.all(np.abs(mean - np.asarray(reference)) <= 5 * spread / np.sqrt(4000) + 1e-6)
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_traced_keys_under_jit_and_different_keys_differ():
     model = _with_rates(random_model("qwen2"), attention_dropout=0.2)
     graphdef, state = nnx.split(model)
@@ -120,6 +121,7 @@ def test_traced_keys_under_jit_and_different_keys_differ():
     np.testing.assert_allclose(np.asarray(model.unembed(hidden(state, jax.random.key(1)))), np.asarray(a), atol=1e-5)
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_gradients_with_dropout_are_the_same_under_remat():
     model = _with_rates(random_model("gpt2"), embed_dropout=0.1, residual_dropout=0.1, attention_dropout=0.1)
     ids, mask = left_padded_batch(96)

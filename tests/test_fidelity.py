@@ -38,6 +38,7 @@ def test_first_step_of_a_bf16_round_has_ratio_one_and_nothing_clipped():
     assert float(metrics["clip_fraction"][0]) == 0.0
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_rescoring_uses_the_sampling_temperature():
     """With T = 0.7 the rollouts, the old log-probabilities, the teacher's and the weights all use
     softmax(logits / 0.7): checked against a float64 teacher-forced computation."""
@@ -76,6 +77,7 @@ def test_minillm_refuses_top_k_and_top_p():
             kit.run_config(task="minillm", **{key: value})
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_dropout_in_sft_not_in_minillm():
     """SFT trains with the model's dropout (a second update of the same state and batch with another
     dropout key gives another loss); MiniLLM's round never drops (its first step's ratio is exactly 1)."""

@@ -134,6 +134,7 @@ def smollm2_cut(smollm2_gguf):
     return select_layers(load_pretrained(smollm2_gguf), (0, 9, 19, 29)), load_tokenizer(smollm2_gguf)
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_smollm2_export_matches_transformers_and_llama_cpp_metadata(smollm2_cut, smollm2_gguf, tmp_path):
     model, tokenizer = smollm2_cut
     path = export_gguf(model, tokenizer, tmp_path / "smollm2-cut.gguf", type="f32")
@@ -284,11 +285,11 @@ def test_workdir_export_from_the_command_line(tmp_path, capsys):
     assert "--step goes with --workdir" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_a_run_writes_its_gguf_with_export_format_both(tmp_path):
     """export.format=both: the run's end writes hf/ and student.gguf of the same state; our GGUF import of
     the f32 file equals the HF export exactly."""
     from configs.demo import get_config
-
     from minillm_jax import loop
     from minillm_jax.config import RunConfig
 

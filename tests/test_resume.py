@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_main import tiny
 
 from minillm_jax import loop
@@ -41,6 +42,7 @@ def logged_steps(workdir: pathlib.Path) -> int:
     return max([json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()] or [0])
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path):
     reference = start(tmp_path / "reference")
     assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]

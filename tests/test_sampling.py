@@ -84,6 +84,7 @@ def test_greedy_equals_transformers_generate(variant, tmp_path):
     _compare_greedy(ours, _hf_greedy(hf_model, prompts, 16))
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_smollm2_greedy_chat_equals_transformers(smollm2_gguf, smollm2_reference):
     tokenizer, hf_model = smollm2_reference
     model = load_pretrained(smollm2_gguf)

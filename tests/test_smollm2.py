@@ -89,6 +89,7 @@ def test_greedy_answer_about_paris(ours):
     assert answer.startswith("The capital of France is Paris"), answer
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_gguf_to_hf_converter(smollm2_gguf, ours, tmp_path):
     tokenizer, model = ours
     assert convert_main(["gguf-to-hf", "--gguf", str(smollm2_gguf), "--output", str(tmp_path)]) == 0

@@ -208,6 +208,7 @@ def test_seqkd_trains_on_the_teacher_token_ids_and_resumes_its_answers(tmp_path)
     assert float(history[-1]["loss"][0]) < 0.6 * float(history[0]["loss"][0])
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_gradient_accumulation_equals_one_large_batch():
     """accumulate_steps=2 over the same 16 rows takes the same optimizer steps as one batch of 16 (the
     halves hold equally many answer tokens, so the mean of the micro-batch means is the global mean)."""
@@ -227,6 +228,7 @@ def test_gradient_accumulation_equals_one_large_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # Adam amplifies ~1e-7
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 def test_minillm_accumulation_keeps_the_number_of_optimizer_steps():
     """accumulate_steps splits each PPO mini-batch into micro-batches: the same rollouts, the same number of
     optimizer steps, each step over the whole mini-batch (its tokens)."""
@@ -257,6 +259,7 @@ def test_learning_rate_schedules():
     assert float(cosine(60)) == pytest.approx(0.05, rel=1e-3) and float(cosine(110)) == pytest.approx(1e-7, rel=1e-2)
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
 @pytest.mark.parametrize("task", ["kd", "minillm"])
 def test_chunked_logits_train_like_full_logits(task):
     """Logits made a time-chunk at a time take the same optimizer steps as whole [B, T, V] logits."""
