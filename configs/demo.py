@@ -1,12 +1,18 @@
 """The offline default: MiniLLM distils SmolLM2-135M-Instruct into a student built from 10 of its 30
-layers, on the project's own instruction set (minillm_jax/data/demo), on CPU.
+layers (the first 2 and the last 8: SmolLM2's late layers carry the most, bench/layer_cuts.py), on the
+project's own instruction set (minillm_jax/data/demo), on CPU.
 
     python -m minillm_jax.main --config configs/demo.py --workdir runs/demo
 
-Expected: under 10 minutes on 2 CPU cores. It prints before/after figures on 40 held-out prompts (reverse
-KL to the teacher, Rouge-L against the teacher's and the gold answers) with answers side by side, and
-exports the student to runs/demo/hf (an HF directory transformers loads). With network, the teacher can
-come from the hub instead: --config.teacher=HuggingFaceTB/SmolLM2-135M-Instruct.
+Measured 2026-11-30 on the 2-core development machine while it also ran the test suite: 27 min 39 s wall,
+1,550 s user CPU, 6.7 GB peak RSS; reverse KL to the teacher per token 4.09 -> 1.31 on the 40 held-out
+prompts (sampled protocol), greedy Rouge-L against the teacher's greedy answers 5.9 -> 7.5 (the student's
+greedy answers are not fluent yet after 32 steps). It prints those figures with the teacher's and the
+student's greedy answers side by side and exports the student to runs/demo/hf (an HF directory
+transformers loads). With network, the teacher can come from the hub instead:
+--config.teacher=HuggingFaceTB/SmolLM2-135M-Instruct. With your own data (--config.data.train=mine.jsonl),
+also set data.holdout (or data.valid) and data.pretrain, which hold out the last 40 records and train L_PT
+on the training answers here; the start-up line says which apply.
 
 Preset `tiny` (tests, seconds): tiny random models over a byte-level tokenizer, every task.
 
@@ -27,7 +33,7 @@ def get_config(preset: str | None = None):
     c = base()
     c.task = "minillm"
     c.teacher = smollm2_teacher()
-    c.student_layers = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
+    c.student_layers = (0, 1, 22, 23, 24, 25, 26, 27, 28, 29)
     c.data.train = str(DEMO_DATA)
     c.data.valid = ""
     c.data.holdout = 40

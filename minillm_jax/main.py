@@ -65,7 +65,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         if isinstance(e, (AttributeError, KeyError)) and culprit:
             message = f"{culprit}: the config has no key {culprit[len('--config.'):]!r}"
         print(f"error: {message}", file=sys.stderr)
-        print(f"usage: python -m minillm_jax.main --config configs/<file>.py[:<preset>] --workdir <dir> "
+        print("usage: python -m minillm_jax.main --config configs/<file>.py[:<preset>] --workdir <dir> "
               "[--config.<key>=<value> ...]", file=sys.stderr)
         sys.exit(2)
 

@@ -13,7 +13,8 @@ Dolly's held-out membership is MiniLLM's own (`splits/dolly.json`: one key per r
 citation markers and whitespace that differ between Dolly revisions), so the test and valid sets hold
 MiniLLM's records in MiniLLM's order, in the source's text. train is every other record, sorted then
 shuffled with seed 42; train_minillm_exact (the paper presets' training file) drops the records MiniLLM's
-prompt-length filter dropped. A source in MiniLLM's own layout (`MiniLLM/dolly`: raw.jsonl + valid.jsonl) gives MiniLLM's exact text instead.
+prompt-length filter dropped. A source in MiniLLM's own layout (`MiniLLM/dolly`: raw.jsonl + valid.jsonl)
+gives MiniLLM's exact text instead.
 `--source` takes a hub name, a local directory in the hub's layout, or a local file (a
 databricks-dolly-15k-style JSONL for dolly, the `valid.jsonl` for the others). Files are JSONL with
 `instruction`, `input`, `output`, `source`, `category` (sinst adds `references`, dolly's train
