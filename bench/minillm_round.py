@@ -92,7 +92,7 @@ def worker(rounds: int) -> dict:
 def _has_new_api() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("minillm_jax.config") is not None
+    return importlib.util.find_spec("minillm_jax.data.batches") is not None  # the redesigned training core
 
 
 def _new_round(student, teacher, prompts, pt, sampling, rounds) -> dict:
@@ -197,6 +197,7 @@ def main() -> None:
             if not line:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
             results[name].append(json.loads(line[0][7:]))
+            print(f"{name}: {line[0][7:]}", file=sys.stderr, flush=True)  # each process as it ends
     print(f"MiniLLM round at the demo's shapes ({ROLLOUTS} rollouts x {NEW_TOKENS} new tokens, {EPOCHS} epochs of "
           f"{BATCH}, L_PT {BATCH}x{PT_LENGTH}); seconds, min-max over {args.repeats} fresh processes\n")
     print("| checkout | round | sampling alone | sampling + rescoring | optimizer steps (round - sample+rescore) |")
