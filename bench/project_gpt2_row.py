@@ -253,10 +253,6 @@ def report(counted, n_params, configs, *, B, MB, P, R, N, epochs, pt, smoke) -> 
                         teacher_steps * counted["teacher_sft_step"],
                         lambda m: teacher_steps * train_seconds(m, counted["teacher_sft_step"])
                         + validation(m, teacher_steps, epoch, "teacher", False, B)),
-        "sft_init": (f"{sft_steps} SFT steps (20 epochs of B={B}); validation each epoch",
-                     sft_steps * counted["sft_step"],
-                     lambda m: sft_steps * train_seconds(m, counted["sft_step"])
-                     + validation(m, sft_steps, epoch, "student", False, B)),
         "sft": (f"{sft_steps} SFT steps (20 epochs of B={B}); validation each epoch",
                 sft_steps * counted["sft_step"],
                 lambda m: sft_steps * train_seconds(m, counted["sft_step"])
@@ -277,6 +273,7 @@ def report(counted, n_params, configs, *, B, MB, P, R, N, epochs, pt, smoke) -> 
                  eval_flops, lambda m: 5 * (4 * sampler(m, ("student", "teacher"), EVAL_PROMPTS, B)
                                             + sampler(m, ("teacher",), EVAL_PROMPTS, B))),
     }
+    work = {"sft_init": work["sft"], **work}  # phase 1 is the same SFT run, first in the row
     rows = []  # (stage, what, FLOPs, {mode: seconds})
     for stage, (what, total_flops, seconds) in work.items():
         rows.append((stage, what, total_flops, {mode: seconds(mode) for mode in MFU}))
