@@ -273,7 +273,7 @@ def report(counted, n_params, configs, *, B, MB, P, R, N, epochs, pt, smoke) -> 
                  eval_flops, lambda m: 5 * (4 * sampler(m, ("student", "teacher"), EVAL_PROMPTS, B)
                                             + sampler(m, ("teacher",), EVAL_PROMPTS, B))),
     }
-    work = {"sft_init": work["sft"], **work}  # phase 1 is the same SFT run, first in the row
+    work = {"teacher_sft": work.pop("teacher_sft"), "sft_init": work["sft"], **work}  # phase 1: the same SFT run
     rows = []  # (stage, what, FLOPs, {mode: seconds})
     for stage, (what, total_flops, seconds) in work.items():
         rows.append((stage, what, total_flops, {mode: seconds(mode) for mode in MFU}))
