@@ -227,11 +227,15 @@ def test_summary_shows_the_question_for_both_record_layouts():
 @pytest.mark.slow  # a CLI run; CI's second step
 def test_minillm_in_bfloat16_through_the_cli_starts_on_policy(tmp_path):
     """Issue 12: old log-probabilities rescored teacher-forced in the training compute dtype, so the first
-    mini-batch of a bfloat16 round is on-policy (the sampler's cached bf16 log-probs were not)."""
+    mini-batch of a bfloat16 round is on-policy (the sampler's cached bf16 log-probs were not). The student has
+    SmolLM2-135M's width and heads: at that width XLA kept some bf16 intermediates in float32 in one of the two
+    forwards and not the other (ratio off by 1.4e-3 here, 5.7e-2 on SmolLM2-135M itself) until updates were
+    compiled with xla_allow_excess_precision off; now both forwards agree to the bit."""
     done = run_cli("--config", "configs/demo.py:tiny", "--workdir", str(tmp_path), "--config.task=minillm",
                    "--config.compute_dtype=bfloat16", "--config.steps=2", "--config.eval_every=0",
-                   "--config.best_metric=", "--config.minillm.ppo_epochs=1")
+                   "--config.best_metric=", "--config.minillm.ppo_epochs=1",
+                   "--config.student=random:llama:layers=1,hidden=576,heads=9,kv_heads=3,mlp=64")
     assert done.returncode == 0, done.stderr[-3000:]
     (first,) = [r for r in metrics_rows(tmp_path) if r.get("step") == 1 and "loss" in r]
-    assert first["policy_ratio_deviation"] <= 1e-3, first
+    assert first["policy_ratio_deviation"] <= 1e-6, first
     assert first["clip_fraction"] == 0, first
