@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(HERE))
+from bench.greedy import greedy_decoder  # noqa: E402  (imports no minillm_jax: workers time other checkouts)
+
 CONFIG = dict(model_type="llama", vocab_size=8192, hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4,
               head_dim=32, intermediate_size=688, max_position_embeddings=512, tie_word_embeddings=False)
 B, P, R = 8, 64, 64  # sampling: batch, prompt, new tokens
@@ -69,23 +72,8 @@ def worker(repo: str, workload: str, repeats: int, chunk: int | None) -> dict:
         b, p, r = (B, P, R) if workload == "decode" else (32, 448, 64)
         ids = jnp.asarray(np.random.default_rng(0).integers(1, 8000, size=(b, p)), jnp.int32)
 
-        @jax.jit
-        def prefill(state, ids):
-            m = nnx.merge(graphdef, state)
-            return m.prefill(ids, None, m.init_cache(b, p + r), empty_cache=True, last_only=True)[1]
-
-        @jax.jit
-        def decode(state, cache, token):
-            m = nnx.merge(graphdef, state)
-
-            def body(carry, _):
-                cache, token = carry
-                logits, cache = m.decode_step(token, cache)
-                return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), None
-
-            return jax.lax.scan(body, (cache, token), None, length=r)[0][1]
-
-        cache = prefill(state, ids)
+        prefill, decode = greedy_decoder(graphdef, b, p, r)
+        cache = prefill(state, ids)[1]
         wall, cpu = _medians(lambda: jax.block_until_ready(decode(state, cache, ids[:, -1])), repeats)
         return dict(wall=wall / r * 1e3, cpu=cpu / r * 1e3, unit="ms per decode step")
     if workload == "train":

@@ -17,6 +17,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.greedy import greedy_decoder  # noqa: E402
 from bench.timing import median_seconds  # noqa: E402
 from minillm_jax.models import ModelConfig, Transformer  # noqa: E402
 from minillm_jax.sampling import SamplingConfig, generate  # noqa: E402
@@ -35,22 +36,7 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=R, pad_token_id=0, eos_token_id=None, prompt_buckets=(P,))
     ids = jnp.asarray(prompts, jnp.int32)
 
-    @jax.jit
-    def prefill(state, ids):
-        m = nnx.merge(graphdef, state)
-        return m.prefill(ids, None, m.init_cache(B, P + R), empty_cache=True, last_only=True)
-
-    @jax.jit
-    def decode(state, cache, token):
-        m = nnx.merge(graphdef, state)
-
-        def body(carry, _):
-            cache, token = carry
-            logits, cache = m.decode_step(token, cache)
-            return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), None
-
-        return jax.lax.scan(body, (cache, token), None, length=R)[0][1]
-
+    prefill, decode = greedy_decoder(graphdef, B, P, R)
     _, cache = prefill(state, ids)
     whole = median_seconds(lambda: jax.block_until_ready(generate(model, prompts, sampling, jax.random.key(0)).tokens),
                            7)
