@@ -26,6 +26,7 @@ def _round(config, student, teacher, data=None, **kwargs):
     return inputs, *update(state, teacher_params, inputs)
 
 
+@pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step (with the stricter CLI run at SmolLM2's width)
 def test_first_step_of_a_bf16_round_has_ratio_one_and_nothing_clipped():
     """Old log-probabilities are recomputed teacher-forced in the training dtype with the loss's own forward,
     so before any update the policy ratio is 1 (the sampler's cached decode values differ in bf16)."""
