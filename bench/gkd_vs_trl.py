@@ -105,7 +105,7 @@ OUR_OVERRIDES = {
     "optimizer.weight_decay": OPTIM["weight_decay"],
     "optimizer.max_grad_norm": OPTIM["max_grad_norm"],
     "eval_every": 0,
-    "sample_every": 0,
+    "best_metric": "",
     "checkpoint_every": 1_000_000,
     "export.enabled": False,
     "logging.tensorboard": False,

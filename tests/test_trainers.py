@@ -159,6 +159,27 @@ def test_gkd_mixes_on_policy_batches_and_lowers_jsd():
                                 "on_policy", 7)
 
 
+def test_always_on_policy_gkd_is_sized_by_the_sampler_not_by_the_gold_answers():
+    """With lmbda = 1 the gold answers are never read, so they must not set the response width: every update
+    would otherwise pad the student's max_new_tokens answers to the longest gold answer (the GKD bench's
+    Dolly answers: ~10x the positions, 3x the step time)."""
+    from minillm_jax.trainers import METHODS
+
+    long_gold = kit.data(16, response_length=(30, 40))
+    def width(n):  # widths are multiples of 8
+        return -(-n // 8) * 8
+
+    for lmbda, expected in ((1.0, width(6)), (0.5, width(max(map(len, long_gold.responses))))):
+        config = kit.run_config(task="gkd", batch_size=8, **{"gkd.lmbda": lmbda})
+        s, _ = kit.setup(config, kit.student_model(), kit.teacher_model(), long_gold)  # the sampler: 6 new tokens
+        assert METHODS["gkd"](s).feed.next()["response"].shape[-1] == expected, lmbda
+    config = kit.run_config(task="gkd", batch_size=8, **{"gkd.lmbda": 1.0})
+    method, state, update, teacher_params = kit.compile_method(config, kit.student_model(), kit.teacher_model(),
+                                                               long_gold)
+    _, (metrics,) = kit.run_updates(method, state, update, teacher_params, 1)
+    assert float(metrics["on_policy"][0]) == 1.0 and np.isfinite(metrics["loss"][0])
+
+
 def test_distillm_adaptive_off_policy_replay_and_skew_reverse_kl():
     from minillm_jax.trainers import distillm
 

@@ -1,7 +1,8 @@
 """GKD (Agarwal et al., 2024): the generalised JSD(beta) between teacher and student, token by token, on
 gold sequences or, with probability `lmbda` per update, on the same prompts answered by the current
 student (sampled inside the compiled update; no gradient through sampling). Gold and sampled batches
-share one response width, so both kinds run through the same compiled update."""
+share one response width, so both kinds run through the same compiled update: the longest gold answer's
+(at least `max_new_tokens`) when `lmbda` < 1, `max_new_tokens` when every update is on-policy."""
 
 from __future__ import annotations
 
@@ -72,5 +73,8 @@ def build(setup) -> Method:
         state, metrics = inner(state, teacher_params, batch)
         return state, {**metrics, "on_policy": on_policy.astype(jnp.float32)[None]}
 
-    feed = sft.gold_feed(setup, fixed_response=True, min_response=setup.sampling.max_new_tokens)
+    data = setup.train
+    if config.lmbda >= 1.0:  # every update answers its prompts itself: gold answers are never read, nor sized
+        data = dataclasses.replace(data, responses=[[] for _ in data.responses])
+    feed = sft.gold_feed(setup, data, fixed_response=True, min_response=setup.sampling.max_new_tokens)
     return Method(update=update, steps_per_update=1, feed=feed)
