@@ -293,9 +293,10 @@ def fail(what: str, log: Path, rc: int):
     raise SystemExit(f"{what} failed (exit {rc}); log {log}, last lines:\n{tail}")
 
 
-def run_ours(inputs: dict, run_dir: Path, warmup: int, steps: int, repo: Path = REPO) -> dict:
+def run_ours(inputs: dict, run_dir: Path, warmup: int, steps: int, repo: Path = REPO, extra=()) -> dict:
     values = dict(inputs, steps=warmup + steps + 1)  # one step past the timed window: see the docstring
     overrides = [f"--config.{k}={str(v).format(**values)}" for k, v in OUR_OVERRIDES.items()]
+    overrides += [f"--config.{item}" for item in extra]
     workdir = run_dir / "workdir"
     rc, rss = run_child(OUR_CLI + ["--workdir", str(workdir)] + overrides, run_dir / "log.txt", cwd=repo)
     if rc:
@@ -338,6 +339,8 @@ def main():
                         help="comma-separated subset of " + ",".join(TRAINERS))
     parser.add_argument("--repo", default=str(REPO), help="the checkout whose minillm_jax and configs/ our CLI runs "
                         "(default: this one)")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further --config override of our run (repeatable), e.g. logits_chunk_size=16")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -362,7 +365,8 @@ def main():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True)
             start = time.time()
-            r = (run_ours(inputs, run_dir, args.warmup, args.steps, Path(args.repo).resolve()) if which == "ours"
+            r = (run_ours(inputs, run_dir, args.warmup, args.steps, Path(args.repo).resolve(), args.ours)
+                 if which == "ours"
                  else run_trl(which, inputs, run_dir, args.warmup, args.steps))
             results[which].append(r)
             print(f"[{which} #{repeat + 1}] {args.steps} steps {r['total']:.2f} s, peak RSS {r['rss'] / 2**30:.2f} GiB "
