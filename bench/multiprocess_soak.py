@@ -2,7 +2,7 @@
 machine, to show that no run hangs.
 
     python bench/multiprocess_soak.py                  # 20 runs beside one CPU-burning process
-    python bench/multiprocess_soak.py --runs 5 --burners 2 --timeout 900
+    python bench/multiprocess_soak.py --runs 5 --burners 2 --timeout 900 [--fresh-compile]
 
 A hang once blocked both processes of the run in eager reductions on global arrays. Each run here is one
 pytest process with its own timeout; when a run passes `--timeout`, the stacks of its training processes
@@ -55,13 +55,13 @@ def dump_stacks(pid: int, log) -> None:
         subprocess.run(["py-spy", "dump", "--pid", str(child)], stdout=log, stderr=subprocess.STDOUT, timeout=120)
 
 
-def one_run(index: int, timeout: float, logs: pathlib.Path) -> tuple[str, float]:
+def one_run(index: int, timeout: float, logs: pathlib.Path, env: dict) -> tuple[str, float]:
     path = logs / f"run{index:02d}.log"
     began = time.time()
     with open(path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "pytest", "tests/test_multiprocess.py", "-x", "-q",
                                     "-p", "no:cacheprovider"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
         try:
             code = process.wait(timeout=timeout)
             outcome = "pass" if code == 0 else "fail"
@@ -81,8 +81,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--burners", type=int, default=1, help="CPU-burning processes beside the test")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds before a run counts as hung")
+    parser.add_argument("--fresh-compile", action="store_true",
+                        help="compile everything in every run (default: the runs share one XLA compilation cache, "
+                             "so a run takes ~2 min instead of ~8 under load; the hang this hunts was in training)")
     args = parser.parse_args()
     logs = pathlib.Path(tempfile.mkdtemp(prefix="multiprocess_soak-"))
+    env = dict(os.environ)
+    if not args.fresh_compile:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(logs / "xla-cache")  # kept by tests/conftest.py, removed below
     burners = [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(args.burners)]
     outcomes = []
     try:
@@ -90,13 +96,14 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, timeout {args.timeout:.0f} s; logs of failures in {logs}", flush=True)
         for index in range(1, args.runs + 1):
             load = os.getloadavg()[0]
-            outcome, seconds = one_run(index, args.timeout, logs)
+            outcome, seconds = one_run(index, args.timeout, logs, env)
             outcomes.append((outcome, seconds))
             print(f"run {index:2d}: {outcome:4s} {seconds:6.0f} s (load average at start {load:.1f})", flush=True)
     finally:
         for burner in burners:
             burner.kill()
             burner.wait()
+        shutil.rmtree(logs / "xla-cache", ignore_errors=True)
     times = sorted(s for _, s in outcomes)
     counts = {k: sum(o == k for o, _ in outcomes) for k in ("pass", "fail", "hang")}
     print(f"\n{len(outcomes)} runs: {counts['pass']} passed, {counts['fail']} failed, {counts['hang']} hung; "
