@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -39,14 +41,25 @@ def _start(workdir: pathlib.Path, devices: int, extra_env: dict, flags: list[str
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(process: subprocess.Popen) -> str:
-    try:
-        output, _ = process.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    assert process.returncode == 0, output[-4000:]
-    return output
+def _finish(*processes: subprocess.Popen, timeout: float = 600) -> list[str]:
+    """Each process's output once all have exited; a run still going after `timeout` seconds (together) is
+    taken for a hang: the Python stacks of every process still running are printed (py-spy, when
+    installed; pytest shows them with the failure), then they are killed."""
+    deadline, outputs = time.monotonic() + timeout, []
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                if other.poll() is None and shutil.which("py-spy"):
+                    dump = subprocess.run(["py-spy", "dump", "--pid", str(other.pid)], capture_output=True, text=True,
+                                          timeout=120)
+                    print(f"===== hung process {other.pid} ({' '.join(other.args[-3:])}):\n{dump.stdout}{dump.stderr}")
+            for other in processes:
+                other.kill()
+            outputs.append(process.communicate()[0])
+        assert process.returncode == 0, outputs[-1][-4000:]
+    return outputs
 
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
@@ -70,7 +83,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
         env = {"MINILLM_COORDINATOR": f"localhost:{port}", "MINILLM_NUM_PROCESSES": "2"}
         processes = [_start(tmp_path / "two", 4, {**env, "MINILLM_PROCESS_ID": str(i)},
                             [*flags, f"--config.steps={steps}"]) for i in range(2)]
-        outputs.append([_finish(p) for p in processes])
+        outputs.append(_finish(*processes))
     resumed = outputs[1]
     assert all("resumed from step 2" in out for out in resumed)
     assert "exported the student" in resumed[0] and "exported the student" not in resumed[1]
