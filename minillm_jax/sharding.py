@@ -7,6 +7,7 @@ would otherwise all-gather every weight) and shards only over `tensor`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -158,13 +159,26 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
+_AGREEMENTS = itertools.count()
+AGREEMENT_TIMEOUT_S = 1800
+
+
 def on_every_process(flag: bool) -> bool:
-    """True only when `flag` holds on every process (a collective: all processes must call it)."""
+    """True only when `flag` holds on every process; every process must call it, in the same order.
+
+    Agreed through the coordination service's key-value store, not a device collective: the loop asks
+    right after dispatching an update, and on XLA:CPU a second program's gloo collective can then run
+    beside the update's own in a different order on each process (a deadlock, seen as 3 runs in 9 of
+    bench/multiprocess_soak.py hanging in process_allgather or failing gloo's 30 s context set-up)."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
+    from jax._src import distributed
 
-    return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+    client = distributed.global_state.client
+    key = f"minillm_jax/on_every_process/{next(_AGREEMENTS)}"
+    client.key_value_set(f"{key}/{jax.process_index()}", "1" if flag else "0")
+    return all(client.blocking_key_value_get(f"{key}/{i}", AGREEMENT_TIMEOUT_S * 1000) == "1"
+               for i in range(jax.process_count()))
 
 
 def mesh_of(tree) -> Mesh | None:
