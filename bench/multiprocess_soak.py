@@ -52,7 +52,8 @@ def dump_stacks(pid: int, log) -> None:
     for child in [pid, *descendants(pid)]:
         log.write(f"\n===== py-spy dump --pid {child}\n")
         log.flush()
-        subprocess.run(["py-spy", "dump", "--pid", str(child)], stdout=log, stderr=subprocess.STDOUT, timeout=120)
+        subprocess.run(["py-spy", "dump", "--native", "--pid", str(child)], stdout=log, stderr=subprocess.STDOUT,
+                       timeout=300)
 
 
 def one_run(index: int, timeout: float, logs: pathlib.Path, env: dict) -> tuple[str, float]:

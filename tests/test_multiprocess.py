@@ -43,8 +43,8 @@ def _start(workdir: pathlib.Path, devices: int, extra_env: dict, flags: list[str
 
 def _finish(*processes: subprocess.Popen, timeout: float = 600) -> list[str]:
     """Each process's output once all have exited; a run still going after `timeout` seconds (together) is
-    taken for a hang: the Python stacks of every process still running are printed (py-spy, when
-    installed; pytest shows them with the failure), then they are killed."""
+    taken for a hang: the stacks of every thread of every process still running, Python and native frames,
+    are printed (py-spy and gdb, when installed; pytest shows them with the failure), then they are killed."""
     deadline, outputs = time.monotonic() + timeout, []
     for process in processes:
         try:
@@ -52,9 +52,14 @@ def _finish(*processes: subprocess.Popen, timeout: float = 600) -> list[str]:
         except subprocess.TimeoutExpired:
             for other in processes:
                 if other.poll() is None and shutil.which("py-spy"):
-                    dump = subprocess.run(["py-spy", "dump", "--pid", str(other.pid)], capture_output=True, text=True,
-                                          timeout=120)
+                    dump = subprocess.run(["py-spy", "dump", "--native", "--pid", str(other.pid)],
+                                          capture_output=True, text=True, timeout=300)
                     print(f"===== hung process {other.pid} ({' '.join(other.args[-3:])}):\n{dump.stdout}{dump.stderr}")
+                if other.poll() is None and shutil.which("gdb"):  # XLA's own threads (py-spy sees Python's only)
+                    dump = subprocess.run(["gdb", "-p", str(other.pid), "-batch", "-ex", "thread apply all bt 24"],
+                                          capture_output=True, text=True, timeout=300)
+                    frames = [line for line in dump.stdout.splitlines() if line.startswith(("Thread ", "#"))]
+                    print(f"===== native threads of {other.pid}:\n" + "\n".join(frames))
             for other in processes:
                 other.kill()
             outputs.append(process.communicate()[0])
