@@ -135,15 +135,17 @@ def process_rows(target: NamedSharding, shape: Sequence[int], row_axis: int = 0)
 def place_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
     """Global arrays from a host batch that every process built the same way (same seed, same order):
     rows (`input_row_axis`) over (data, fsdp), each process handing over only the rows its own devices
-    hold (`jax.make_array_from_process_local_data`); scalars replicated. Arrays already on the mesh are
-    re-laid out if needed."""
+    hold (`jax.make_array_from_process_local_data`); scalars replicated, also without a collective (a
+    `device_put` of a host value onto several processes' devices first checks, with an eager collective,
+    that every process passed the same value). Arrays already on the mesh are re-laid out if needed."""
     def put(x):
-        ndim = np.ndim(x)
-        row_axis = input_row_axis(ndim)
-        target = rows_sharding(mesh, np.shape(x), rules, row_axis)
-        if isinstance(x, jax.Array) or not ndim:
-            return jax.device_put(x, target)  # a no-op where it is already laid out so
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, rows_sharding(mesh, x.shape, rules, input_row_axis(x.ndim)))  # no-op if so
         x = np.asarray(x)
+        if not x.ndim:
+            return jax.make_array_from_process_local_data(replicated(mesh), x, x.shape)
+        row_axis = input_row_axis(x.ndim)
+        target = rows_sharding(mesh, x.shape, rules, row_axis)
         local = x[(slice(None),) * row_axis + (process_rows(target, x.shape, row_axis),)]
         return jax.make_array_from_process_local_data(target, local, x.shape)
 
