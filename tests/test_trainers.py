@@ -3,6 +3,7 @@ or the student moves towards the teacher; MiniLLM's round has the reference's st
 accumulate exactly; the teacher is never touched; an update compiles once per input shape."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -159,26 +160,48 @@ def test_gkd_mixes_on_policy_batches_and_lowers_jsd():
                                 "on_policy", 7)
 
 
-def test_always_on_policy_gkd_is_sized_by_the_sampler_not_by_the_gold_answers():
-    """With lmbda = 1 the gold answers are never read, so they must not set the response width: every update
-    would otherwise pad the student's max_new_tokens answers to the longest gold answer (the GKD bench's
-    Dolly answers: ~10x the positions, 3x the step time)."""
+def test_gkd_batches_are_sized_by_their_kind_and_the_coins_resume():
+    """Sampled batches are exactly the sampler's width and never the gold answers' (the GKD bench's Dolly
+    answers would pad 64 sampled tokens to hundreds: 3x the step time), gold batches keep their buckets, the
+    share of sampled updates follows lmbda, and a feed restored from its state draws the same coins."""
     from minillm_jax.trainers import METHODS
 
     long_gold = kit.data(16, response_length=(30, 40))
-    def width(n):  # widths are multiples of 8
-        return -(-n // 8) * 8
+    config = kit.run_config(task="gkd", batch_size=8, **{"gkd.lmbda": 0.5, "data.length_buckets": 2})
+    s, _ = kit.setup(config, kit.student_model(), kit.teacher_model(), long_gold)  # the sampler: 6 new tokens
+    feed = METHODS["gkd"](s).feed
+    inputs = [feed.next() for _ in range(40)]
+    sampled = [x["prompts"] for x in inputs if "prompts" in x]
+    gold = [x["gold"] for x in inputs if "gold" in x]
+    assert 10 <= len(sampled) <= 30 and len(sampled) + len(gold) == 40
+    assert {b["response"].shape[-1] for b in sampled} == {6}
+    assert all(not b["response_mask"].any() for b in sampled)
+    assert {b["response"].shape[-1] for b in gold} <= set(feed.widths.response)
+    assert all(b["response"].shape[-1] >= 30 for b in gold)
 
-    for lmbda, expected in ((1.0, width(6)), (0.5, width(max(map(len, long_gold.responses))))):
+    resumed = METHODS["gkd"](s).feed
+    for _ in range(25):
+        resumed.next()
+    saved = json.loads(json.dumps(resumed.state()))
+    again = METHODS["gkd"](s).feed
+    again.restore(saved)
+    for expected in inputs[25:]:
+        got = again.next()
+        assert got.keys() == expected.keys()
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+    for lmbda, kind in ((1.0, "prompts"), (0.0, "gold")):
         config = kit.run_config(task="gkd", batch_size=8, **{"gkd.lmbda": lmbda})
-        s, _ = kit.setup(config, kit.student_model(), kit.teacher_model(), long_gold)  # the sampler: 6 new tokens
-        assert METHODS["gkd"](s).feed.next()["response"].shape[-1] == expected, lmbda
+        s, _ = kit.setup(config, kit.student_model(), kit.teacher_model(), long_gold)
+        feed = METHODS["gkd"](s).feed
+        assert all(list(feed.next()) == [kind] for _ in range(10)), lmbda
 
 
 def test_distillm_adaptive_off_policy_replay_and_skew_reverse_kl():
     from minillm_jax.trainers import distillm
 
-    feed = distillm.AdaptiveFeed(kit.data(8), 8, 1, 0, _widths(), config=distillm.DistiLLMConfig(initial_sgo_prob=0.5))
+    feed = distillm.AdaptiveFeed(kit.data(8), 8, 1, 0, _widths(), config=distillm.DistiLLMConfig(initial_sgo_prob=0.5),
+                                 new_tokens=6)
     feed.after_validation({"valid/loss": 1.0})
     assert feed.sgo_prob == 0.5  # improved: unchanged
     feed.after_validation({"valid/loss": 1.2})
@@ -299,7 +322,7 @@ def test_chunked_logits_train_like_full_logits(task):
 @pytest.mark.parametrize("task", ["sft", "kd", "seqkd", "minillm", "gkd", "distillm"])
 def test_updates_never_touch_the_teacher_and_compile_once(task, tmp_path):
     """Training donates the student's buffers: a student cut from the teacher must not alias them, and no
-    update may change the teacher. Updates with inputs of one shape compile once."""
+    update may change the teacher. An update compiles once per kind and shape of its inputs."""
     teacher = kit.teacher_model()
     before = jax.tree.map(np.array, nnx.state(teacher))
     student = select_layers(teacher, [1])
@@ -307,8 +330,16 @@ def test_updates_never_touch_the_teacher_and_compile_once(task, tmp_path):
                                                         "data.length_buckets": 1})
     method, state, update, teacher_params = kit.compile_method(config, student, teacher, kit.data(16),
                                                                workdir=tmp_path)
+    shapes, feed_next = set(), method.feed.next
+
+    def recorded():  # the kinds and shapes of inputs the updates see (GKD and DistiLLM: gold or sampled)
+        inputs = feed_next()
+        shapes.add(str(jax.tree.map(lambda x: (np.shape(x), np.asarray(x).dtype.name), inputs)))
+        return inputs
+
+    method.feed.next = recorded
     traced = TRACE_COUNTS[task]
     kit.run_updates(method, state, update, teacher_params, 3)
-    assert TRACE_COUNTS[task] - traced == 1
+    assert TRACE_COUNTS[task] - traced == len(shapes)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(teacher))):
         np.testing.assert_array_equal(a, np.asarray(b))

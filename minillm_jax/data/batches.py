@@ -133,10 +133,15 @@ class GoldFeed:
         self.order = Order(len(data), rows, seed)
 
     def next(self) -> dict:
-        chosen = self.order.next()
+        return self.batch(self.order.next())
+
+    def batch(self, chosen, *, prompt_width: int | None = None, response_width: int | None = None) -> dict:
+        """The stacked micro-batches of rows `chosen`: widths from the buckets unless given; with a
+        `response_width`, empty responses of that width (prompts for a sampler to answer)."""
         prompts = [self.data.prompts[i] for i in chosen]
-        responses = [self.data.responses[i] for i in chosen]
-        widths = self.widths.fit(prompts, responses)  # one shape for every micro-batch of the update
+        responses = [self.data.responses[i] for i in chosen] if response_width is None else [[]] * len(chosen)
+        fitted = self.widths.fit(prompts, responses if response_width is None else [[0]])
+        widths = (prompt_width or fitted[0], response_width or fitted[1])  # one shape for every micro-batch
         rows = len(chosen) // self.accumulate
         return stack([sequence_batch(prompts[i:i + rows], responses[i:i + rows], *widths, self.data.pad_token_id)
                       for i in range(0, len(chosen), rows)])
