@@ -94,9 +94,15 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         self.best_metric, self.best_mode, self._read_only = best_metric, best_mode, read_only
         score = self._score if best_metric else None
+        several = jax.process_count() > 1
+        if several and not read_only:  # Orbax creates it only without `active_processes` (see below)
+            if jax.process_index() == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            sharding_lib.barrier("checkpoint_directory")
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save, read_only=read_only,
-            create=not read_only, cleanup_tmp_directories=not read_only, best_fn=score, best_mode=best_mode,
+            create=not (read_only or several), cleanup_tmp_directories=not read_only, best_fn=score,
+            best_mode=best_mode,
             preservation_policy=_preservation_policy(max_to_keep, score, best_mode),
             multiprocessing_options=_multiprocessing_options(read_only))
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
@@ -268,8 +274,7 @@ class Checkpointer:
             (destination / "reason.txt").write_text(reason.rstrip("\n") + "\n")
             logger.warning("%s: moved damaged checkpoint step %d to %s: %s", self.directory, step, destination,
                            reason)
-        if jax.process_count() > 1:
-            ocp.multihost.sync_global_processes(f"minillm_jax_quarantine_{step}_{stamp}")
+        sharding_lib.barrier(f"quarantine_{step}")  # not the time stamp: it may differ between processes
         self._manager.reload()
         return destination
 
@@ -459,11 +464,16 @@ def _preservation_policy(max_to_keep: int, score, best_mode: str):
 
 
 def _multiprocessing_options(read_only: bool) -> ocp.options.MultiprocessingOptions:
-    """A reader runs on one process (the exporting one), so it must not wait at barriers for the others."""
-    if read_only and jax.process_count() > 1:
+    """A reader runs on one process (the exporting one), so it must not wait at barriers for the others. A
+    writer on several processes names them all as active: Orbax then meets at its barriers through the
+    coordination service (with a timeout) instead of `sync_global_devices`, a device collective per
+    barrier launched between the training programs."""
+    if jax.process_count() == 1:
+        return ocp.options.MultiprocessingOptions()
+    if read_only:
         me = jax.process_index()
         return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    return ocp.options.MultiprocessingOptions()
+    return ocp.options.MultiprocessingOptions(active_processes=set(range(jax.process_count())))
 
 
 def _stored_policy(directory: pathlib.Path) -> dict:

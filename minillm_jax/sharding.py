@@ -143,13 +143,21 @@ def place_batch(tree, mesh: Mesh, rules: Rules = TRAIN_RULES):
             return jax.device_put(x, rows_sharding(mesh, x.shape, rules, input_row_axis(x.ndim)))  # no-op if so
         x = np.asarray(x)
         if not x.ndim:
-            return jax.make_array_from_process_local_data(replicated(mesh), x, x.shape)
+            return from_host(x, replicated(mesh))
         row_axis = input_row_axis(x.ndim)
         target = rows_sharding(mesh, x.shape, rules, row_axis)
         local = x[(slice(None),) * row_axis + (process_rows(target, x.shape, row_axis),)]
         return jax.make_array_from_process_local_data(target, local, x.shape)
 
     return jax.tree.map(put, tree)
+
+
+def from_host(x, target: jax.sharding.Sharding) -> jax.Array:
+    """A global array laid out by `target` from a host value every process holds whole: each process hands
+    over its own devices' slices (no collective: a `device_put` of a host value onto several processes'
+    devices first gathers the whole value from every process to check they agree)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
 
 def to_host(x) -> np.ndarray:
@@ -181,6 +189,18 @@ def on_every_process(flag: bool) -> bool:
     client.key_value_set(f"{key}/{jax.process_index()}", "1" if flag else "0")
     return all(client.blocking_key_value_get(f"{key}/{i}", AGREEMENT_TIMEOUT_S * 1000) == "1"
                for i in range(jax.process_count()))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process has called `barrier` with this name (every process must, in the same order),
+    through the coordination service: no device program beside the compiled steps, and an error after
+    AGREEMENT_TIMEOUT_S rather than a hang."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(f"minillm_jax/barrier/{name}/{next(_AGREEMENTS)}",
+                                                    AGREEMENT_TIMEOUT_S * 1000)
 
 
 def mesh_of(tree) -> Mesh | None:

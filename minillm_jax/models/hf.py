@@ -255,7 +255,7 @@ def _load_weights(config: ModelConfig, source: _TensorSource, mesh, rules) -> Tr
             shape = by_name[target].get_value().shape
             part = np.asarray(part, dtype=dtype)
             if spec.layer is None:
-                values[target] = jax.device_put(part, target_sharding(target))
+                values[target] = sharding_lib.from_host(part, target_sharding(target))
             else:
                 if target not in values:
                     values[target] = _allocate(shape, dtype, target_sharding(target))

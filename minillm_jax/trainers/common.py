@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jaxtyping import Array, Int
@@ -89,8 +90,8 @@ def sharded_train_state(model: nnx.Module, tx: optax.GradientTransformation, mes
     layout = train_state_shardings(params, tx, mesh, extra=extra)
     params = jax.device_put(params, layout.params)  # a no-op for a model placed by the same rules
     opt_state = jax.jit(tx.init, out_shardings=layout.opt_state)(params)
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), layout.step), params=params, opt_state=opt_state,
-                       extra=jax.device_put(extra if extra is not None else {}, layout.extra))
+    state = TrainState(step=sharding.from_host(np.int32(0), layout.step), params=params, opt_state=opt_state,
+                       extra=jax.tree.map(sharding.from_host, extra if extra is not None else {}, layout.extra))
     return graphdef, state, layout
 
 
