@@ -41,6 +41,10 @@ def base() -> ml_collections.ConfigDict:
     c.best_mode = "max"  # or "min" (e.g. for valid/loss)
     c.resume = True  # continue from the workdir's checkpoints (the config must match theirs)
     c.overwrite = False  # with resume=False: move an earlier run in the workdir aside (never deleted)
+    # a run with no finished update, validation or save for this long is taken for hung (e.g. a collective
+    # that never completes on a pod): it prints its threads' stacks and exits with code 75 so a scheduler can
+    # restart it from the last checkpoint; 0 = never
+    c.hang_timeout_s = 3600.0
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=5e-6, warmup_steps=100, schedule="constant", end_learning_rate=1e-7, weight_decay=1e-6,

@@ -29,7 +29,7 @@ DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 
 # Keys a resumed run may change; any other difference from the checkpointed config refuses the resume.
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
-                     "overwrite", "logging.", "eval.", "export.", "data.valid_examples", "mesh.")
+                     "overwrite", "hang_timeout_s", "logging.", "eval.", "export.", "data.valid_examples", "mesh.")
 
 
 class ConfigError(ValueError):
@@ -141,6 +141,7 @@ class RunConfig:
     best_mode: str
     resume: bool
     overwrite: bool
+    hang_timeout_s: float
     mesh: MeshConfig
     optimizer: OptimizerConfig
     data: DataConfig
@@ -355,8 +356,16 @@ def _build(c) -> RunConfig:
         batch_size=batch, accumulate_steps=accumulate, logits_chunk_size=_int(c, "logits_chunk_size", 0),
         checkpoint_every=checkpoint_every, keep_checkpoints=keep, eval_every=eval_every,
         best_metric=best_metric, best_mode=best_mode, resume=bool(c["resume"]),
-        overwrite=bool(c["overwrite"]), mesh=mesh, optimizer=optimizer, data=data, sampling=sampling, method=method,
+        overwrite=bool(c["overwrite"]), hang_timeout_s=_hang_timeout(c), mesh=mesh, optimizer=optimizer, data=data,
+        sampling=sampling, method=method,
         eval=eval_config, export=export, logging=logging_config, raw=_plain(c))
+
+
+def _hang_timeout(c) -> float:
+    value = c.get("hang_timeout_s", 0) or 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        _fail("hang_timeout_s", f"{value!r}: expected seconds >= 0 (0 turns the hang watchdog off)")
+    return float(value)
 
 
 def _resolve(root: str, path: str) -> str:

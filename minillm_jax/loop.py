@@ -326,6 +326,55 @@ class Interrupts:
         return not sharding.on_every_process(not flag)
 
 
+HANG_EXIT_CODE = 75  # EX_TEMPFAIL: a scheduler may restart the run, which resumes from its last checkpoint
+
+
+class Watchdog:
+    """Stops a run that makes no progress for `timeout` seconds (a collective that never completes leaves
+    every process of a pod waiting forever, with no error): prints where each thread is, says which step
+    the checkpoints reach, and exits with HANG_EXIT_CODE. `beat(what)` marks progress; 0 turns it off."""
+
+    def __init__(self, timeout: float, describe=lambda: "", on_hang=None):
+        import threading
+
+        self.timeout, self.describe = float(timeout), describe
+        self.on_hang = on_hang or self._exit
+        self.last, self.what = time.monotonic(), "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="minillm_jax-watchdog", daemon=True)
+
+    def __enter__(self) -> "Watchdog":
+        if self.timeout > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def beat(self, what: str) -> None:
+        self.last, self.what = time.monotonic(), what
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.timeout / 4, 30.0)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout:
+                self.on_hang(f"no progress for {idle:.0f} s (hang_timeout_s={self.timeout:g}) after {self.what}"
+                             f"{self.describe()}")
+                return
+
+    @staticmethod
+    def _exit(message: str) -> None:
+        import faulthandler
+        import os
+        import sys
+
+        print(f"\nprocess {jax.process_index()}: {message}; the stacks of its threads follow, then it exits with "
+              f"code {HANG_EXIT_CODE}", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        sys.stderr.flush()
+        os._exit(HANG_EXIT_CODE)
+
+
 class Loop:
     """The generic loop: updates, logging, validation, checkpoints, the run summary."""
 
@@ -338,6 +387,15 @@ class Loop:
         self.primary = jax.process_index() == 0
 
     def run(self, state, start: int, interrupts: Interrupts) -> dict:
+        def where() -> str:
+            latest = self.checkpoints.latest_step()
+            saved = "no checkpoint saved yet" if latest is None else f"checkpoints are intact up to step {latest}"
+            return f" (step {self.done} dispatched); {saved}"
+
+        with Watchdog(self.config.hang_timeout_s, where) as watchdog:
+            return self._run(state, start, interrupts, watchdog)
+
+    def _run(self, state, start: int, interrupts: Interrupts, watchdog: Watchdog) -> dict:
         c, S = self.config, self.method.steps_per_update
         self.done = start
         validating = bool(c.eval_every) and bool(self.validator.records)
@@ -353,6 +411,7 @@ class Loop:
             state, metrics = self.update(state, self.teacher_params, placed)
             if pending is not None:  # step N's metrics are read only after update N+1 is dispatched
                 clock = self._log(*pending, clock, progress)
+                watchdog.beat(f"step {pending[0] + S}")
             pending = (self.done, metrics)
             self.done += S
             stop = interrupts.requested()
@@ -361,6 +420,7 @@ class Loop:
             if not (validate or save):
                 continue
             clock = self._log(*pending, clock, progress)
+            watchdog.beat(f"step {self.done}")
             pending = None
             if validate:
                 valid, texts = self.validator(state.params)
@@ -369,7 +429,9 @@ class Loop:
                 if progress is not None:
                     progress.write(f"step {self.done}: " + " ".join(f"{k}={v:.4g}" for k, v in valid.items()))
                 next_eval = (self.done // c.eval_every + 1) * c.eval_every
+            watchdog.beat(f"validating at step {self.done}")
             self._save(state, valid if validate else None)
+            watchdog.beat(f"saving step {self.done}")
             if c.checkpoint_every:
                 next_save = (self.done // c.checkpoint_every + 1) * c.checkpoint_every
             clock = time.time()  # validation and saving are not training time

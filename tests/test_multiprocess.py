@@ -63,7 +63,9 @@ def _finish(*processes: subprocess.Popen, timeout: float = 600) -> list[str]:
             for other in processes:
                 other.kill()
             outputs.append(process.communicate()[0])
-        assert process.returncode == 0, outputs[-1][-4000:]
+    failed = [i for i, process in enumerate(processes) if process.returncode != 0]
+    assert not failed, "\n".join(f"===== process {i} (exit code {processes[i].returncode}), the end of its output:\n"
+                                  f"{outputs[i][-6000:]}" for i in range(len(processes)))
     return outputs
 
 

@@ -416,6 +416,60 @@ runpy.run_module("minillm_jax.main", run_name="__main__")
 """
 
 
+# ------------------------------------------------------------------------------------------ 18: hangs
+
+_STALL_AFTER = """import runpy, sys, time
+from minillm_jax import loop
+logged = loop.Loop._log
+def stalled(self, start, *args):  # the update after step `stall` never completes, as a lost collective would
+    if start >= STALL:
+        time.sleep(3600)
+    return logged(self, start, *args)
+loop.Loop._log = stalled
+sys.argv = ["minillm_jax.main", *sys.argv[1:]]
+runpy.run_module("minillm_jax.main", run_name="__main__")
+"""
+
+
+def test_18_the_watchdog_fires_once_without_beats_and_never_while_beating():
+    fired = []
+    with loop.Watchdog(0.4, lambda: " (where)", on_hang=fired.append) as watchdog:
+        for _ in range(8):  # 1.6 s of progress every 0.2 s
+            time.sleep(0.2)
+            watchdog.beat("step 1")
+        assert fired == []
+        time.sleep(1.2)
+    assert len(fired) == 1 and fired[0].startswith("no progress for ") and fired[0].endswith(
+        "(hang_timeout_s=0.4) after step 1 (where)"), fired
+    with loop.Watchdog(0, on_hang=fired.append):
+        time.sleep(0.3)
+    assert len(fired) == 1
+
+
+@pytest.mark.slow  # two CLI runs
+def test_18_a_hung_run_stops_with_its_stacks_and_exit_code_75_and_a_rerun_continues_exactly(reference, tmp_path):
+    """A run whose update never completes (here: after step 8 of a checkpoint every 4) is stopped by the
+    watchdog with every thread's stack, naming the last checkpoint; the same command then resumes from it
+    and ends exactly like an uninterrupted run."""
+    workdir = tmp_path / "w"
+    env = {**os.environ, **CLI_ENV, "PYTHONPATH": str(ROOT)}
+    run = command(workdir, hang_timeout_s=20)
+    stalled = [sys.executable, "-c", _STALL_AFTER.replace("STALL", "8"), *run[3:]]
+    began = time.monotonic()
+    hung = subprocess.run(stalled, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert hung.returncode == loop.HANG_EXIT_CODE, hung.stderr[-3000:]
+    assert time.monotonic() - began < 300
+    assert re.search(r"no progress for \d+ s \(hang_timeout_s=20\) after saving step 8 \(step \d+ dispatched\); "
+                     r"checkpoints are intact up to step 8", hung.stderr), hung.stderr[-3000:]
+    assert "Thread 0x" in hung.stderr and "in stalled" in hung.stderr  # faulthandler: the stuck frame
+    assert steps_saved(workdir)[-1] == 8
+    again = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 8" in again.stdout
+    assert_same_rows(train_rows(workdir), train_rows(reference))
+    assert_same_weights(weights(workdir, STEPS, tmp_path / "cli"), weights(reference, STEPS, tmp_path / "ref"))
+
+
 @pytest.mark.slow  # CLI runs started, stopped and killed: minutes
 def test_12_a_full_disk_stops_with_one_line_and_exit_code_28(tmp_path):
     """A real tmpfs of 2.4 MB where a mount namespace can be made (fits the setup and 3 checkpoints),
