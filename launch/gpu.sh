@@ -3,17 +3,18 @@
 # For several hosts, run this once per host with the same --coordinator and --num-processes and that
 # host's --process-id; process 0 writes logs and exports.
 #
-#   launch/gpu.sh [--gpus 0,1,2,3] [--dry-run] -- --config configs/gpt2.py:minillm-120m --workdir runs/x
+#   launch/gpu.sh [--gpus 0,1,2,3] [--restarts N] [--dry-run] -- --config configs/gpt2.py:minillm-120m --workdir runs/x
 #   launch/gpu.sh --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0 -- --config ... --workdir /shared/x
 #
-# Everything after `--` goes to `python -m minillm_jax.main`. --dry-run prints the command and its
+# Everything after `--` goes to `python -m minillm_jax.main` (through launch/worker.sh, which starts a run its
+# hang watchdog stopped again, up to --restarts times, default 2). --dry-run prints the command and its
 # environment instead of running it.
 set -euo pipefail
 
-gpus="" coordinator="" num_processes=1 process_id=0 dry_run=0
+gpus="" coordinator="" num_processes=1 process_id=0 restarts=2 dry_run=0
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
@@ -23,6 +24,7 @@ while [[ $# -gt 0 ]]; do
     --coordinator) coordinator="$2"; shift 2 ;;
     --num-processes) num_processes="$2"; shift 2 ;;
     --process-id) process_id="$2"; shift 2 ;;
+    --restarts) restarts="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;
@@ -37,6 +39,10 @@ if [[ ${#main_args[@]} -eq 0 ]]; then
 fi
 if [[ $num_processes -gt 1 && -z "$coordinator" ]]; then
   echo "launch/gpu.sh: --num-processes $num_processes needs --coordinator HOST:PORT (process 0's address)" >&2
+  exit 2
+fi
+if ! [[ $restarts =~ ^[0-9]+$ ]]; then
+  echo "launch/gpu.sh: --restarts must be a count >= 0, got $restarts" >&2
   exit 2
 fi
 if ! [[ $process_id =~ ^[0-9]+$ && $process_id -lt $num_processes ]]; then
@@ -57,7 +63,7 @@ if [[ $num_processes -gt 1 ]]; then
 fi
 
 cd "$(dirname "$0")/.."
-command=(env "${env_vars[@]}" python3 -m minillm_jax.main "${main_args[@]}")
+command=(env "${env_vars[@]}" launch/worker.sh --restarts "$restarts" -- "${main_args[@]}")
 printf '+'; printf ' %q' "${command[@]}"; printf '\n'
 if [[ $dry_run -eq 0 ]]; then
   exec "${command[@]}"

@@ -4,19 +4,21 @@
 # logs, and optionally delete the slice afterwards.
 #
 #   launch/tpu.sh --name minillm --zone us-east5-a --accelerator v5p-64 [--version VERSION] \
-#       [--project P] [--spot] [--delete] [--dry-run] -- \
+#       [--project P] [--spot] [--restarts N] [--delete] [--dry-run] -- \
 #       --config configs/llama.py:minillm-7b --workdir /mnt/gcs/runs/llama-7b-minillm
 #
 # Everything after `--` goes to `python -m minillm_jax.main`. The workdir must be one directory that every
 # worker sees (Orbax writes there from all of them): a bucket mounted with gcsfuse at the same path on each
-# worker, or Filestore. --dry-run prints the gcloud commands instead of running them. The TPU software
-# (runtime) version follows the accelerator's generation unless --version names one.
+# worker, or Filestore. Each worker runs launch/worker.sh, which starts a job its hang watchdog stopped
+# (exit 75) again, up to --restarts times (default 2), resuming from its last checkpoint. --dry-run prints the
+# gcloud commands instead of running them. The TPU software (runtime) version follows the accelerator's
+# generation unless --version names one.
 set -euo pipefail
 
-name="" zone="" accelerator="" version="" project="" spot=0 delete=0 dry_run=0
+name="" zone="" accelerator="" version="" project="" spot=0 restarts=2 delete=0 dry_run=0
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
@@ -41,6 +43,7 @@ while [[ $# -gt 0 ]]; do
     --version) version="$2"; shift 2 ;;
     --project) project="$2"; shift 2 ;;
     --spot) spot=1; shift ;;
+    --restarts) restarts="$2"; shift 2 ;;
     --delete) delete=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage 0 ;;
@@ -59,6 +62,10 @@ done
 if [[ -z "$version" ]] && ! version="$(software_version "$accelerator")"; then
   echo "launch/tpu.sh: no TPU software version known for --accelerator $accelerator; name one with --version" \
     "(see https://cloud.google.com/tpu/docs/runtimes)" >&2
+  exit 2
+fi
+if ! [[ $restarts =~ ^[0-9]+$ ]]; then
+  echo "launch/tpu.sh: --restarts must be a count >= 0, got $restarts" >&2
   exit 2
 fi
 if [[ ${#main_args[@]} -eq 0 ]]; then
@@ -103,7 +110,7 @@ setup+='python3 -m pip install -q -r minillm_jax/requirements.txt -U "jax[tpu]"'
 run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$setup"
 
 # 4. The job on all workers at once (one JAX process per worker); their output streams back here.
-job="cd minillm_jax && MINILLM_DISTRIBUTED=1 python3 -m minillm_jax.main$(printf ' %q' "${main_args[@]}")"
+job="cd minillm_jax && MINILLM_DISTRIBUTED=1 launch/worker.sh --restarts $restarts --$(printf ' %q' "${main_args[@]}")"
 status=0
 run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$job 2>&1 | tee -a ~/minillm_jax.log" \
   || status=$?
