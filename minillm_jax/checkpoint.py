@@ -368,8 +368,10 @@ def _local_copy(x) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _check_fn(mesh: jax.sharding.Mesh | None):
     """uint32 [3]: a leaf's two fingerprint figures and 1 when all its values are finite (replicated)."""
-    out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    return jax.jit(_leaf_check, out_shardings=out)
+    if mesh is None:
+        return jax.jit(_leaf_check)
+    return sharding_lib.StartedTogether(jax.jit(_leaf_check, out_shardings=NamedSharding(mesh, PartitionSpec())),
+                                        "leaf_check")
 
 
 def _leaf_check(x) -> jax.Array:

@@ -220,7 +220,8 @@ def _compiled_generate(student_def, teacher_def, config: SamplingConfig, num_rea
     if mesh is None:
         return jax.jit(run)
     rows = sharding.rows_sharding(mesh, (batch_size,), sharding.SAMPLE_RULES)
-    return jax.jit(run, in_shardings=(None, None, rows, rows, None, None), out_shardings=rows)
+    return sharding.StartedTogether(jax.jit(run, in_shardings=(None, None, rows, rows, None, None),
+                                            out_shardings=rows), "generate")
 
 
 def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B P"], mask: Bool[Array, "B P"],

@@ -203,6 +203,37 @@ def barrier(name: str) -> None:
                                                     AGREEMENT_TIMEOUT_S * 1000)
 
 
+class StartedTogether:
+    """A jitted function whose programs start on every process together. With several processes each new
+    input signature is compiled ahead of time (`lower(...).compile()`), then the processes meet at a
+    `barrier` before the program's first run: on XLA:CPU a collective's first use opens a gloo context
+    that gives the other processes 30 s to arrive (fixed; jax-ml/jax#40831), and compiling one process
+    slower than the other (the soak's loaded 2 cores: a round's update) failed or hung runs there. On one
+    process it is the jitted function itself. Other attributes (`lower`, ...) are the jitted function's."""
+
+    def __init__(self, jitted, name: str):
+        self.jitted, self.name, self.compiled = jitted, name, {}
+
+    def __call__(self, *args):
+        if jax.process_count() == 1:
+            return self.jitted(*args)
+        key = _signature(args)
+        program = self.compiled.get(key)
+        if program is None:
+            program = self.compiled[key] = self.jitted.lower(*args).compile()
+            barrier(f"started_together/{self.name}")
+        return program(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.jitted, name)
+
+
+def _signature(args) -> tuple:
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple((type(x).__name__, np.shape(x), str(getattr(x, "dtype", "")), getattr(x, "sharding", None),
+                        getattr(x, "weak_type", None)) for x in leaves)
+
+
 def mesh_of(tree) -> Mesh | None:
     """The mesh the arrays of `tree` are laid out on (None when they are not on a named mesh)."""
     for leaf in jax.tree.leaves(tree):

@@ -187,7 +187,8 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 def jit_update(update: Callable, layout: TrainState | None, teacher_layout=None, name: str = "update") -> Callable:
     """jit `update(state, teacher_params, inputs)` with the state donated. With a layout: the state in
     and out by its shardings, the teacher's parameters as placed, inputs as `sharding.place_batch` laid
-    them out, metrics replicated. Each trace counts in TRACE_COUNTS[name]."""
+    them out, metrics replicated, and on several processes each new program started on all together
+    (`sharding.StartedTogether`). Each trace counts in TRACE_COUNTS[name]."""
     def counted(*args):
         TRACE_COUNTS[name] += 1
         return update(*args)
@@ -196,8 +197,9 @@ def jit_update(update: Callable, layout: TrainState | None, teacher_layout=None,
         return jax.jit(counted, donate_argnums=0, compiler_options=EXACT_PRECISION)
     mesh = jax.tree.leaves(layout)[0].mesh
     replicated = sharding.replicated(mesh)
-    return jax.jit(counted, in_shardings=(layout, teacher_layout, None),
-                   out_shardings=(layout, replicated), donate_argnums=0, compiler_options=EXACT_PRECISION)
+    return sharding.StartedTogether(jax.jit(counted, in_shardings=(layout, teacher_layout, None),
+                                            out_shardings=(layout, replicated), donate_argnums=0,
+                                            compiler_options=EXACT_PRECISION), name)
 
 
 def jit_eval(fn: Callable, layout: TrainState | None) -> Callable:
@@ -205,7 +207,8 @@ def jit_eval(fn: Callable, layout: TrainState | None) -> Callable:
     if layout is None:
         return jax.jit(fn)
     mesh = jax.tree.leaves(layout)[0].mesh
-    return jax.jit(fn, in_shardings=(layout.params, None), out_shardings=sharding.replicated(mesh))
+    return sharding.StartedTogether(jax.jit(fn, in_shardings=(layout.params, None),
+                                            out_shardings=sharding.replicated(mesh)), "eval")
 
 
 @dataclasses.dataclass(frozen=True)
