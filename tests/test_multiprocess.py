@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -64,9 +65,16 @@ def _finish(*processes: subprocess.Popen, timeout: float = 600) -> list[str]:
                 other.kill()
             outputs.append(process.communicate()[0])
     failed = [i for i, process in enumerate(processes) if process.returncode != 0]
-    assert not failed, "\n".join(f"===== process {i} (exit code {processes[i].returncode}), the end of its output:\n"
-                                  f"{outputs[i][-6000:]}" for i in range(len(processes)))
+    assert not failed, "\n".join(f"===== process {i} (exit code {processes[i].returncode}): its XLA/absl errors\n"
+                                  f"{_native_errors(outputs[i])}\n----- and the end of its output:\n"
+                                  f"{outputs[i][-5000:]}" for i in range(len(processes)))
     return outputs
+
+
+def _native_errors(output: str) -> str:
+    """The fatal and error lines of XLA's own log (absl: `F1130 12:00:00.0 ...`), which a Python thread dump
+    after an abort pushes out of the tail."""
+    return "\n".join(line[:600] for line in output.splitlines() if re.match(r"[FE]\d{4} ", line))[-4000:]
 
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
