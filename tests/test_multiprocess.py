@@ -34,9 +34,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# XLA:CPU runs a program's ready collectives on its intra-op thread pool, sized by the machine's cores
+# (NPROC overrides it): with 4 fake devices on 2 cores, every pool thread of both processes was seen blocked in
+# a gloo send or receive of one collective while the peers waited for another (the soak's hangs, stacks in
+# bench/RESULTS.md). Real accelerators do not run collectives on host threads.
+POOL_THREADS = "32"
+
+
 def _start(workdir: pathlib.Path, devices: int, extra_env: dict, flags: list[str]) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           **extra_env}
+           "NPROC": POOL_THREADS, **extra_env}
     return subprocess.Popen([sys.executable, "-m", "minillm_jax.main", "--config", "configs/demo.py:tiny",
                              "--workdir", str(workdir), *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
