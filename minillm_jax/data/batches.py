@@ -139,18 +139,23 @@ class GoldFeed:
         """The stacked micro-batches of rows `chosen`: widths from the buckets unless given; with a
         `response_width`, empty responses of that width (prompts for a sampler to answer)."""
         prompts = [self.data.prompts[i] for i in chosen]
-        responses = [self.data.responses[i] for i in chosen] if response_width is None else [[]] * len(chosen)
-        fitted = self.widths.fit(prompts, responses if response_width is None else [[0]])
-        widths = (prompt_width or fitted[0], response_width or fitted[1])  # one shape for every micro-batch
+        if response_width is None:
+            responses = [self.data.responses[i] for i in chosen]
+            response_width = fit(max(map(len, responses)), self.widths.response)
+        else:
+            responses = [[]] * len(chosen)
+        prompt_width = prompt_width or fit(max(map(len, prompts)), self.widths.prompt)
+        widths = (prompt_width, response_width)  # one shape for every micro-batch of the update
         rows = len(chosen) // self.accumulate
         return stack([sequence_batch(prompts[i:i + rows], responses[i:i + rows], *widths, self.data.pad_token_id)
                       for i in range(0, len(chosen), rows)])
 
-    def example(self) -> dict:
-        """All-padding inputs of the largest widths: the shapes and dtypes `next()` can return."""
+    def example(self, prompt_width: int | None = None, response_width: int | None = None) -> dict:
+        """All-padding inputs of the largest widths (or the given ones): the shapes and dtypes `next()` can
+        return."""
         rows = self.order.group // self.accumulate
-        empty = sequence_batch([[]] * rows, [[]] * rows, self.widths.prompt[-1], self.widths.response[-1],
-                               self.data.pad_token_id)
+        empty = sequence_batch([[]] * rows, [[]] * rows, prompt_width or self.widths.prompt[-1],
+                               response_width or self.widths.response[-1], self.data.pad_token_id)
         return stack([empty] * self.accumulate)
 
     def state(self) -> dict:

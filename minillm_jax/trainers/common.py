@@ -28,6 +28,8 @@ from jaxtyping import Array, Int
 
 from minillm_jax import losses, sharding
 
+# "coin" is no longer drawn from (GKD's and DistiLLM's coins are host coins now), but it stays in the split:
+# removing it would change every other stream's keys, so runs would no longer reproduce earlier ones.
 KEY_STREAMS = ("sample", "shuffle", "dropout", "coin")
 
 

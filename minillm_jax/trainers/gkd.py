@@ -79,10 +79,8 @@ class OnPolicyFeed(GoldFeed):
         return {"prompts": self.batch(chosen, prompt_width=self.prompt_width, response_width=self.new_tokens)}
 
     def example(self) -> dict:
-        """All-padding prompts of the widths sampled batches have."""
-        rows = self.order.group
-        return self.batch(np.zeros(rows, int), prompt_width=self.prompt_width or self.widths.prompt[-1],
-                          response_width=self.new_tokens)
+        """All-padding inputs of the widths sampled batches have (the largest prompt bucket unless fixed)."""
+        return super().example(self.prompt_width, self.new_tokens)
 
     def state(self) -> dict:
         return {**super().state(), "updates": self.updates}
