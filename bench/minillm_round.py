@@ -6,6 +6,7 @@ epochs of mini-batches of 8 (8 optimizer steps), L_PT batches of 8 x 128 tokens 
 
     python bench/minillm_round.py                       # this checkout only
     git worktree add /tmp/before 56a860b && python bench/minillm_round.py --before /tmp/before
+    python bench/minillm_round.py --chunks 0,16         # this checkout at two logits_chunk_size values
 
 Each implementation runs in its own fresh processes (`--repeats`, default 3), alternating; each process
 compiles with one round, then times `--rounds` rounds (median). Reported: the whole round and its parts,
@@ -57,7 +58,7 @@ def _pt_tokens(tokenizer, rounds: int):
     return np.asarray(ids, np.int32).reshape(steps, BATCH, PT_LENGTH)
 
 
-def worker(rounds: int) -> dict:
+def worker(rounds: int, chunk: int) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -85,7 +86,7 @@ def worker(rounds: int) -> dict:
 
     sampling_seconds = time_sampling()
     if _has_new_api():
-        return {"sampling": sampling_seconds, **_new_round(student, teacher, prompts, pt, sampling, rounds)}
+        return {"sampling": sampling_seconds, **_new_round(student, teacher, prompts, pt, sampling, rounds, chunk)}
     return {"sampling": sampling_seconds, **_old_round(student, teacher, prompts, pt, sampling, rounds, nnx, np)}
 
 
@@ -95,7 +96,7 @@ def _has_new_api() -> bool:
     return importlib.util.find_spec("minillm_jax.data.batches") is not None  # the redesigned training core
 
 
-def _new_round(student, teacher, prompts, pt, sampling, rounds) -> dict:
+def _new_round(student, teacher, prompts, pt, sampling, rounds, chunk) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -110,6 +111,8 @@ def _new_round(student, teacher, prompts, pt, sampling, rounds) -> dict:
     c = get_config()
     c.teacher, c.batch_size = "x", BATCH
     c.minillm.num_rollouts, c.minillm.ppo_epochs = ROLLOUTS, EPOCHS
+    if chunk >= 0:
+        c.logits_chunk_size = chunk
     config = RunConfig.from_dict(c)
     tx, schedule = make_optimizer(learning_rate=1e-4, warmup_steps=4)
     setup = Setup(config=config, graphdef=nnx.graphdef(student), tx=tx, schedule=schedule, teacher=teacher, mesh=None,
@@ -181,18 +184,26 @@ def main() -> None:
     parser.add_argument("--before", help="an earlier checkout to compare with (e.g. a git worktree)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--chunks", default="",
+                        help="comma-separated logits_chunk_size values to run this checkout at (default: the config's)")
+    parser.add_argument("--chunk", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.rounds)), flush=True)
+        print("RESULT " + json.dumps(worker(args.rounds, args.chunk)), flush=True)
         return
-    checkouts = {"this checkout": HERE} | ({"before": pathlib.Path(args.before).resolve()} if args.before else {})
+    # name: (checkout, logits_chunk_size; -1 keeps configs/demo.py's)
+    chunks = [int(x) for x in args.chunks.split(",") if x.strip()]
+    checkouts = {f"this checkout, logits_chunk_size={k}": (HERE, k) for k in chunks} or {"this checkout": (HERE, -1)}
+    if args.before:
+        checkouts["before"] = (pathlib.Path(args.before).resolve(), -1)
     results = {name: [] for name in checkouts}
     for _ in range(args.repeats):
-        for name, repo in checkouts.items():
+        for name, (repo, chunk) in checkouts.items():
             env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"}
             done = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "--rounds",
-                                   str(args.rounds)], cwd=repo, env=env, capture_output=True, text=True)
+                                   str(args.rounds), "--chunk", str(chunk)], cwd=repo, env=env, capture_output=True,
+                                  text=True)
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -211,8 +222,11 @@ def main() -> None:
         steps_text = f"{min(steps):.2f}-{max(steps):.2f}" if steps else "–"
         print(f"| {name} | {span('round')} | {span('sampling')} | {span('sample+rescore')} | {steps_text} |")
     if "before" in results:
-        new, old = (min(r["round"] for r in results[k]) for k in ("this checkout", "before"))
-        print(f"\nspeed-up of the round (best of each): {old / new:.2f}x")
+        old = min(r["round"] for r in results["before"])
+        for name in results:
+            if name != "before":
+                new = min(r["round"] for r in results[name])
+                print(f"\nspeed-up of the round, {name} (best of each): {old / new:.2f}x")
 
 
 if __name__ == "__main__":
