@@ -49,6 +49,7 @@ def get_config(preset: str | None = "minillm"):
     c = paper_setup(base(), preset, teacher=teacher, student="", sft_lr=1e-4,
                     sft_init="runs/smollm2/sft_init-seed0/hf", pretrain="")
     c.compute_dtype = ""  # float32 on CPU (bfloat16 matmuls are slower there)
+    c.logits_chunk_size = 16  # faster and smaller on CPU (bench/minillm_round.py --chunks 0,16)
     c.student_layers = STUDENT_LAYERS if preset not in ("teacher_sft", "minillm") else ()
     if preset in ("sft_init", "sft"):
         c.teacher = teacher  # the source of the layer cut (and validation's reverse KL), not distilled from
