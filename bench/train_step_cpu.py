@@ -5,7 +5,7 @@ achieved FLOP/s against this CPU's measured float32 matmul peak (issue 11). Prin
     python bench/train_step_cpu.py --smoke      # tiny shapes, to test the script itself
     python bench/train_step_cpu.py --repo DIR   # ours from another checkout of the package
 
-The model is the demo's student (configs/demo.py): 10 SmolLM2-135M layers (hidden 576, 9 heads, 3 KV heads,
+The model: 10 SmolLM2-135M layers (the demo's student until 2026-12-01, now 26) (hidden 576, 9 heads, 3 KV heads,
 MLP 1536, vocab 49,152, tied embeddings, RoPE theta 1e5), random weights, float32. A batch is 8 rows of 192
 random tokens (no padding); the loss is the token cross-entropy over the last 64 positions (the response),
 with logits computed at every position on both sides (as HF's LlamaForCausalLM and our model do by default).
