@@ -82,6 +82,7 @@ def tiny(c):
     c.data.max_prompt_length = 256
     c.data.max_length = 320
     c.data.pretrain = "@train"  # the tests cover L_PT through this preset
+    c.logits_chunk_size = 0  # the tests' code paths as before the demo's chunking (chunks: tests/test_losses.py)
     c.data.pretrain_length = 32
     c.sampling.max_new_tokens = 8
     c.steps = 4
