@@ -96,10 +96,6 @@ class Widths:
         response = length_buckets(longest_response, 1 if fixed_response else buckets)
         return cls(prompt[-1:] if fixed_prompt else prompt, response[-1:] if fixed_response else response)
 
-    def fit(self, prompts, responses) -> tuple[int, int]:
-        """(prompt width, response width) for these rows."""
-        return fit(max(map(len, prompts)), self.prompt), fit(max(map(len, responses)), self.response)
-
 
 class Order:
     """Deterministic shuffled example indices in fixed-size groups, resumable at (epoch, index); an
