@@ -407,25 +407,77 @@ def _softmax_attention(q, k, v, allowed, dropout: _Dropout, rate: float):
 
 
 def _mlp(h, p, c: ModelConfig):
-    dtype = h.dtype
-
     def w(name):
-        return p[name].astype(dtype)
+        return None if name not in p else p[name].astype(h.dtype)
 
-    up = jnp.einsum("btd,df->btf", h, w("up_proj"))
-    if c.mlp_bias:
-        up = up + w("up_bias")
-    if c.gated_mlp:
-        gate = jnp.einsum("btd,df->btf", h, w("gate_proj"))
-        if c.mlp_bias:
-            gate = gate + w("gate_bias")
-        up = _activation(gate, c.activation) * up
-    else:
-        up = _activation(up, c.activation)
-    out = jnp.einsum("btf,fd->btd", up, w("down_proj"))
-    if c.mlp_bias:
-        out = out + w("down_bias")
-    return out
+    if not c.gated_mlp:
+        return _plain_mlp(c.activation, h, w("up_proj"), w("down_proj"), w("up_bias"), w("down_bias"))
+    return _gated_mlp(c.activation, h, w("gate_proj"), w("up_proj"), w("down_proj"), w("gate_bias"),
+                      w("up_bias"), w("down_bias"))
+
+
+# The MLPs with hand-written backward passes. The math is autodiff's; what differs is the program XLA:CPU
+# gets: autodiff fuses the activation's derivative into a transposed copy of [tokens, F] per weight gradient
+# (the slowest kernels of a CPU train step), while here each derivative is computed once, in place, and the
+# weight gradients contract over tokens explicitly (a 10-layer SmolLM2 train step: 6.8 -> 6.0 s). Biases
+# may be None.
+
+
+def _linear(x, w, b, spec):
+    y = jnp.einsum(spec, x, w)
+    return y if b is None else y + b
+
+
+def _bias_grad(b, dy):
+    return None if b is None else jnp.sum(dy, axis=(0, 1)).astype(b.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated_mlp(activation, h, wg, wu, wd, bg, bu, bd):
+    gate, up = _linear(h, wg, bg, "btd,df->btf"), _linear(h, wu, bu, "btd,df->btf")
+    return _linear(_activation(gate, activation) * up, wd, bd, "btf,fd->btd")
+
+
+def _gated_mlp_fwd(activation, h, wg, wu, wd, bg, bu, bd):
+    gate, up = _linear(h, wg, bg, "btd,df->btf"), _linear(h, wu, bu, "btd,df->btf")
+    out = _linear(_activation(gate, activation) * up, wd, bd, "btf,fd->btd")
+    return out, (h, wg, wu, wd, bg, bu, bd, gate, up)
+
+
+def _gated_mlp_bwd(activation, residuals, d_out):
+    h, wg, wu, wd, bg, bu, bd, gate, up = residuals
+    act, act_vjp = jax.vjp(functools.partial(_activation, name=activation), gate)
+    d_hidden = jnp.einsum("btd,fd->btf", d_out, wd)
+    d_up = d_hidden * act
+    (d_gate,) = act_vjp(d_hidden * up)
+    d_h = jnp.einsum("btf,df->btd", d_gate, wg) + jnp.einsum("btf,df->btd", d_up, wu)
+    return (d_h, jnp.einsum("btd,btf->df", h, d_gate), jnp.einsum("btd,btf->df", h, d_up),
+            jnp.einsum("btf,btd->fd", act * up, d_out), _bias_grad(bg, d_gate), _bias_grad(bu, d_up),
+            _bias_grad(bd, d_out))
+
+
+_gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _plain_mlp(activation, h, wu, wd, bu, bd):
+    return _linear(_activation(_linear(h, wu, bu, "btd,df->btf"), activation), wd, bd, "btf,fd->btd")
+
+
+def _plain_mlp_fwd(activation, h, wu, wd, bu, bd):
+    up = _linear(h, wu, bu, "btd,df->btf")
+    return _linear(_activation(up, activation), wd, bd, "btf,fd->btd"), (h, wu, wd, bu, bd, up)
+
+
+def _plain_mlp_bwd(activation, residuals, d_out):
+    h, wu, wd, bu, bd, up = residuals
+    act, act_vjp = jax.vjp(functools.partial(_activation, name=activation), up)
+    (d_up,) = act_vjp(jnp.einsum("btd,fd->btf", d_out, wd))
+    return (jnp.einsum("btf,df->btd", d_up, wu), jnp.einsum("btd,btf->df", h, d_up),
+            jnp.einsum("btf,btd->fd", act, d_out), _bias_grad(bu, d_up), _bias_grad(bd, d_out))
+
+
+_plain_mlp.defvjp(_plain_mlp_fwd, _plain_mlp_bwd)
 
 
 def select_layers(model: Transformer, indices) -> Transformer:
