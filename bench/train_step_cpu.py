@@ -16,10 +16,10 @@ grad-norm clip at 1.0 (our `make_optimizer`; torch: clip_grad_norm_ + torch.opti
     ModelConfig, our optimizer, and a jitted value_and_grad + optax update with the train state donated.
   - HF: transformers' LlamaForCausalLM (default attention, sdpa), eager, torch.set_num_threads(2).
 
-Each side runs in --processes fresh processes (the other side's threads never run beside it); each process
-takes the median of --repeats steps after 2 warm-up steps (our compile), and measures this CPU's float32
-matmul peak with its own library (2048x2048 @ 2048x2048, median of 10 after warm-up). The table shows the
-slowest and fastest process (the min and max of the per-process medians).
+Each side runs in --processes fresh processes, the sides alternating (the other side's threads never
+run beside it); each process takes the median of --repeats steps after 2 warm-up steps (our compile), and
+measures this CPU's float32 matmul peak with its own library (2048x2048 @ 2048x2048, median of 10 after
+warm-up). The table shows the slowest and fastest process (the min and max of the per-process medians).
 
 FLOPs per step, the usual model count: 6 * (N + V*d) * tokens + 12 * L * d * T * tokens, where N = the
 non-embedding parameters (layers and final norm; the embedding lookup costs no FLOPs), V*d the tied
@@ -243,8 +243,10 @@ def main():
     matmul = 256 if args.smoke else args.matmul
     case = dict(dims=dims, batch=args.batch, length=args.length, response=args.response, repeats=args.repeats,
                 threads=args.threads, matmul=matmul, repo=str(Path(args.repo).resolve()))
-    hf = spawn("hf", case, args.processes)
-    ours = spawn("ours", case, args.processes)
+    hf, ours = [], []
+    for _ in range(args.processes):  # alternating, so both sides see the same spells of this CPU's slow mode
+        hf += spawn("hf", case, 1)
+        ours += spawn("ours", case, 1)
 
     tokens = args.batch * args.length
     flops = model_flops(dims, args.batch, args.length)

@@ -42,8 +42,12 @@ def masked_mean(values: Values, mask) -> Float[Array, ""]:
 
 
 def token_logprobs(log_q: LogProbs, tokens: Int[Array, "*B"]) -> Values:
-    """log q(token) at every position."""
-    return jnp.take_along_axis(log_q, tokens[..., None], axis=-1)[..., 0]
+    """log q(token) at every position (0 for an id outside the vocabulary). A select over the vocabulary,
+    not a gather: its gradient is an elementwise select that fuses into the log-softmax's backward, where a
+    gather's is a scatter into a [..., V] array of zeros (XLA:CPU, a 10-layer SmolLM2 train step on one core:
+    12.3-13.6 -> 10.9 s with logits at all 1,528 positions; no change, 6.9-7.2 s, with 512 positions)."""
+    hit = jnp.arange(log_q.shape[-1]) == tokens[..., None]
+    return jnp.sum(jnp.where(hit, log_q, 0.0), axis=-1)
 
 
 def _kl(log_a: LogProbs, log_b: LogProbs) -> Values:
