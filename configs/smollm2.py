@@ -48,9 +48,10 @@ INIT_STEPS = 16  # sft_init (phase 1)
 STEPS = 48  # every baseline; MiniLLM runs STEPS - INIT_STEPS after sft_init: the same optimizer steps in all
 ROLLOUTS, PPO_EPOCHS = 32, 4  # a MiniLLM round: 32 rollouts, 4 epochs of 4 mini-batches = 16 steps
 NEW_TOKENS = 64
-# Sized to about 6 CPU-hours for three seeds on the 2-core machine (a 26-layer step of 8 x <= 256 tokens is
-# ~20 s of one core): STEPS x BATCH = 384 training prompts, answers and evaluation up to 64 new tokens, the
-# first 50 prompts of each evaluation set, one sampling seed per trained student.
+# Sized for about 6-7 CPU-hours for three seeds on the 2-core machine (the teacher's SFT step of 8 x <= 256
+# tokens took 46 s of one core, hence prompts <= 128 tokens): the first STEPS x BATCH = 384 training prompts
+# (those within the length limits), answers and evaluation up to 64 new tokens, the first 50 prompts of each
+# evaluation set, one sampling seed per trained student.
 
 
 def get_config(preset: str | None = "minillm"):
@@ -65,7 +66,7 @@ def get_config(preset: str | None = "minillm"):
     if preset in ("sft_init", "sft"):
         c.teacher = teacher  # the source of the layer cut (and validation's reverse KL), not distilled from
     c.data.template = "chat"
-    c.data.max_prompt_length, c.data.max_length = 192, 256
+    c.data.max_prompt_length, c.data.max_length = 128, 192
     c.data.valid_examples = 32
     c.data.max_train_examples = STEPS * BATCH  # one pass over the same 384 prompts for every method
     c.sampling.max_new_tokens = NEW_TOKENS
