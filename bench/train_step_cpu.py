@@ -65,6 +65,7 @@ def ours_train_step(dims: dict, tokens: np.ndarray, loss_mask: np.ndarray):
     import optax
     from flax import nnx
 
+    from minillm_jax import losses
     from minillm_jax.models.config import ModelConfig
     from minillm_jax.models.transformer import Transformer
     from minillm_jax.trainers.common import make_optimizer
@@ -76,13 +77,10 @@ def ours_train_step(dims: dict, tokens: np.ndarray, loss_mask: np.ndarray):
     tx, _ = make_optimizer(**OPTIM)
     state = (params, tx.init(params))
 
-    def loss_fn(params, tokens, loss_mask):
+    def loss_fn(params, tokens, loss_mask):  # the package's token cross-entropy, at every position (as HF)
         logits = nnx.merge(graphdef, params)(tokens)[:, :-1]  # float32 [B, T-1, V]
-        targets = tokens[:, 1:]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        mask = loss_mask[:, 1:].astype(jnp.float32)
-        return (nll * mask).sum() / mask.sum()
+        nll = losses.cross_entropy(losses.log_probs(logits), tokens[:, 1:])
+        return losses.masked_mean(nll, loss_mask[:, 1:])
 
     def train_step(state, tokens, loss_mask):
         params, opt_state = state
