@@ -27,7 +27,8 @@ Time. MFU is FLOPs / (time x 783 TFLOP/s), the bf16 matmul ceiling measured on a
 ../shared/docs/architecture.md. "target": this project's targets there (student fwd + bwd 40% MFU, teacher
 forward / scoring 55% MFU, sampling at 60% of the HBM bound); "anchor": the PyTorch/HF rates measured there
 (student fwd + bwd 16% MFU, teacher forward 32% MFU; sampling at HF generate's 13,557 of ~190k tok/s = 7.1% of
-the HBM bound, applied to every sampler since HF offers no teacher-mixed one). A decode step costs
+the HBM bound, applied to every sampler since HF offers no teacher-mixed one); "h200": the rates our code
+reached in bench/gpu_suite.sh on one H200 (2026-12-01), as the same fractions. A decode step costs
 max(FLOPs / (55% x peak), bytes / (fraction x 2.99 TB/s)), the bytes counted here, not by XLA: every weight
 once in bf16 plus the whole fixed-size KV cache (our decode attends over all 512 slots). Validation (1,000
 prompts every epoch, every 100 MiniLLM steps) and the runs' greedy before/after answers are included; data
@@ -46,7 +47,11 @@ from types import SimpleNamespace
 PEAK = 783e12  # bf16 matmul FLOP/s, H100 (architecture.md, measured with JAX)
 HBM = 2.99e12  # bytes/s, device copy read + write (architecture.md)
 MFU = {"target": {"train": 0.40, "score": 0.55, "sample": 0.60}, "anchor": {"train": 0.16, "score": 0.32,
-                                                                            "sample": 13_557 / 190_000}}
+                                                                            "sample": 13_557 / 190_000},
+       # our rates measured by bench/gpu_suite.sh on one H200 (bench/RESULTS.md, 2026-12-01) in this script's
+       # units: train 12.6% and scoring 30.6% of 989 TFLOP/s = 15.9% / 38.6% of PEAK; the teacher-mixed sampler at
+       # 51% of the bandwidth bound with 2,526 GB/s of copy bandwidth = 43.1% of HBM
+       "h200": {"train": 0.159, "score": 0.386, "sample": 0.51 * 2_526 / 2_990}}
 DOLLY_TRAIN, VALID, EVAL_PROMPTS = 11_435, 1_000, 500 + 242 + 80 + 1_694  # Dolly test, SelfInst, Vicuna, S-NI
 
 
@@ -298,14 +303,15 @@ def report(counted, n_params, configs, *, B, MB, P, R, N, epochs, pt, smoke) -> 
           f"of both models with their sampling math ({counted['sampling_math'] / 1e9:,.2f} GFLOP a step), "
           f"{rescore_chunks - 1} rescoring chunks and {steps_per_round} PPO steps. PFLOPs below are the compiled "
           "work, sampling included.)\n")
-    print("| stage | work | PFLOPs | time at our targets | time at the PyTorch/HF anchors |")
-    print("|---|---|---|---|---|")
+    print("| stage | work | PFLOPs | time at our targets | time at the PyTorch/HF anchors | time at our rates "
+          "measured on one H200 |")
+    print("|---|---|---|---|---|---|")
     for stage, what, total_flops, seconds in rows:
         print(f"| {stage} | {what} | {total_flops / 1e15:,.1f} | {_hours(seconds['target'])} | "
-              f"{_hours(seconds['anchor'])} |")
+              f"{_hours(seconds['anchor'])} | {_hours(seconds['h200'])} |")
     total = {mode: sum(s[mode] for *_, s in rows) for mode in MFU}
     print(f"| **row** | teacher SFT + 5 student runs + evaluation | {sum(r[2] for r in rows) / 1e15:,.1f} | "
-          f"**{_hours(total['target'])}** | **{_hours(total['anchor'])}** |")
+          f"**{_hours(total['target'])}** | **{_hours(total['anchor'])}** | **{_hours(total['h200'])}** |")
 
 
 def _hours(seconds: float) -> str:
