@@ -14,7 +14,7 @@ Presets (the plain method names; the pipeline runs them in this order, teacher_s
 
 | preset | what | reference (microsoft/LMOps, minillm/scripts/gpt2/) |
 |---|---|---|
-| teacher_sft | fine-tunes the teacher, once for all seeds (STEPS steps, kept at its best valid/rouge_l; the stage is optional in the pipeline) | sft/sft_xlarge.sh |
+| teacher_sft | fine-tunes the teacher once (STEPS steps, best valid/rouge_l kept; optional) | sft/sft_xlarge.sh |
 | sft_init | phase 1: SFT of the cut student, kept at its lowest valid/loss | sft/sft_base.sh |
 | sft | the SFT baseline, kept at its best valid/rouge_l | sft/sft_base.sh |
 | kd | word-level KD from the teacher | kd/kd_base.sh |
