@@ -79,12 +79,16 @@ def left_padded_batch(vocab: int, batch: int = 3, length: int = 12, seed: int = 
     return ids, mask
 
 
-def hf_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def hf_forward(model, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """Logits of a left-padded batch, positions counting real tokens only (as ours); with autograd."""
     position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return model(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask),
+                 position_ids=torch.from_numpy(position_ids.astype(np.int64))).logits
+
+
+def hf_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(position_ids.astype(np.int64)))
-    return out.logits.float().numpy()
+        return hf_forward(model, ids, mask).float().numpy()
 
 
 def max_diff_on_real(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:

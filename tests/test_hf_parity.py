@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_reference import VARIANTS, build_hf_model, hf_logits, left_padded_batch, max_diff_on_real
+from hf_reference import VARIANTS, build_hf_model, hf_forward, hf_logits, left_padded_batch, max_diff_on_real
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from minillm_jax.models import load_pretrained, save_pretrained
@@ -50,10 +50,7 @@ def test_gradients_match_torch_autograd(variant, tmp_path):
     ids, mask = left_padded_batch(hf_model.config.vocab_size, length=12)
     weights = np.random.default_rng(1).normal(size=(*ids.shape, hf_model.config.vocab_size)).astype(np.float32)
     weights *= mask[..., None]
-    position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    logits = hf_model(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask),
-                      position_ids=torch.from_numpy(position_ids.astype(np.int64))).logits
-    (logits * torch.from_numpy(weights)).sum().backward()
+    (hf_forward(hf_model, ids, mask) * torch.from_numpy(weights)).sum().backward()
     expected = {name: p.grad.numpy() for name, p in hf_model.named_parameters()}
 
     model = load_pretrained(tmp_path / "hf")

@@ -434,8 +434,7 @@ def _bias_grad(b, dy):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gated_mlp(activation, h, wg, wu, wd, bg, bu, bd):
-    gate, up = _linear(h, wg, bg, "btd,df->btf"), _linear(h, wu, bu, "btd,df->btf")
-    return _linear(_activation(gate, activation) * up, wd, bd, "btf,fd->btd")
+    return _gated_mlp_fwd(activation, h, wg, wu, wd, bg, bu, bd)[0]
 
 
 def _gated_mlp_fwd(activation, h, wg, wu, wd, bg, bu, bd):
@@ -461,7 +460,7 @@ _gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _plain_mlp(activation, h, wu, wd, bu, bd):
-    return _linear(_activation(_linear(h, wu, bu, "btd,df->btf"), activation), wd, bd, "btf,fd->btd")
+    return _plain_mlp_fwd(activation, h, wu, wd, bu, bd)[0]
 
 
 def _plain_mlp_fwd(activation, h, wu, wd, bu, bd):
