@@ -30,6 +30,12 @@ appended to `<workdir>/logs/<stage>.log`; wall and CPU time (user + system of th
 accumulate over sittings in `<workdir>/pipeline.json`.
 After every evaluation `<workdir>/table.md` and `table.json` are rewritten from the results so far
 (`pipeline_table.py`).
+
+Ablations of a finished row (the paper's: no teacher-mix, no length normalisation, no single-step term) run
+in a workdir of their own that takes the row's tuned teacher, phase-1 students and teacher scores, read only:
+
+    python -m minillm_jax.pipeline --config configs/smollm2.py --workdir runs/smollm2-no-mix --seeds 0,1,2 \
+        --stages minillm,eval --reuse runs/smollm2 --config.minillm.mix_alpha=0.0
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ class Options:
     teacher_size: str
     eval_seeds: tuple[int, ...]
     overrides: tuple[str, ...]  # --config.<key>=<value>, --data-root included
+    reuse: pathlib.Path | None = None  # another row's workdir: its teacher_sft, sft_init-seed<k>, eval-teacher
 
 
 def preset_name(options: Options, method: str) -> str:
@@ -125,7 +132,8 @@ def plan(options: Options) -> list[Stage]:
     """The stages in the order they run: teacher_sft, the teacher's evaluation, then seed by seed the training
     stages in their fixed order followed by their evaluations."""
     root, requested = options.workdir, set(options.stages)
-    teacher_dir = root / "teacher_sft"
+    source = options.reuse or root  # where the tuned teacher, the phase-1 students and the teacher's scores are
+    teacher_dir = source / "teacher_sft"
     tuned_teacher = "teacher_sft" in requested or (teacher_dir / "hf" / "config.json").is_file()
     teacher_args = (f"--config.teacher={teacher_dir / 'hf'}",) if tuned_teacher else ()
     stages = []
@@ -135,7 +143,9 @@ def plan(options: Options) -> list[Stage]:
                              f"--config.seed={options.seeds[0]}") + options.overrides))
     evaluated = [m for m in METHODS if m in requested] or list(METHODS)
     if "eval" in requested:
-        stages.append(_eval_stage(options, "teacher", None, None, options.eval_seeds, teacher_args))
+        teacher_eval = _eval_stage(options, "teacher", None, None, options.eval_seeds, teacher_args)
+        reused = dataclasses.replace(teacher_eval, workdir=source / teacher_eval.name)
+        stages.append(reused if options.reuse and reused.done() else teacher_eval)
     for index, seed in enumerate(options.seeds):
         for kind in TRAINING[1:]:
             if kind not in requested:
@@ -145,7 +155,7 @@ def plan(options: Options) -> list[Stage]:
             if teacher_args and preset_teacher(options, kind):  # also where the teacher is only the layer-cut source
                 args += teacher_args
             if kind == "minillm":
-                args += [f"--config.student={root / f'sft_init-seed{seed}' / 'hf'}", "--config.student_layers=()"]
+                args += [f"--config.student={source / f'sft_init-seed{seed}' / 'hf'}", "--config.student_layers=()"]
             stages.append(Stage(f"{kind}-seed{seed}", kind, kind, seed, workdir, tuple(args) + options.overrides))
         if "eval" in requested:
             seeds = options.eval_seeds[index::len(options.seeds)]
@@ -177,13 +187,17 @@ def check_inputs(options: Options, stages: list[Stage]) -> None:
     for stage in stages:
         needs = []
         if stage.kind == "minillm":
-            needs.append(options.workdir / f"sft_init-seed{stage.seed}" / "hf")
+            needs.append((options.reuse or options.workdir) / f"sft_init-seed{stage.seed}" / "hf")
         if stage.kind == "eval" and stage.method != "teacher":
             needs.append(options.workdir / f"{stage.method}-seed{stage.seed}" / "hf")
         for path in needs:
             if not stage.done() and path not in produced and not (path / "config.json").is_file():
+                stage_name = path.parent.name.rsplit('-seed', 1)[0]
+                if options.reuse and path.is_relative_to(options.reuse):
+                    raise SystemExit(f"error: stage {stage.name} needs {path}, which --reuse {options.reuse} does "
+                                     f"not hold yet; run {path.parent.name} there first")
                 raise SystemExit(f"error: stage {stage.name} needs {path}, which no requested stage makes; add "
-                                 f"{path.parent.name.rsplit('-seed', 1)[0]} to --stages")
+                                 f"{stage_name} to --stages")
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -315,6 +329,9 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--eval-seeds", type=_ints, default=None,
                         help="sampling seeds (default 10,20,30... one per training seed; the paper's five for one)")
     parser.add_argument("--data-root", default="", help="passed as --config.data.root to every stage")
+    parser.add_argument("--reuse", type=pathlib.Path, default=None,
+                        help="another row's workdir whose teacher_sft, sft_init-seed<k> and eval-teacher this one "
+                             "uses (read only), e.g. for a MiniLLM ablation: --stages minillm,eval --reuse runs/row")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -326,9 +343,19 @@ def parse(argv: list[str]) -> Options:
     if len(eval_seeds) < len(seeds):
         parser.error(f"--eval-seeds: {len(eval_seeds)} sampling seeds for {len(seeds)} training seeds (need >=)")
     overrides = tuple(rest) + ((f"--config.data.root={args.data_root}",) if args.data_root else ())
-    return Options(config=args.config, workdir=args.workdir.expanduser().resolve(), seeds=seeds,
+    workdir = args.workdir.expanduser().resolve()
+    reuse = args.reuse.expanduser().resolve() if args.reuse is not None else None
+    if reuse is not None:
+        if not reuse.is_dir():
+            parser.error(f"--reuse {args.reuse}: no such directory (expected another pipeline run's --workdir)")
+        if reuse == workdir:
+            parser.error(f"--reuse {args.reuse}: that is --workdir itself")
+        shared = [s for s in ("teacher_sft", "sft_init") if s in args.stages]
+        if shared:
+            parser.error(f"--stages {','.join(shared)} with --reuse: those come from {args.reuse}; leave them out")
+    return Options(config=args.config, workdir=workdir, seeds=seeds,
                    stages=tuple(s for s in STAGES if s in args.stages), size=args.size, teacher_size=args.teacher_size,
-                   eval_seeds=eval_seeds, overrides=overrides)
+                   eval_seeds=eval_seeds, overrides=overrides, reuse=reuse)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,3 +203,40 @@ def test_table_arithmetic_on_known_results(tmp_path):
     assert "| minillm | 2.700 ± 0.265 | 2.800 ± 0.265 |" in markdown  # LM loss = Rouge-L / 10
     assert "| sft | 11.0 ± 1.0 |" in markdown  # ExAccErr(10) = Rouge-L / 2
     assert "| minillm | seed 2 | 30.00 | 31.00 |" in markdown
+
+
+def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(tmp_path):
+    row, ablation = tmp_path / "row", tmp_path / "no-mix"
+    smollm2 = str(ROOT / "configs" / "smollm2.py")
+    for path in ("teacher_sft/hf/config.json", "sft_init-seed0/hf/config.json", "eval-teacher/results.json"):
+        (row / path).parent.mkdir(parents=True)
+        (row / path).write_text("{}")
+    argv = ["--config", smollm2, "--workdir", str(ablation), "--seeds", "0,1", "--stages", "minillm,eval",
+            "--reuse", str(row), "--config.minillm.mix_alpha=0.0"]
+    options = pipeline.parse(argv)
+    stages = pipeline.plan(options)
+    assert [s.name for s in stages] == ["eval-teacher", "minillm-seed0", "eval-minillm-seed0", "minillm-seed1",
+                                        "eval-minillm-seed1"]
+    by_name = {s.name: s for s in stages}
+    assert by_name["eval-teacher"].workdir == row / "eval-teacher" and by_name["eval-teacher"].done()
+    minillm = by_name["minillm-seed0"]
+    assert minillm.workdir == ablation / "minillm-seed0" and "--config.minillm.mix_alpha=0.0" in minillm.args
+    assert f"--config.teacher={row / 'teacher_sft' / 'hf'}" in minillm.args
+    assert f"--config.student={row / 'sft_init-seed0' / 'hf'}" in minillm.args
+    assert by_name["eval-minillm-seed1"].student == ablation / "minillm-seed1" / "hf"
+    with pytest.raises(SystemExit, match=r"sft_init-seed1/hf, which --reuse .* does not hold yet"):
+        pipeline.check_inputs(options, stages)
+    (row / "sft_init-seed1" / "hf").mkdir(parents=True)
+    (row / "sft_init-seed1" / "hf" / "config.json").write_text("{}")
+    pipeline.check_inputs(options, stages)
+    (row / "eval-teacher" / "results.json").unlink()  # not scored there yet: scored here, never written there
+    assert pipeline.plan(options)[0].workdir == ablation / "eval-teacher"
+    for bad, message in ((["--stages", "sft_init,minillm"], "sft_init with --reuse"),
+                         (["--reuse", str(tmp_path / "none")], "no such directory"),
+                         (["--reuse", str(ablation)], "that is --workdir itself")):
+        ablation.mkdir(exist_ok=True)
+        with pytest.raises(SystemExit), pytest.MonkeyPatch.context() as m:
+            errors = []
+            m.setattr("argparse.ArgumentParser.error", lambda self, text: (errors.append(text), sys.exit(2)))
+            pipeline.parse(argv + bad)
+        assert message in errors[0]
