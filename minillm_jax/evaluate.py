@@ -156,7 +156,7 @@ def _response_tokens(out: SampleOutput, eos: tuple[int, ...]) -> list[list[int]]
 class Answers:
     texts: list[str]  # stripped, special tokens skipped
     tokens: list[list[int]]  # generated ids without the closing EOS
-    reverse_kl: list[float]  # with a teacher: per answer, sum over its tokens (EOS included) of log q - log p
+    reverse_kl: list[float]  # with a teacher: per answer, sum over its steps (EOS included) of KL(q || p)
     scored_tokens: int  # how many tokens those sums cover
 
 
@@ -165,7 +165,8 @@ def sample_answers(model: Transformer, tokenizer, prompts: Sequence[Sequence[int
                    desc: str | None = None) -> Answers:
     """The student's (or any model's) sampled answers to `prompts`, batch by batch at one batch size
     (`seed`: an int or a JAX key). With a `teacher`, which only scores (no mixing), each answer's
-    Monte-Carlo reverse KL to it as well. The one sampling path of validation, evaluation and `generate`."""
+    reverse KL to it as well (each step's over the whole vocabulary: `SampleOutput.reverse_kl`). The one
+    sampling path of validation, evaluation and `generate`."""
     answers = Answers(texts=[], tokens=[], reverse_kl=[], scored_tokens=0)
     for out, real in _sample_batches(model, prompts, sampling, seed, batch_size, teacher=teacher, desc=desc):
         out = _host(out, real)
@@ -173,7 +174,7 @@ def sample_answers(model: Transformer, tokenizer, prompts: Sequence[Sequence[int
         answers.tokens += rows
         answers.texts += [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
         if teacher is not None:
-            answers.reverse_kl += np.sum(np.where(out.mask, out.logprobs - out.teacher_logprobs, 0.0), axis=1).tolist()
+            answers.reverse_kl += np.sum(np.where(out.mask, out.reverse_kl, 0.0), axis=1).tolist()
             answers.scored_tokens += int(out.mask.sum())
     return answers
 
@@ -197,8 +198,9 @@ def evaluate_model(model: Transformer, tokenizer, eval_sets: Sequence[EvalSet], 
     time), one sampling run per seed. Per set: per-seed Rouge-L / exact match, their mean and sample std
     over seeds, mean response length (generated tokens without EOS), Rouge-L by gold length (first
     reference, in tokens; buckets [edge_i, edge_i+1) and a last open one; per-example Rouge-L averaged over
-    seeds), and with a `teacher` the mean sequence-level reverse KL sum_t (log q - log p) of the student's
-    samples (a Monte-Carlo estimate; the n-gram block makes the samples slightly off q), also per token.
+    seeds), and with a `teacher` the mean sequence-level reverse KL sum_t KL(q(.|y<t) || p(.|y<t)) over the
+    student's samples (each step's KL exact over the vocabulary; the n-gram block makes the prefixes
+    slightly off q), also per token.
     Per seed also Dist-4 (distinct 4-grams of each answer's generated ids, x 100: `eval_metrics.dist_n`), and
     per set the LM loss on the gold answers (`gold_loss`; sets from `load_eval_set`). EOS and padding ids
     default to the tokenizer's."""

@@ -9,8 +9,11 @@ padded checkpoint vocabulary beyond the tokenizer's size are sliced off, so they
 
 Distributions, all in float32: q = softmax(student_logits / T) and p = softmax(teacher_logits / T);
 tokens are drawn from the mixture after no-repeat-n-gram, top-k and top-p filtering (in that order, as
-transformers does). `logprobs` is log q(y) and `teacher_logprobs` log p(y) of the drawn token, and
-`weights` is q(y) / ((1 - alpha) q(y) + alpha p(y)), the unfiltered mixture's importance weight.
+transformers does). `logprobs` is log q(y) and `teacher_logprobs` log p(y) of the drawn token,
+`weights` is q(y) / ((1 - alpha) q(y) + alpha p(y)), the unfiltered mixture's importance weight, and
+`reverse_kl` is KL(q || p) of the step's whole distributions: summed over an answer it has the expectation of
+the Monte-Carlo sum of log q(y) - log p(y) over its tokens (both estimate the answer's reverse KL) without
+the variance of each drawn token.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from minillm_jax import sharding
+from minillm_jax import losses, sharding
 from minillm_jax.models.transformer import Transformer
 
 # Incremented at trace time: tests use it to check that shapes within a bucket compile once.
@@ -84,6 +87,7 @@ class SampleOutput:
     prompt_mask: Bool[Array, "B P"]
     teacher_logprobs: Float[Array, "B R"] | None = None  # log p(y_t)
     weights: Float[Array, "B R"] | None = None  # q / ((1 - alpha) q + alpha p)
+    reverse_kl: Float[Array, "B R"] | None = None  # KL(q(.|y<t) || p(.|y<t)) over the vocabulary
 
 
 @flax.struct.dataclass
@@ -98,6 +102,7 @@ class _LoopState:
     logprobs: Float[Array, "B W"]
     teacher_logprobs: Float[Array, "B W"]
     weights: Float[Array, "B W"]
+    reverse_kl: Float[Array, "B W"]
     history: Int[Array, "B P+W"]  # prompt and generated ids, for n-gram blocking
     history_mask: Bool[Array, "B P+W"]
     logits: Float[Array, "B V"]  # student's next-token logits
@@ -193,8 +198,8 @@ def _row_constraint(mesh, batch_size: int):
 
 def _lay_out_loop(s: "_LoopState", lay_out) -> "_LoopState":
     rows = {name: lay_out(getattr(s, name)) for name in ("done", "tokens", "mask", "logprobs", "teacher_logprobs",
-                                                           "weights", "history", "history_mask", "logits",
-                                                           "teacher_logits")}
+                                                           "weights", "reverse_kl", "history", "history_mask",
+                                                           "logits", "teacher_logits")}
     return s.replace(**rows, cache=_lay_out_cache(s.cache, lay_out),
                      teacher_cache=_lay_out_cache(s.teacher_cache, lay_out))
 
@@ -250,6 +255,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
     state = _LoopState(
         step=jnp.int32(0), done=jnp.zeros((B,), bool), tokens=jnp.full((B, W), config.pad_token_id, jnp.int32),
         mask=jnp.zeros((B, W), bool), logprobs=zeros, teacher_logprobs=zeros, weights=jnp.ones((B, W), jnp.float32),
+        reverse_kl=zeros,
         history=jnp.concatenate([ids, jnp.zeros((B, W), jnp.int32)], axis=1),
         history_mask=jnp.concatenate([mask, jnp.zeros((B, W), bool)], axis=1),
         logits=logits, teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
@@ -257,7 +263,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
 
     def step(s: _LoopState, _) -> tuple[_LoopState, None]:
         key = jax.random.fold_in(rng, s.step)
-        token, logq, logp, weight = _choose(s, P + s.step, key, alpha, config)
+        token, logq, logp, weight, kl = _choose(s, P + s.step, key, alpha, config)
         live = ~s.done
         token = jnp.where(live, token, config.pad_token_id)
         is_eos = jnp.isin(token, jnp.asarray(config.eos_token_id or (-1,), jnp.int32)) & live
@@ -276,6 +282,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
             logprobs=put(s.logprobs, jnp.where(live, logq, 0.0)),
             teacher_logprobs=put(s.teacher_logprobs, jnp.where(live, logp, 0.0)),
             weights=put(s.weights, jnp.where(live, weight, 1.0)),
+            reverse_kl=put(s.reverse_kl, jnp.where(live, kl, 0.0)),
             history=jax.lax.dynamic_update_slice(s.history, token[:, None], (0, P + s.step)),
             history_mask=jax.lax.dynamic_update_slice(s.history_mask, live[:, None], (0, P + s.step)),
             logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache),
@@ -292,11 +299,11 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         tokens=s.tokens[:, :R], mask=mask_out, lengths=mask_out.sum(axis=1, dtype=jnp.int32),
         logprobs=s.logprobs[:, :R], prompt_tokens=ids, prompt_mask=mask,
         teacher_logprobs=s.teacher_logprobs[:, :R] if with_teacher else None,
-        weights=s.weights[:, :R] if with_teacher else None)
+        weights=s.weights[:, :R] if with_teacher else None, reverse_kl=s.reverse_kl[:, :R] if with_teacher else None)
 
 
 def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):
-    """Pick one token per row; returns (token, log q(token), log p(token), importance weight)."""
+    """Pick one token per row; returns (token, log q(token), log p(token), importance weight, KL(q || p))."""
     temperature = 1.0 if config.greedy else config.temperature
     log_q = jax.nn.log_softmax(s.logits.astype(jnp.float32) / temperature, axis=-1)
     if s.teacher_logits is not None:
@@ -319,7 +326,8 @@ def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):
         return jnp.take_along_axis(table, token[:, None], axis=-1)[:, 0]
 
     logq = at(log_q)
-    return token, logq, at(log_p), jnp.exp(logq - at(log_mix))
+    kl = losses.reverse_kl(log_q, log_p) if s.teacher_logits is not None else jnp.zeros_like(logq)
+    return token, logq, at(log_p), jnp.exp(logq - at(log_mix)), kl
 
 
 def sample_categorical(key, scores: Float[Array, "B V"]) -> Int[Array, " B"]:

@@ -1,7 +1,8 @@
 """Validation during training: the student's sampled answers to held-out prompts scored by Rouge-L against
-the gold answers and (with a teacher) the teacher's, the Monte-Carlo reverse KL to the teacher on the
-student's own samples, and the student's cross-entropy on the gold answers (`valid/loss`). Greedy answers
-of the teacher and the student, for the run summary, come from `greedy_answers`.
+the gold answers and (with a teacher) the teacher's, the reverse KL to the teacher on the student's own
+samples (per answer, the sum of each step's KL over the vocabulary; also per token), and the student's
+cross-entropy on the gold answers (`valid/loss`). Greedy answers of the teacher and the student, for the run
+summary, come from `greedy_answers`.
 
 Keys: every validation samples with the same key (so successive figures differ by the model alone).
 """

@@ -25,6 +25,7 @@ from minillm_jax.evaluate import (
     plot_curves,
     prefix_kl,
     rouge_l,
+    sample_answers,
     score,
     write_report,
 )
@@ -343,6 +344,25 @@ def _word_sets(words, tmp_path) -> list[EvalSet]:
         path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
         sets.append(load_eval_set(name, path, words))
     return sets
+
+
+def test_answers_reverse_kl_sums_each_steps_kl_over_the_vocabulary(words):
+    """Per answer: sum over its steps (the closing EOS included) of KL(q || p) at the sampled prefixes, against
+    float64 log-softmaxes of both models' full forwards on prompt + answer."""
+    model, teacher = tiny_model(len(words), seed=1), tiny_model(len(words), seed=2)
+    prompts = [words(t)["input_ids"] for t in ("the cat sat on", "one two", "red blue green house tree")]
+    sampling = SamplingConfig(max_new_tokens=12, eos_token_id=0, pad_token_id=0)
+    answers = sample_answers(model, words, prompts, sampling, seed=3, batch_size=4, teacher=teacher)
+    steps = [len(t) + (len(t) < 12) for t in answers.tokens]  # an answer that stopped early scored its EOS
+    assert answers.scored_tokens == sum(steps) and min(steps) < 12 and max(steps) > 3
+    for prompt, tokens, n, kl in zip(prompts, answers.tokens, steps, answers.reverse_kl):
+        ids = np.asarray([prompt + tokens], np.int32)
+        log = {}
+        for m in (model, teacher):  # the distributions of steps 0 .. n - 1 (the last one: the EOS step's, if any)
+            logits = np.asarray(m(ids, np.ones_like(ids, bool))[0, len(prompt) - 1:], np.float64)[:n]
+            log[m] = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        expected = np.sum(np.exp(log[model]) * (log[model] - log[teacher]))
+        assert kl == pytest.approx(expected, rel=1e-4)
 
 
 def test_evaluate_model_end_to_end(words, tmp_path):

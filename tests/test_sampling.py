@@ -130,10 +130,16 @@ def test_logprobs_at_every_step_equal_full_forward(variant):
     mask = np.concatenate([out.prompt_mask, out.mask], 1)
     P = out.prompt_tokens.shape[1]
     gen_mask = np.asarray(out.mask)
+    log_softmax = {}
     for model, returned in ((student, out.logprobs), (teacher, out.teacher_logprobs)):
-        logp = jax.nn.log_softmax(model(ids, mask)[:, P - 1:-1], axis=-1)
-        expected = np.take_along_axis(np.asarray(logp), np.asarray(out.tokens)[..., None], -1)[..., 0]
+        logits = np.asarray(model(ids, mask)[:, P - 1:-1], np.float64)
+        log_softmax[model] = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        expected = np.take_along_axis(log_softmax[model], np.asarray(out.tokens)[..., None], -1)[..., 0]
         np.testing.assert_allclose(np.where(gen_mask, returned, 0), np.where(gen_mask, expected, 0), atol=1e-5)
+    log_q, log_p = log_softmax[student], log_softmax[teacher]  # each step's KL(q || p), float64 over the vocabulary
+    kl = np.sum(np.exp(log_q) * (log_q - log_p), axis=-1)
+    np.testing.assert_allclose(np.where(gen_mask, out.reverse_kl, 0), np.where(gen_mask, kl, 0), rtol=1e-4, atol=1e-5)
+    assert (kl[gen_mask] > 0.01).all()  # two random models: far apart, so the comparison means something
 
 
 def test_eos_masks_lengths_and_padding():
