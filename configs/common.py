@@ -20,6 +20,7 @@ def base() -> ml_collections.ConfigDict:
     c.teacher = ""  # required by kd, seqkd, minillm, gkd, distillm
     c.student = ""  # empty: the teacher's layers `student_layers`
     c.student_layers = ()  # e.g. (0, 4, 8): initialise the student from these teacher layers
+    c.student_layers_source = ""  # cut student_layers from this model instead (e.g. the base of a tuned teacher)
     c.tokenizer = ""  # empty: the student's (or the teacher's) tokenizer files; "byte": the built-in one
     c.dtype = "float32"  # parameter dtype; compute dtype below ("" = the same)
     c.compute_dtype = ""

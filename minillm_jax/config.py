@@ -125,6 +125,7 @@ class RunConfig:
     teacher: str
     student: str
     student_layers: tuple[int, ...]
+    student_layers_source: str  # the model student_layers are cut from; "" = the teacher
     tokenizer: str
     dtype: str
     compute_dtype: str
@@ -240,6 +241,7 @@ def _method(c, task: str):
 def _build(c) -> RunConfig:
     task = _choice(c, "task", TASKS)
     teacher, student, layers = c["teacher"], c["student"], tuple(c["student_layers"])
+    layers_source = c["student_layers_source"]
     if task in NEEDS_TEACHER and not teacher:
         _fail("teacher", f"task {task!r} needs a teacher (--config.teacher=<HF dir, hub name or .gguf>)")
     evaluation = c["eval"]
@@ -247,8 +249,12 @@ def _build(c) -> RunConfig:
         (task == "generate" and not teacher)
     if needs_student and not student and not layers:
         _fail("student", "set a student model, or student_layers to initialise it from teacher layers")
-    if layers and not teacher:
-        _fail("student_layers", "initialising the student from teacher layers needs --config.teacher")
+    if layers and not teacher and not layers_source:
+        _fail("student_layers", "initialising the student from teacher layers needs --config.teacher (or "
+              "--config.student_layers_source, the model to cut them from)")
+    if layers_source and not layers:
+        _fail("student_layers_source", f"{layers_source!r} is set but --config.student_layers is empty: name the "
+              "layers to keep, or clear it")
     if student and layers:
         _fail("student_layers", f"give either --config.student ({student}) or --config.student_layers, not both "
               '(clear it with --config.student_layers="()")')
@@ -351,7 +357,8 @@ def _build(c) -> RunConfig:
         _fail("best_metric", f"{best_metric!r} ranks checkpoints by validation, but eval_every=0 never validates "
               "(set eval_every, or best_metric='' to keep the latest)")
     return RunConfig(
-        task=task, teacher=teacher, student=student, student_layers=layers, tokenizer=c["tokenizer"], dtype=c["dtype"],
+        task=task, teacher=teacher, student=student, student_layers=layers, student_layers_source=layers_source,
+        tokenizer=c["tokenizer"], dtype=c["dtype"],
         compute_dtype=c["compute_dtype"] or c["dtype"], remat=c["remat"], seed=_int(c, "seed"), steps=steps,
         batch_size=batch, accumulate_steps=accumulate, logits_chunk_size=_int(c, "logits_chunk_size", 0),
         checkpoint_every=checkpoint_every, keep_checkpoints=keep, eval_every=eval_every,

@@ -44,10 +44,16 @@ def load_models(config: RunConfig, mesh: jax.sharding.Mesh, tokenizer=None) -> M
     teacher = _load_model(config.teacher, tokenizer, config, mesh, teacher_rules(config), seed=config.seed + 1) \
         if config.teacher else None
     if config.student_layers:
-        if max(config.student_layers) >= teacher.config.num_layers:
-            raise ConfigError(f"--config.student_layers: {config.student_layers} names a layer beyond the teacher's "
-                              f"{teacher.config.num_layers} (indices 0..{teacher.config.num_layers - 1})")
-        student = select_layers(teacher, list(config.student_layers))
+        name, source = "teacher", teacher
+        if config.student_layers_source:  # loaded for the cut only, then dropped
+            name = "student_layers_source"
+            source = _load_model(config.student_layers_source, tokenizer, config, mesh, sharding.TRAIN_RULES,
+                                 seed=config.seed)
+        if max(config.student_layers) >= source.config.num_layers:
+            raise ConfigError(f"--config.student_layers: {config.student_layers} names a layer beyond the {name}'s "
+                              f"{source.config.num_layers} (indices 0..{source.config.num_layers - 1})")
+        student = select_layers(source, list(config.student_layers))
+        del source
         student = sharding.shard_model(_cast(student, dtype, compute, config.remat), mesh, sharding.TRAIN_RULES)
     elif config.student:
         student = _load_model(config.student, tokenizer, config, mesh, sharding.TRAIN_RULES, seed=config.seed)
@@ -70,10 +76,10 @@ def teacher_rules(config: RunConfig) -> sharding.Rules:
 
 def load_run_tokenizer(config: RunConfig):
     """The tokenizer of the run: `config.tokenizer` ("byte": the built-in one), else the student's, else the
-    teacher's."""
+    teacher's, else that of the model the student's layers are cut from."""
     if config.tokenizer == "byte":
         return byte_tokenizer()
-    source = config.tokenizer or config.student or config.teacher
+    source = config.tokenizer or config.student or config.teacher or config.student_layers_source
     if source.startswith("random:"):
         raise ConfigError("--config.tokenizer: random models need a tokenizer (e.g. --config.tokenizer=byte)")
     return load_tokenizer(source)
@@ -105,8 +111,8 @@ def _cast(model, dtype: str, compute: str, remat: str):
 def check_same_tokenizer(config: RunConfig, tokenizer) -> None:
     """Refuse models whose own tokenizers map text to other ids than the run's tokenizer (also when
     `config.tokenizer` overrides them: a model trained on other ids would learn nonsense)."""
-    run_source = config.tokenizer or config.student or config.teacher
-    for key in ("teacher", "student"):
+    run_source = config.tokenizer or config.student or config.teacher or config.student_layers_source
+    for key in ("teacher", "student", "student_layers_source"):
         source = getattr(config, key)
         if not source or source.startswith("random:") or source == run_source:
             continue

@@ -59,6 +59,38 @@ def test_data_checks_come_before_any_model_loads(tmp_path):
     assert not (tmp_path / "run" / "config.json").exists()  # nothing written either
 
 
+def test_student_layers_cut_from_another_model_than_the_teacher(tmp_path):
+    """`student_layers_source`: the student keeps those layers of that model (a tuned teacher's base, say);
+    the teacher is loaded as the teacher and nothing of it reaches the student."""
+    import numpy as np
+    from flax import nnx
+
+    from minillm_jax import experiment
+    from minillm_jax.models.tiny import random_model
+
+    base_spec = "random:llama:layers=3,hidden=64,heads=4,kv_heads=2,mlp=128"
+    config = tiny(task="kd", student="", student_layers=(2, 0), student_layers_source=base_spec, seed=5)
+    models = experiment.load_models(config, experiment.build_mesh(config))
+    vocab = len(models.tokenizer)
+    base = random_model(base_spec, vocab, seed=5)  # what the run's loader builds for that spec and seed
+    def layers(model):  # {name: [layers, ...] array} of the stacked layer parameters
+        return {path[-1]: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model.layers))}
+
+    ours, want, teacher = layers(models.student), layers(base), layers(models.teacher)
+    assert set(ours) == set(want) and "q_proj" in ours
+    for name in ours:
+        np.testing.assert_allclose(ours[name], want[name][np.array([2, 0])], rtol=1e-5, atol=1e-7)  # jit vs eager init
+    assert not np.array_equal(ours["q_proj"][1], teacher["q_proj"][0])  # the teacher's layer 0 differs
+    assert models.student.config.num_layers == 2 and models.teacher.config.num_layers == 2
+    with pytest.raises(ConfigError, match=r"--config\.student_layers: \(0, 3\) names a layer beyond the "
+                                          r"student_layers_source's 3"):
+        experiment.load_models(tiny(task="kd", student="", student_layers=(0, 3), student_layers_source=base_spec),
+                               experiment.build_mesh(config))
+    with pytest.raises(ConfigError, match=r"--config\.student_layers_source: .* is set but --config\.student_layers "
+                                          r"is empty"):
+        tiny(student_layers_source=base_spec)
+
+
 def test_student_layers_beyond_the_teacher_are_named(tmp_path):
     config = tiny(task="sft", student="", student_layers=(0, 7))
     with pytest.raises(ConfigError, match=r"--config\.student_layers: \(0, 7\) names a layer beyond"):
