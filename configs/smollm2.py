@@ -21,6 +21,10 @@ Presets (the plain method names; the pipeline runs them in this order, teacher_s
 | seqkd | SFT on the teacher's sampled answers | seqkd/seqkd_base.sh |
 | minillm | MiniLLM from sft_init-seed<k>/hf (the pipeline links it) | minillm/train_base_xl.sh |
 
+Students: the layer cut STUDENT_LAYERS of SmolLM2-135M-Instruct as it is (`student_layers_source`), while
+the teacher they learn from is teacher_sft's export (the pipeline's --config.teacher). Until 3eb9688 they were
+cut from the tuned teacher, so they inherited its fine-tuning; seed 0 of that design is in bench/RESULTS.md.
+
 Equal budgets: every baseline takes STEPS optimizer steps of BATCH sequences over the same first
 STEPS x BATCH prompts of dolly/train_minillm_exact.jsonl; MiniLLM takes STEPS - INIT_STEPS after the
 INIT_STEPS of sft_init, so each student sees the same number of updates. MiniLLM's L_PT is off
@@ -63,8 +67,12 @@ def get_config(preset: str | None = "minillm"):
     c.compute_dtype = ""  # float32 on CPU (bfloat16 matmuls are slower there)
     c.logits_chunk_size = 16  # faster and smaller on CPU (bench/minillm_round.py --chunks 0,16)
     c.student_layers = STUDENT_LAYERS if preset not in ("teacher_sft", "minillm") else ()
+    # The students are cut from SmolLM2-135M-Instruct as it is, never from the tuned teacher (which the pipeline
+    # passes as --config.teacher): the paper's students do not inherit the teacher's fine-tuning, and cut from
+    # the tuned teacher, the SFT student outscored it on Dolly (14.39 vs 13.05, bench/RESULTS.md).
+    c.student_layers_source = teacher if c.student_layers else ""
     if preset in ("sft_init", "sft"):
-        c.teacher = teacher  # the source of the layer cut (and validation's reverse KL), not distilled from
+        c.teacher = teacher  # validation's reverse KL (the pipeline passes the tuned teacher), not distilled from
     c.data.template = "chat"
     c.data.max_prompt_length, c.data.max_length = 128, 192
     c.data.valid_examples = 32
