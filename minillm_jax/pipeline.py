@@ -101,6 +101,11 @@ class Options:
     overrides: tuple[str, ...]  # --config.<key>=<value>, --data-root included
     reuse: pathlib.Path | None = None  # another row's workdir: its teacher_sft, sft_init-seed<k>, eval-teacher
 
+    @property
+    def inputs(self) -> pathlib.Path:
+        """Where the tuned teacher, the phase-1 students and the teacher's scores are read from."""
+        return self.reuse or self.workdir
+
 
 def preset_name(options: Options, method: str) -> str:
     size = (options.teacher_size or options.size) if method == "teacher_sft" else options.size
@@ -132,7 +137,7 @@ def plan(options: Options) -> list[Stage]:
     """The stages in the order they run: teacher_sft, the teacher's evaluation, then seed by seed the training
     stages in their fixed order followed by their evaluations."""
     root, requested = options.workdir, set(options.stages)
-    source = options.reuse or root  # where the tuned teacher, the phase-1 students and the teacher's scores are
+    source = options.inputs
     teacher_dir = source / "teacher_sft"
     tuned_teacher = "teacher_sft" in requested or (teacher_dir / "hf" / "config.json").is_file()
     teacher_args = (f"--config.teacher={teacher_dir / 'hf'}",) if tuned_teacher else ()
@@ -144,8 +149,10 @@ def plan(options: Options) -> list[Stage]:
     evaluated = [m for m in METHODS if m in requested] or list(METHODS)
     if "eval" in requested:
         teacher_eval = _eval_stage(options, "teacher", None, None, options.eval_seeds, teacher_args)
-        reused = dataclasses.replace(teacher_eval, workdir=source / teacher_eval.name)
-        stages.append(reused if options.reuse and reused.done() else teacher_eval)
+        if options.reuse:  # scored there already: read from there; else scored here, never written there
+            reused = dataclasses.replace(teacher_eval, workdir=source / teacher_eval.name)
+            teacher_eval = reused if reused.done() else teacher_eval
+        stages.append(teacher_eval)
     for index, seed in enumerate(options.seeds):
         for kind in TRAINING[1:]:
             if kind not in requested:
@@ -187,17 +194,16 @@ def check_inputs(options: Options, stages: list[Stage]) -> None:
     for stage in stages:
         needs = []
         if stage.kind == "minillm":
-            needs.append((options.reuse or options.workdir) / f"sft_init-seed{stage.seed}" / "hf")
+            needs.append(options.inputs / f"sft_init-seed{stage.seed}" / "hf")
         if stage.kind == "eval" and stage.method != "teacher":
             needs.append(options.workdir / f"{stage.method}-seed{stage.seed}" / "hf")
         for path in needs:
             if not stage.done() and path not in produced and not (path / "config.json").is_file():
-                stage_name = path.parent.name.rsplit('-seed', 1)[0]
                 if options.reuse and path.is_relative_to(options.reuse):
                     raise SystemExit(f"error: stage {stage.name} needs {path}, which --reuse {options.reuse} does "
                                      f"not hold yet; run {path.parent.name} there first")
                 raise SystemExit(f"error: stage {stage.name} needs {path}, which no requested stage makes; add "
-                                 f"{stage_name} to --stages")
+                                 f"{path.parent.name.rsplit('-seed', 1)[0]} to --stages")
 
 
 # ------------------------------------------------------------------------------------------ running
