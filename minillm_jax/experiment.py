@@ -74,12 +74,17 @@ def teacher_rules(config: RunConfig) -> sharding.Rules:
     return sharding.SAMPLE_RULES if choice == "sample" else sharding.TRAIN_RULES
 
 
+def _tokenizer_source(config: RunConfig) -> str:
+    """Where the run's tokenizer comes from (unless it is the built-in "byte" one)."""
+    return config.tokenizer or config.student or config.teacher or config.student_layers_source
+
+
 def load_run_tokenizer(config: RunConfig):
     """The tokenizer of the run: `config.tokenizer` ("byte": the built-in one), else the student's, else the
     teacher's, else that of the model the student's layers are cut from."""
     if config.tokenizer == "byte":
         return byte_tokenizer()
-    source = config.tokenizer or config.student or config.teacher or config.student_layers_source
+    source = _tokenizer_source(config)
     if source.startswith("random:"):
         raise ConfigError("--config.tokenizer: random models need a tokenizer (e.g. --config.tokenizer=byte)")
     return load_tokenizer(source)
@@ -111,7 +116,7 @@ def _cast(model, dtype: str, compute: str, remat: str):
 def check_same_tokenizer(config: RunConfig, tokenizer) -> None:
     """Refuse models whose own tokenizers map text to other ids than the run's tokenizer (also when
     `config.tokenizer` overrides them: a model trained on other ids would learn nonsense)."""
-    run_source = config.tokenizer or config.student or config.teacher or config.student_layers_source
+    run_source = _tokenizer_source(config)
     for key in ("teacher", "student", "student_layers_source"):
         source = getattr(config, key)
         if not source or source.startswith("random:") or source == run_source:
