@@ -31,6 +31,12 @@ accumulate over sittings in `<workdir>/pipeline.json`.
 After every evaluation `<workdir>/table.md` and `table.json` are rewritten from the results so far
 (`pipeline_table.py`).
 
+`--archive DIR` (e.g. a directory in git) keeps what a row needs to outlive its machine: after every stage
+its small files (results, training curves, resolved configs; never weights), `pipeline.json` and the table.
+A rerun on a fresh machine with the same archive restores the finished evaluations, skips every training
+stage that only those evaluations used, and trains only what an unfinished one still needs (the tuned
+teacher included). An archive holds one row: a stage archived with other arguments is refused.
+
 Ablations of a finished row (the paper's: no teacher-mix, no length normalisation, no single-step term) run
 in a workdir of their own that takes the row's tuned teacher, phase-1 students and teacher scores, read only:
 
@@ -55,7 +61,7 @@ import sys
 import time
 
 from minillm_jax.pipeline_table import write_table
-from minillm_jax.workdir import WorkdirBusy, WorkdirLock, atomic_write_json
+from minillm_jax.workdir import WorkdirBusy, WorkdirLock, atomic_write_bytes, atomic_write_json
 
 TRAINING = ("teacher_sft", "sft_init", "sft", "kd", "seqkd", "minillm")
 STAGES = TRAINING + ("eval",)
@@ -100,6 +106,7 @@ class Options:
     eval_seeds: tuple[int, ...]
     overrides: tuple[str, ...]  # --config.<key>=<value>, --data-root included
     reuse: pathlib.Path | None = None  # another row's workdir: its teacher_sft, sft_init-seed<k>, eval-teacher
+    archive: pathlib.Path | None = None  # where each finished stage's small files are copied (and restored from)
 
     @property
     def inputs(self) -> pathlib.Path:
@@ -135,7 +142,7 @@ def preset_teacher(options: Options, method: str) -> str:
 
 def plan(options: Options) -> list[Stage]:
     """The stages in the order they run: teacher_sft, the teacher's evaluation, then seed by seed the training
-    stages in their fixed order followed by their evaluations."""
+    stages in their fixed order, each student's evaluation right after its training."""
     root, requested = options.workdir, set(options.stages)
     source = options.inputs
     teacher_dir = source / "teacher_sft"
@@ -155,21 +162,38 @@ def plan(options: Options) -> list[Stage]:
         stages.append(teacher_eval)
     for index, seed in enumerate(options.seeds):
         for kind in TRAINING[1:]:
-            if kind not in requested:
-                continue
-            workdir = root / f"{kind}-seed{seed}"
-            args = ["--config", preset(options, kind), "--workdir", str(workdir), f"--config.seed={seed}"]
-            if teacher_args and preset_teacher(options, kind):  # also where the teacher is only the layer-cut source
-                args += teacher_args
-            if kind == "minillm":
-                args += [f"--config.student={source / f'sft_init-seed{seed}' / 'hf'}", "--config.student_layers=()"]
-            stages.append(Stage(f"{kind}-seed{seed}", kind, kind, seed, workdir, tuple(args) + options.overrides))
-        if "eval" in requested:
-            seeds = options.eval_seeds[index::len(options.seeds)]
-            for method in evaluated:
-                stages.append(_eval_stage(options, method, seed, root / f"{method}-seed{seed}" / "hf", seeds,
-                                          teacher_args))
+            if kind in requested:
+                workdir = root / f"{kind}-seed{seed}"
+                args = ["--config", preset(options, kind), "--workdir", str(workdir), f"--config.seed={seed}"]
+                if teacher_args and preset_teacher(options, kind):  # also where the teacher only sources the cut
+                    args += teacher_args
+                if kind == "minillm":
+                    args += [f"--config.student={source / f'sft_init-seed{seed}' / 'hf'}",
+                             "--config.student_layers=()"]
+                stages.append(Stage(f"{kind}-seed{seed}", kind, kind, seed, workdir, tuple(args) + options.overrides))
+            if "eval" in requested and kind in evaluated:  # right after its training: a result as early as can be
+                stages.append(_eval_stage(options, kind, seed, root / f"{kind}-seed{seed}" / "hf",
+                                          options.eval_seeds[index::len(options.seeds)], teacher_args))
     return stages
+
+
+def unneeded(stages: list[Stage]) -> set[str]:
+    """The training stages to skip although not done: never started here, and every stage that uses their
+    export (as its student, teacher or init) is done or skipped. So a student whose evaluation is done (e.g.
+    restored from --archive on a fresh machine) is not trained again, nor the phase-1 student of a MiniLLM run
+    that is skipped, nor the tuned teacher once nothing left uses it. A training stage nothing uses (the one
+    asked for) or one already started here (it resumes; its evaluation, older than its new export, reruns) runs."""
+    runs: dict[str, bool] = {}
+    for index in reversed(range(len(stages))):
+        stage = stages[index]
+        if stage.kind == "eval" or stage.done():
+            runs[stage.name] = not stage.done()
+            continue
+        export = stage.workdir / "hf"
+        users = [s for s in stages[index + 1:] if s.student == export or any(
+            a.startswith("--config.") and a.partition("=")[2] == str(export) for a in s.args)]
+        runs[stage.name] = stage.workdir.exists() or not users or any(runs[s.name] for s in users)
+    return {s.name for s in stages if s.kind != "eval" and not s.done() and not runs[s.name]}
 
 
 def _eval_stage(options: Options, method: str, seed: int | None, student: pathlib.Path | None,
@@ -190,20 +214,103 @@ def _eval_stage(options: Options, method: str, seed: int | None, student: pathli
 
 def check_inputs(options: Options, stages: list[Stage]) -> None:
     """Fail before anything runs when a stage's input can come neither from an earlier stage nor from disk."""
-    produced = {s.workdir / "hf" for s in stages if s.kind != "eval"}
+    skipped = unneeded(stages)
+    produced = {s.workdir / "hf" for s in stages if s.kind != "eval" and s.name not in skipped}
     for stage in stages:
+        if stage.done() or stage.name in skipped:
+            continue
         needs = []
         if stage.kind == "minillm":
             needs.append(options.inputs / f"sft_init-seed{stage.seed}" / "hf")
         if stage.kind == "eval" and stage.method != "teacher":
             needs.append(options.workdir / f"{stage.method}-seed{stage.seed}" / "hf")
         for path in needs:
-            if not stage.done() and path not in produced and not (path / "config.json").is_file():
+            if path not in produced and not (path / "config.json").is_file():
                 if options.reuse and path.is_relative_to(options.reuse):
                     raise SystemExit(f"error: stage {stage.name} needs {path}, which --reuse {options.reuse} does "
                                      f"not hold yet; run {path.parent.name} there first")
                 raise SystemExit(f"error: stage {stage.name} needs {path}, which no requested stage makes; add "
                                  f"{path.parent.name.rsplit('-seed', 1)[0]} to --stages")
+
+
+# ------------------------------------------------------------------------------------------ archive
+
+# What --archive keeps of a finished stage: its small files, never weights (enough for the table, the training
+# curves and the resolved configs). Only evaluations are restored from it: a training run is a checkpoint.
+ARCHIVED = {"eval": ("results.json", "results.md", "eval_config.json"),
+            "train": ("config.json", "metrics.jsonl", "summary.md")}
+ARCHIVED_ROOT = ("pipeline.json", "table.json", "table.md")
+STAGE_RECORD = "stage.json"  # the stage's arguments, workdir-independent: an archive holds one row only
+
+
+def _portable_args(options: Options, stage: Stage) -> list[str]:
+    """The stage's arguments with this machine's paths replaced by names, so that the same row run in another
+    workdir (a fresh machine) gives the same list, and another row does not."""
+    replace = [(str(options.workdir), "{workdir}"), (str(options.config), pathlib.Path(options.config).name)]
+    if options.reuse is not None:
+        replace.insert(0, (str(options.reuse), "{reuse}"))
+    args = []
+    for arg in stage.args:
+        for old, new in replace:
+            arg = arg.replace(old, new)
+        args.append(arg)
+    return args
+
+
+def check_archive(options: Options, stages: list[Stage]) -> None:
+    """Fail before anything runs when --archive holds a stage of the same name run with other arguments (another
+    row, another config override): its results are not this row's and must not be mixed into it."""
+    if options.archive is None:
+        return
+    for stage in stages:
+        record = options.archive / stage.name / STAGE_RECORD
+        if not record.is_file():
+            continue
+        try:
+            archived = json.loads(record.read_text())["args"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: --archive {record}: unreadable ({e}); expected {{\"args\": [...]}}") from None
+        ours = _portable_args(options, stage)
+        if archived != ours:
+            differ = sorted(set(archived) ^ set(ours))
+            raise SystemExit(f"error: --archive {options.archive} holds {stage.name} run with other arguments "
+                             f"(differing: {differ}); give this row an archive of its own")
+
+
+def archive_stage(options: Options, stage: Stage) -> None:
+    """Copy a finished stage's small files, and the row's record and table, into --archive."""
+    if options.archive is None:
+        return
+    target = options.archive / stage.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED["eval" if stage.kind == "eval" else "train"]:
+        if (stage.workdir / name).is_file():
+            atomic_write_bytes(target / name, (stage.workdir / name).read_bytes())
+    atomic_write_json(target / STAGE_RECORD, {"args": _portable_args(options, stage)})
+    for name in ARCHIVED_ROOT:
+        if (options.workdir / name).is_file():
+            atomic_write_bytes(options.archive / name, (options.workdir / name).read_bytes())
+
+
+def restore(options: Options, stages: list[Stage]) -> list[str]:
+    """Copy into the workdir the archived results of the evaluations it lacks (and pipeline.json when it has
+    none), so a fresh machine picks the row up where the archive left it; returns the stages restored."""
+    if options.archive is None:
+        return []
+    restored = []
+    for stage in stages:
+        saved = options.archive / stage.name
+        if stage.kind != "eval" or stage.done() or not (saved / "results.json").is_file():
+            continue
+        stage.workdir.mkdir(parents=True, exist_ok=True)
+        for name in ("results.md", "eval_config.json", "results.json"):  # results.json, the mark of done, last
+            if (saved / name).is_file():
+                atomic_write_bytes(stage.workdir / name, (saved / name).read_bytes())
+        restored.append(stage.name)
+    record = options.workdir / "pipeline.json"
+    if not record.exists() and (options.archive / "pipeline.json").is_file():
+        atomic_write_bytes(record, (options.archive / "pipeline.json").read_bytes())
+    return restored
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -261,7 +368,9 @@ def _record(path: pathlib.Path, stage: Stage, seconds: float, cpu: float, status
 
 def run(options: Options) -> int:
     stages = plan(options)
-    check_inputs(options, stages)
+    check_archive(options, stages)
+    if options.archive is None:
+        check_inputs(options, stages)  # before the workdir is made; with an archive, once restored
     root = options.workdir
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -273,9 +382,22 @@ def run(options: Options) -> int:
     try:
         record = root / "pipeline.json"
         print(f"pipeline: {len(stages)} stages in {root}: " + ", ".join(s.name for s in stages), flush=True)
+        restored = restore(options, stages)
+        if restored:
+            print(f"pipeline: restored from {options.archive}: {', '.join(restored)}", flush=True)
+        if options.archive is not None:
+            check_inputs(options, stages)
+        for stage in stages:
+            if stage.done():
+                archive_stage(options, stage)
+        skip = unneeded(stages)
         for number, stage in enumerate(stages, start=1):
             if stage.done():
                 print(f"== [{number}/{len(stages)}] {stage.name}: done ({stage.output}), skipped", flush=True)
+                continue
+            if stage.name in skip:
+                print(f"== [{number}/{len(stages)}] {stage.name}: not needed (every stage that uses it is done), "
+                      "skipped", flush=True)
                 continue
             print(f"== [{number}/{len(stages)}] {stage.name}: python -m minillm_jax.main {shlex.join(stage.args)}",
                   flush=True)
@@ -293,7 +415,11 @@ def run(options: Options) -> int:
             print(f"== {stage.name}: finished in {seconds / 60:.1f} min ({cpu / 60:.1f} CPU-min)", flush=True)
             if stage.kind == "eval":
                 write_table(root, options.seeds, stages)
+            archive_stage(options, stage)
         table = write_table(root, options.seeds, stages)
+        if options.archive is not None and table is not None:
+            for name in ("table.json", "table.md"):
+                atomic_write_bytes(options.archive / name, (root / name).read_bytes())
         if table is not None:
             print(table.read_text(), flush=True)
         return 0
@@ -338,6 +464,10 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--reuse", type=pathlib.Path, default=None,
                         help="another row's workdir whose teacher_sft, sft_init-seed<k> and eval-teacher this one "
                              "uses (read only), e.g. for a MiniLLM ablation: --stages minillm,eval --reuse runs/row")
+    parser.add_argument("--archive", type=pathlib.Path, default=None,
+                        help="a directory (e.g. in git) that keeps every finished stage's small files: results, "
+                             "curves, configs, times; a rerun on a fresh machine restores the evaluations from it "
+                             "and trains only what an unfinished evaluation still needs")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -359,9 +489,13 @@ def parse(argv: list[str]) -> Options:
         shared = [s for s in ("teacher_sft", "sft_init") if s in args.stages]
         if shared:
             parser.error(f"--stages {','.join(shared)} with --reuse: those come from {args.reuse}; leave them out")
+    archive = args.archive.expanduser().resolve() if args.archive is not None else None
+    if archive is not None and archive in (workdir, reuse):
+        parser.error(f"--archive {args.archive}: that is --workdir or --reuse itself; give a directory of its own")
     return Options(config=args.config, workdir=workdir, seeds=seeds,
                    stages=tuple(s for s in STAGES if s in args.stages), size=args.size, teacher_size=args.teacher_size,
-                   eval_seeds=eval_seeds, overrides=overrides, reuse=reuse)
+                   eval_seeds=eval_seeds, overrides=overrides, reuse=reuse,
+                   archive=archive)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,11 +58,16 @@ def skipped(output: str) -> list[str]:
     return re.findall(r"^== \[\d+/\d+\] (\S+): done .*skipped$", output, re.M)
 
 
+def archive_of(workdir: pathlib.Path) -> pathlib.Path:
+    return workdir.with_name(workdir.name + "-archive")
+
+
 @pytest.fixture(scope="module")
 def row(tmp_path_factory):
-    """One pipeline run: seeds 0 and 1, stages sft and eval."""
+    """One pipeline run: seeds 0 and 1, stages sft and eval, archived to archive_of(workdir)."""
     workdir, cache = tmp_path_factory.mktemp("row"), tmp_path_factory.mktemp("cache")
-    result = run_pipeline(workdir, "--seeds", "0,1", "--stages", "sft,eval", cache=cache)
+    result = run_pipeline(workdir, "--seeds", "0,1", "--stages", "sft,eval", "--archive", str(archive_of(workdir)),
+                          cache=cache)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return workdir, cache, result.stdout
 
@@ -129,6 +134,21 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(row):
 
 
 @pytest.mark.slow  # the row: 5 CLI stages in subprocesses
+def test_the_archive_alone_brings_the_row_back_on_a_fresh_machine(row, tmp_path):
+    workdir, cache, _ = row
+    archive = archive_of(workdir)
+    result = run_pipeline(tmp_path / "fresh", "--seeds", "0,1", "--stages", "sft,eval", "--archive", str(archive),
+                          cache=cache)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert started(result.stdout) == [] and "restored from" in result.stdout
+    assert re.findall(r"^== \[\d+/\d+\] (\S+): not needed", result.stdout, re.M) == ["sft-seed0", "sft-seed1"]
+    table = json.loads((tmp_path / "fresh" / "table.json").read_text())
+    assert table["methods"] == json.loads((archive / "table.json").read_text())["methods"]
+    assert table["methods"]["sft"]["dolly"]["rouge_l"]["values"].keys() == {"seed 0", "seed 1"}
+    assert not list(archive.rglob("*.safetensors")) and (archive / "sft-seed1" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow  # the row: 5 CLI stages in subprocesses
 def test_a_failing_stage_stops_the_pipeline_and_is_named(row):
     workdir, cache, _ = row
     result = run_pipeline(workdir, "--seeds", "0,1", "--stages", "kd", "--config.kd.kd_ratio=2.0", cache=cache)
@@ -148,7 +168,7 @@ def test_plan_of_a_whole_row_links_the_stages(tmp_path):
                               "--workdir", str(tmp_path), "--seeds", "3,7", "--data-root", "/data",
                               "--stages", "eval,minillm,seqkd,kd,sft,sft_init,teacher_sft", "--config.steps=9"])
     stages = pipeline.plan(options)
-    per_seed = ["sft_init", "sft", "kd", "seqkd", "minillm", "eval-sft", "eval-kd", "eval-seqkd", "eval-minillm"]
+    per_seed = ["sft_init", "sft", "eval-sft", "kd", "eval-kd", "seqkd", "eval-seqkd", "minillm", "eval-minillm"]
     assert [s.name for s in stages] == ["teacher_sft", "eval-teacher"] + [
         f"{n}-seed{k}" for k in (3, 7) for n in per_seed]
     by_name = {s.name: s for s in stages}
@@ -240,3 +260,63 @@ def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(
             m.setattr("argparse.ArgumentParser.error", lambda self, text: (errors.append(text), sys.exit(2)))
             pipeline.parse(argv + bad)
         assert message in errors[0]
+
+
+def test_a_fresh_machine_restores_the_archived_results_and_trains_only_what_they_lack(tmp_path):
+    """A row archived on one machine (results of the teacher, SFT and MiniLLM; KD trained, not yet scored),
+    picked up in an empty workdir on another: the three evaluations come back, SFT, MiniLLM and MiniLLM's phase-1
+    student are not trained again, KD is (its score is missing) and so is the tuned teacher KD learns from; once
+    KD's score is archived too, nothing is left to train. The archive holds no weights, and refuses another row."""
+    first, fresh, archive = tmp_path / "first", tmp_path / "fresh", tmp_path / "archive"
+    argv = ["--config", str(ROOT / "configs" / "smollm2.py"), "--seeds", "0", "--archive", str(archive),
+            "--stages", "teacher_sft,sft_init,sft,kd,minillm,eval"]
+    options = pipeline.parse(argv + ["--workdir", str(first)])
+    stages = first_stages = pipeline.plan(options)
+    assert [s.name for s in stages] == ["teacher_sft", "eval-teacher", "sft_init-seed0", "sft-seed0", "eval-sft-seed0",
+                                        "kd-seed0", "eval-kd-seed0", "minillm-seed0", "eval-minillm-seed0"]
+    scores = {"eval-teacher": 13.0, "eval-sft-seed0": 11.0, "eval-minillm-seed0": 12.5}
+    for stage in stages:
+        if stage.kind != "eval":
+            (stage.workdir / "hf").mkdir(parents=True)
+            (stage.workdir / "hf" / "config.json").write_text("{}")
+            (stage.workdir / "hf" / "model.safetensors").write_bytes(b"weights")
+            (stage.workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+        elif stage.name in scores:
+            stage.workdir.mkdir(parents=True)
+            role = {"role": "teacher"} if stage.method == "teacher" else {}
+            results = _results({"dolly": scores[stage.name]})
+            (stage.workdir / "results.json").write_text(json.dumps(
+                {"teacher": results["student"]} if role else results))
+    (first / "pipeline.json").write_text(json.dumps({"stages": {"teacher_sft": {
+        "seconds": 60.0, "cpu_seconds": 90.0, "attempts": [], "status": "done"}}}))
+    for stage in stages:
+        if stage.done():
+            pipeline.archive_stage(options, stage)
+    kept = sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file())
+    assert not [p for p in kept if "safetensors" in p or "/hf" in p]
+    assert "sft-seed0/metrics.jsonl" in kept and "eval-sft-seed0/results.json" in kept and "pipeline.json" in kept
+    assert "eval-kd-seed0/results.json" not in kept
+
+    options = pipeline.parse(argv + ["--workdir", str(fresh)])
+    stages = pipeline.plan(options)
+    assert pipeline.restore(options, stages) == ["eval-teacher", "eval-sft-seed0", "eval-minillm-seed0"]
+    assert json.loads((fresh / "pipeline.json").read_text())["stages"]["teacher_sft"]["seconds"] == 60.0
+    assert pipeline.unneeded(stages) == {"sft_init-seed0", "sft-seed0", "minillm-seed0"}
+    pipeline.check_inputs(options, stages)  # MiniLLM's phase-1 student is nowhere, and not needed
+    table = json.loads(write_table(fresh, options.seeds, stages).with_suffix(".json").read_text())
+    assert table["methods"]["minillm"]["dolly"]["rouge_l"]["values"] == {"seed 0": 12.5}
+    assert table["methods"]["teacher"]["dolly"]["rouge_l"]["mean"] == 13.0
+
+    (first / "eval-kd-seed0").mkdir()
+    (first / "eval-kd-seed0" / "results.json").write_text(json.dumps(_results({"dolly": 10.0})))
+    pipeline.archive_stage(pipeline.parse(argv + ["--workdir", str(first)]),
+                           next(s for s in first_stages if s.name == "eval-kd-seed0"))
+    assert pipeline.restore(options, stages) == ["eval-kd-seed0"]
+    assert pipeline.unneeded(stages) == {"teacher_sft", "sft_init-seed0", "sft-seed0", "kd-seed0", "minillm-seed0"}
+    (fresh / "sft-seed0" / "checkpoints").mkdir(parents=True)  # started here: resumed, never left half done
+    assert "sft-seed0" not in pipeline.unneeded(stages)
+
+    other = pipeline.parse(argv + ["--workdir", str(fresh), "--config.minillm.mix_alpha=0.0"])
+    with pytest.raises(SystemExit, match=r"holds teacher_sft run with other arguments .*mix_alpha=0.0"):
+        pipeline.check_archive(other, pipeline.plan(other))
+    pipeline.check_archive(options, stages)  # the same row from another workdir is the same row
