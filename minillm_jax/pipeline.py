@@ -35,7 +35,8 @@ After every evaluation `<workdir>/table.md` and `table.json` are rewritten from 
 its small files (results, training curves, resolved configs; never weights), `pipeline.json` and the table.
 A rerun on a fresh machine with the same archive restores the finished evaluations, skips every training
 stage that only those evaluations used, and trains only what an unfinished one still needs (the tuned
-teacher included). An archive holds one row: a stage archived with other arguments is refused.
+teacher included). An archive holds one row: a stage archived with other arguments is refused, and a
+stage trained again (the teacher) must reproduce its archived validation losses (`--rerun-tolerance`).
 
 Ablations of a finished row (the paper's: no teacher-mix, no length normalisation, no single-step term) run
 in a workdir of their own that takes the row's tuned teacher, phase-1 students and teacher scores, read only:
@@ -50,6 +51,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -107,6 +109,7 @@ class Options:
     overrides: tuple[str, ...]  # --config.<key>=<value>, --data-root included
     reuse: pathlib.Path | None = None  # another row's workdir: its teacher_sft, sft_init-seed<k>, eval-teacher
     archive: pathlib.Path | None = None  # where each finished stage's small files are copied (and restored from)
+    rerun_tolerance: float = 1e-3  # a stage trained again against its archived run: valid/loss, relative
 
     @property
     def inputs(self) -> pathlib.Path:
@@ -277,19 +280,67 @@ def check_archive(options: Options, stages: list[Stage]) -> None:
                              f"(differing: {differ}); give this row an archive of its own")
 
 
-def archive_stage(options: Options, stage: Stage) -> None:
-    """Copy a finished stage's small files, and the row's record and table, into --archive."""
+def archive_stage(options: Options, stage: Stage) -> str | None:
+    """Copy a finished stage's small files, and the row's record and table, into --archive. A training stage
+    the archive already holds (trained again on a fresh machine: the tuned teacher, whenever a student still
+    has to learn from it) keeps its first record, and is compared with it: the validation losses at every
+    common step must agree within --rerun-tolerance (relative), else the message saying where they differ
+    is returned and nothing is written, for results from two different teachers must not end up in one row."""
     if options.archive is None:
-        return
+        return None
     target = options.archive / stage.name
+    record = target / STAGE_RECORD
+    entry = {"args": _portable_args(options, stage)}
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    if previous.get("reruns"):
+        entry["reruns"] = previous["reruns"]
+    if stage.kind == "eval":
+        names = ARCHIVED["eval"]
+    else:
+        names = ARCHIVED["train"]
+        new, old = stage.workdir / "metrics.jsonl", target / "metrics.jsonl"
+        if old.is_file() and new.is_file() and old.read_bytes() != new.read_bytes():
+            entry["reruns"] = entry.get("reruns", [])
+            digest = hashlib.sha256(new.read_bytes()).hexdigest()
+            if all(r["metrics_sha256"] != digest for r in entry["reruns"]):
+                old_loss, new_loss = _valid_losses(old), _valid_losses(new)
+                steps = sorted(old_loss.keys() & new_loss.keys())
+                if not steps:
+                    return (f"{stage.name} was trained again here, but its metrics.jsonl and the archived one "
+                            f"({old}) share no validation step to compare")
+                gaps = {step: abs(new_loss[step] - old_loss[step]) / max(abs(old_loss[step]), 1e-12) for step in steps}
+                worst = max(gaps, key=gaps.get)
+                if gaps[worst] > options.rerun_tolerance:
+                    return (f"{stage.name} trained again here is not the archived run: valid/loss at step {worst} "
+                            f"is {new_loss[worst]:.6g} against {old_loss[worst]:.6g} in {old} (relative difference "
+                            f"{gaps[worst]:.2g} > --rerun-tolerance {options.rerun_tolerance:g}); the archived results "
+                            "came from the other one. Keep the two apart: give this run another --archive")
+                entry["reruns"].append({"finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                                        "metrics_sha256": digest, "steps_compared": steps,
+                                        "max_relative_difference": gaps[worst]})
+            names = ()  # the first run's record stays
     target.mkdir(parents=True, exist_ok=True)
-    for name in ARCHIVED["eval" if stage.kind == "eval" else "train"]:
+    for name in names:
         if (stage.workdir / name).is_file():
             atomic_write_bytes(target / name, (stage.workdir / name).read_bytes())
-    atomic_write_json(target / STAGE_RECORD, {"args": _portable_args(options, stage)})
+    atomic_write_json(record, entry)
     for name in ARCHIVED_ROOT:
         if (options.workdir / name).is_file():
             atomic_write_bytes(options.archive / name, (options.workdir / name).read_bytes())
+    return None
+
+
+def _valid_losses(path: pathlib.Path) -> dict[int, float]:
+    """{step: valid/loss} of a metrics.jsonl (a torn last line, from a kill mid-write, is left out)."""
+    losses = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("valid/loss"), (int, float)):
+            losses[int(row["step"])] = float(row["valid/loss"])
+    return losses
 
 
 def restore(options: Options, stages: list[Stage]) -> list[str]:
@@ -388,8 +439,9 @@ def run(options: Options) -> int:
         if options.archive is not None:
             check_inputs(options, stages)
         for stage in stages:
-            if stage.done():
-                archive_stage(options, stage)
+            if stage.done() and (error := archive_stage(options, stage)):
+                print(f"pipeline: {error}", file=sys.stderr, flush=True)
+                return 1
         skip = unneeded(stages)
         for number, stage in enumerate(stages, start=1):
             if stage.done():
@@ -415,7 +467,9 @@ def run(options: Options) -> int:
             print(f"== {stage.name}: finished in {seconds / 60:.1f} min ({cpu / 60:.1f} CPU-min)", flush=True)
             if stage.kind == "eval":
                 write_table(root, options.seeds, stages)
-            archive_stage(options, stage)
+            if error := archive_stage(options, stage):
+                print(f"pipeline: {error}", file=sys.stderr, flush=True)
+                return 1
         table = write_table(root, options.seeds, stages)
         if options.archive is not None and table is not None:
             for name in ("table.json", "table.md"):
@@ -468,6 +522,9 @@ def parse(argv: list[str]) -> Options:
                         help="a directory (e.g. in git) that keeps every finished stage's small files: results, "
                              "curves, configs, times; a rerun on a fresh machine restores the evaluations from it "
                              "and trains only what an unfinished evaluation still needs")
+    parser.add_argument("--rerun-tolerance", type=float, default=1e-3,
+                        help="a stage trained again (on a fresh machine) must match its archived run's valid/loss "
+                             "at every step within this relative difference (default 1e-3)")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -495,7 +552,7 @@ def parse(argv: list[str]) -> Options:
     return Options(config=args.config, workdir=workdir, seeds=seeds,
                    stages=tuple(s for s in STAGES if s in args.stages), size=args.size, teacher_size=args.teacher_size,
                    eval_seeds=eval_seeds, overrides=overrides, reuse=reuse,
-                   archive=archive)
+                   archive=archive, rerun_tolerance=args.rerun_tolerance)
 
 
 def main(argv: list[str] | None = None) -> int:

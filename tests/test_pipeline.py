@@ -262,6 +262,10 @@ def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(
         assert message in errors[0]
 
 
+def losses(values: dict) -> str:
+    return "".join(json.dumps({"step": k, "valid/loss": v, "time": 1.0}) + "\n" for k, v in values.items())
+
+
 def test_a_fresh_machine_restores_the_archived_results_and_trains_only_what_they_lack(tmp_path):
     """A row archived on one machine (results of the teacher, SFT and MiniLLM; KD trained, not yet scored),
     picked up in an empty workdir on another: the three evaluations come back, SFT, MiniLLM and MiniLLM's phase-1
@@ -280,7 +284,7 @@ def test_a_fresh_machine_restores_the_archived_results_and_trains_only_what_they
             (stage.workdir / "hf").mkdir(parents=True)
             (stage.workdir / "hf" / "config.json").write_text("{}")
             (stage.workdir / "hf" / "model.safetensors").write_bytes(b"weights")
-            (stage.workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+            (stage.workdir / "metrics.jsonl").write_text(losses({0: 2.8, 8: 2.5}))
         elif stage.name in scores:
             stage.workdir.mkdir(parents=True)
             role = {"role": "teacher"} if stage.method == "teacher" else {}
@@ -315,6 +319,20 @@ def test_a_fresh_machine_restores_the_archived_results_and_trains_only_what_they
     assert pipeline.unneeded(stages) == {"teacher_sft", "sft_init-seed0", "sft-seed0", "kd-seed0", "minillm-seed0"}
     (fresh / "sft-seed0" / "checkpoints").mkdir(parents=True)  # started here: resumed, never left half done
     assert "sft-seed0" not in pipeline.unneeded(stages)
+
+    teacher = next(s for s in stages if s.name == "teacher_sft")  # trained again on the fresh machine
+    (teacher.workdir / "hf").mkdir(parents=True)
+    (teacher.workdir / "hf" / "config.json").write_text("{}")
+    (teacher.workdir / "metrics.jsonl").write_text(losses({0: 2.8, 8: 2.5 * (1 + 1e-5)}) + '{"step": 9, "val')
+    assert pipeline.archive_stage(options, teacher) is None
+    record = json.loads((archive / "teacher_sft" / "stage.json").read_text())
+    assert record["reruns"][0]["steps_compared"] == [0, 8]
+    assert record["reruns"][0]["max_relative_difference"] == pytest.approx(1e-5)
+    assert (archive / "teacher_sft" / "metrics.jsonl").read_text() == losses({0: 2.8, 8: 2.5})  # the first run's
+    (teacher.workdir / "metrics.jsonl").write_text(losses({0: 2.8, 8: 2.5 * 1.01}))
+    error = pipeline.archive_stage(options, teacher)
+    assert "valid/loss at step 8 is 2.525 against 2.5" in error and "--rerun-tolerance 0.001" in error
+    assert len(json.loads((archive / "teacher_sft" / "stage.json").read_text())["reruns"]) == 1
 
     other = pipeline.parse(argv + ["--workdir", str(fresh), "--config.minillm.mix_alpha=0.0"])
     with pytest.raises(SystemExit, match=r"holds teacher_sft run with other arguments .*mix_alpha=0.0"):
