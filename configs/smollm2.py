@@ -10,7 +10,8 @@ The study runs teacher_sft, as the paper does: SmolLM2-135M-Instruct as it is sc
 11.8 / 12.2 on Dolly / SelfInst / S-NI / Vicuna under this protocol (64 new tokens, 3 sampling seeds,
 2026-12-01): chatty answers far from the gold ones, not a teacher worth distilling for that metric.
 
-Presets (the plain method names; the pipeline runs them in this order, teacher_sft once, the rest per seed):
+Presets (the plain method names; the pipeline runs teacher_sft once, then per seed sft_init, minillm, sft, kd, seqkd,
+each student's evaluation right after its training):
 
 | preset | what | reference (microsoft/LMOps, minillm/scripts/gpt2/) |
 |---|---|---|

@@ -65,9 +65,11 @@ import time
 from minillm_jax.pipeline_table import write_table
 from minillm_jax.workdir import WorkdirBusy, WorkdirLock, atomic_write_bytes, atomic_write_json
 
-TRAINING = ("teacher_sft", "sft_init", "sft", "kd", "seqkd", "minillm")
+# The order stages run in: MiniLLM right after the phase-1 student it starts from (the headline row first, and
+# the phase-1 student needed no longer than that), then the baselines.
+TRAINING = ("teacher_sft", "sft_init", "minillm", "sft", "kd", "seqkd")
 STAGES = TRAINING + ("eval",)
-DEFAULT_STAGES = ("sft_init", "sft", "kd", "seqkd", "minillm", "eval")
+DEFAULT_STAGES = ("sft_init", "minillm", "sft", "kd", "seqkd", "eval")
 METHODS = ("sft", "kd", "seqkd", "minillm")  # the rows of Table 1 besides the teacher
 EXPOSURE_BIAS = ("sft", "minillm")  # the paper's exposure-bias comparison
 PAPER_SEEDS = (10, 20, 30, 40, 50)

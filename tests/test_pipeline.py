@@ -168,7 +168,7 @@ def test_plan_of_a_whole_row_links_the_stages(tmp_path):
                               "--workdir", str(tmp_path), "--seeds", "3,7", "--data-root", "/data",
                               "--stages", "eval,minillm,seqkd,kd,sft,sft_init,teacher_sft", "--config.steps=9"])
     stages = pipeline.plan(options)
-    per_seed = ["sft_init", "sft", "eval-sft", "kd", "eval-kd", "seqkd", "eval-seqkd", "minillm", "eval-minillm"]
+    per_seed = ["sft_init", "minillm", "eval-minillm", "sft", "eval-sft", "kd", "eval-kd", "seqkd", "eval-seqkd"]
     assert [s.name for s in stages] == ["teacher_sft", "eval-teacher"] + [
         f"{n}-seed{k}" for k in (3, 7) for n in per_seed]
     by_name = {s.name: s for s in stages}
@@ -276,8 +276,9 @@ def test_a_fresh_machine_restores_the_archived_results_and_trains_only_what_they
             "--stages", "teacher_sft,sft_init,sft,kd,minillm,eval"]
     options = pipeline.parse(argv + ["--workdir", str(first)])
     stages = first_stages = pipeline.plan(options)
-    assert [s.name for s in stages] == ["teacher_sft", "eval-teacher", "sft_init-seed0", "sft-seed0", "eval-sft-seed0",
-                                        "kd-seed0", "eval-kd-seed0", "minillm-seed0", "eval-minillm-seed0"]
+    assert [s.name for s in stages] == ["teacher_sft", "eval-teacher", "sft_init-seed0", "minillm-seed0",
+                                        "eval-minillm-seed0", "sft-seed0", "eval-sft-seed0", "kd-seed0",
+                                        "eval-kd-seed0"]
     scores = {"eval-teacher": 13.0, "eval-sft-seed0": 11.0, "eval-minillm-seed0": 12.5}
     for stage in stages:
         if stage.kind != "eval":
@@ -303,7 +304,7 @@ def test_a_fresh_machine_restores_the_archived_results_and_trains_only_what_they
 
     options = pipeline.parse(argv + ["--workdir", str(fresh)])
     stages = pipeline.plan(options)
-    assert pipeline.restore(options, stages) == ["eval-teacher", "eval-sft-seed0", "eval-minillm-seed0"]
+    assert pipeline.restore(options, stages) == ["eval-teacher", "eval-minillm-seed0", "eval-sft-seed0"]
     assert json.loads((fresh / "pipeline.json").read_text())["stages"]["teacher_sft"]["seconds"] == 60.0
     assert pipeline.unneeded(stages) == {"sft_init-seed0", "sft-seed0", "minillm-seed0"}
     pipeline.check_inputs(options, stages)  # MiniLLM's phase-1 student is nowhere, and not needed
