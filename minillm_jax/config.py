@@ -30,6 +30,9 @@ DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 # Keys a resumed run may change; any other difference from the checkpointed config refuses the resume.
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
                      "overwrite", "hang_timeout_s", "logging.", "eval.", "export.", "data.valid_examples", "mesh.")
+# Keys added to the config after runs were saved without them, each with the value that behaves as those runs
+# did: a saved run that lacks the key resumes while the key keeps that value (any other value is a difference).
+ADDED_KEYS = {"student_layers_source": ""}  # 3eb9688: until then the cut came from the teacher
 
 
 class ConfigError(ValueError):
@@ -387,5 +390,5 @@ def _plain(c) -> dict:
     return c.to_dict() if hasattr(c, "to_dict") else dict(c)
 
 
-__all__ = ["ConfigError", "NEEDS_TEACHER", "RESUMABLE_CHANGES", "RunConfig", "TASKS", "TEACHER_GENERATES",
+__all__ = ["ADDED_KEYS", "ConfigError", "NEEDS_TEACHER", "RESUMABLE_CHANGES", "RunConfig", "TASKS", "TEACHER_GENERATES",
            "TRAINING_TASKS"]

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from minillm_jax import checkpoint, inference, report, sharding
-from minillm_jax.config import RESUMABLE_CHANGES, ConfigError, RunConfig
+from minillm_jax.config import ADDED_KEYS, RESUMABLE_CHANGES, ConfigError, RunConfig
 from minillm_jax.data import InstructionData, RecordError, load_records
 from minillm_jax.experiment import build_mesh, load_models, load_run_tokenizer, sampling_config, workdir_path
 from minillm_jax.models.hf import save_config
@@ -147,7 +147,7 @@ def check_workdir(config: RunConfig, workdir: pathlib.Path) -> None:
         if not saved_path.exists():
             return
         saved = json.loads(saved_path.read_text())
-        differences = config_differences(saved, config.raw, ignore=RESUMABLE_CHANGES)
+        differences = config_differences(saved, config.raw, ignore=RESUMABLE_CHANGES, added=ADDED_KEYS)
         if not differences:
             return
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])

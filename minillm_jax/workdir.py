@@ -375,19 +375,23 @@ class _Missing:
 MISSING = _Missing()
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
-                       ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: Iterable[str] = (),
+                       added: Mapping[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, current value) for every leaf that differs, sorted by key; a key present
     on one side only has `MISSING` on the other. `ignore` holds keys ("steps") or prefixes ("logging." or
-    "logging") whose values may change between a run and its resume. Tuples and lists compare alike (a
-    config read back from JSON has lists), and NaN equals NaN."""
-    ignore = tuple(ignore)
+    "logging") whose values may change between a run and its resume; `added` maps keys that came into the
+    config after `saved` was written to the value that behaves as before them: missing from `saved` and at
+    that value in `current`, they do not differ. Tuples and lists compare alike (a config read back from JSON
+    has lists), and NaN equals NaN."""
+    ignore, added = tuple(ignore), added or {}
     saved_flat, current_flat = _flatten(saved), _flatten(current)
     differences = []
     for key in sorted(set(saved_flat) | set(current_flat)):
         if any(key == p.rstrip(".") or key.startswith(p if p.endswith(".") else p + ".") for p in ignore):
             continue
         old, new = saved_flat.get(key, MISSING), current_flat.get(key, MISSING)
+        if old is MISSING and key in added and _same(new, added[key]):
+            continue
         if not _same(old, new):
             differences.append((key, old, new))
     return differences

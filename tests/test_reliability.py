@@ -188,6 +188,10 @@ def test_2_a_changed_config_on_resume_stops_naming_the_keys(used, change, key):
 
 
 def test_2_an_allowed_change_resumes(used, reference, capsys):
+    """Also a run saved before a config key existed (student_layers_source), the key at its old behaviour."""
+    saved = json.loads((used / "config.json").read_text())
+    del saved["student_layers_source"]
+    (used / "config.json").write_text(json.dumps(saved))
     loop.run(tiny(steps=STEPS + 2, keep_checkpoints=3, **{"logging.tensorboard": False}), str(used))
     assert f"resumed from step {STEPS}" in capsys.readouterr().out
     steps = [r["step"] for r in train_rows(used)]

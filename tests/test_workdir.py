@@ -185,6 +185,24 @@ def test_config_differences_lists_dotted_keys():
     assert repr(MISSING) == "<missing>"
 
 
+def test_a_run_saved_before_a_key_existed_resumes_while_the_key_keeps_its_old_behaviour():
+    """A checkpointed config without `student_layers_source` (added at 3eb9688) against today's: the same run
+    while the key is at the value that cuts from the teacher, as before; a difference at any other value.
+    Every registered key exists in the shipped defaults with exactly that value."""
+    from configs.common import base
+    from minillm_jax.config import ADDED_KEYS
+
+    current = base().to_dict()
+    saved = {k: v for k, v in current.items() if k != "student_layers_source"}
+    assert config_differences(saved, current) == [("student_layers_source", MISSING, "")]
+    assert config_differences(saved, current, added=ADDED_KEYS) == []
+    current["student_layers_source"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config_differences(saved, current, added=ADDED_KEYS) == [
+        ("student_layers_source", MISSING, "HuggingFaceTB/SmolLM2-135M-Instruct")]
+    defaults = {key: value for key, _, value in config_differences({}, base())}
+    assert {key: defaults[key] for key in ADDED_KEYS} == ADDED_KEYS
+
+
 def test_config_differences_reads_config_dicts():
     import ml_collections
 
