@@ -288,8 +288,8 @@ def archive_stage(options: Options, stage: Stage) -> str | None:
     has to learn from it) keeps its first record, and is compared with it: the validation losses at every
     common step must agree within --rerun-tolerance (relative), else the message saying where they differ
     is returned and nothing is written, for results from two different teachers must not end up in one row."""
-    if options.archive is None:
-        return None
+    if options.archive is None or not stage.workdir.is_relative_to(options.workdir):
+        return None  # a stage read from --reuse is the other row's, archived (if at all) with it
     target = options.archive / stage.name
     record = target / STAGE_RECORD
     entry = {"args": _portable_args(options, stage)}

@@ -239,6 +239,9 @@ def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(
                                         "eval-minillm-seed1"]
     by_name = {s.name: s for s in stages}
     assert by_name["eval-teacher"].workdir == row / "eval-teacher" and by_name["eval-teacher"].done()
+    archived = pipeline.parse(argv + ["--archive", str(tmp_path / "archive")])
+    assert pipeline.archive_stage(archived, by_name["eval-teacher"]) is None
+    assert not (tmp_path / "archive").exists()  # the row's own stage, not the ablation's
     minillm = by_name["minillm-seed0"]
     assert minillm.workdir == ablation / "minillm-seed0" and "--config.minillm.mix_alpha=0.0" in minillm.args
     assert f"--config.teacher={row / 'teacher_sft' / 'hf'}" in minillm.args
