@@ -12,7 +12,8 @@ Every stage is a normal run of `python -m minillm_jax.main` in its own subproces
 `<workdir>/<stage>-seed<k>` for training (teacher_sft: `<workdir>/teacher_sft`, once, with the first seed),
 `<workdir>/eval-<method>-seed<k>` and `<workdir>/eval-teacher` for the evaluation (the `eval` task of the
 `minillm` preset, whose data, template and teacher are the row's). The pipeline adds only what links the
-stages: `--config.seed=<k>`; MiniLLM's `--config.student=<workdir>/sft_init-seed<k>/hf`; with teacher_sft,
+stages: `--config.seed=<k>`; MiniLLM's `--config.student=<workdir>/sft_init-seed<k>/hf` (`--minillm-init sft`:
+the SFT baseline's export instead); with teacher_sft,
 `--config.teacher=<workdir>/teacher_sft/hf` for every stage whose preset names a teacher (as the one to
 distil or as the source of a layer-cut student, so every student is cut from the same model); for an
 evaluation the
@@ -110,6 +111,7 @@ class Options:
     eval_seeds: tuple[int, ...]
     overrides: tuple[str, ...]  # --config.<key>=<value>, --data-root included
     reuse: pathlib.Path | None = None  # another row's workdir: its teacher_sft, sft_init-seed<k>, eval-teacher
+    minillm_init: str = "sft_init"  # the stage whose export MiniLLM starts from: sft_init (the paper's) or sft
     archive: pathlib.Path | None = None  # where each finished stage's small files are copied (and restored from)
     rerun_tolerance: float = 1e-3  # a stage trained again against its archived run: valid/loss, relative
 
@@ -165,15 +167,18 @@ def plan(options: Options) -> list[Stage]:
             reused = dataclasses.replace(teacher_eval, workdir=source / teacher_eval.name)
             teacher_eval = reused if reused.done() else teacher_eval
         stages.append(teacher_eval)
+    kinds = [k for k in TRAINING[1:] if k != "minillm" or options.minillm_init == "sft_init"]
+    if options.minillm_init != "sft_init":
+        kinds.append("minillm")  # after the stage it starts from
     for index, seed in enumerate(options.seeds):
-        for kind in TRAINING[1:]:
+        for kind in kinds:
             if kind in requested:
                 workdir = root / f"{kind}-seed{seed}"
                 args = ["--config", preset(options, kind), "--workdir", str(workdir), f"--config.seed={seed}"]
                 if teacher_args and preset_teacher(options, kind):  # also where the teacher only sources the cut
                     args += teacher_args
                 if kind == "minillm":
-                    args += [f"--config.student={source / f'sft_init-seed{seed}' / 'hf'}",
+                    args += [f"--config.student={source / f'{options.minillm_init}-seed{seed}' / 'hf'}",
                              "--config.student_layers=()"]
                 stages.append(Stage(f"{kind}-seed{seed}", kind, kind, seed, workdir, tuple(args) + options.overrides))
             if "eval" in requested and kind in evaluated:  # right after its training: a result as early as can be
@@ -226,7 +231,7 @@ def check_inputs(options: Options, stages: list[Stage]) -> None:
             continue
         needs = []
         if stage.kind == "minillm":
-            needs.append(options.inputs / f"sft_init-seed{stage.seed}" / "hf")
+            needs.append(options.inputs / f"{options.minillm_init}-seed{stage.seed}" / "hf")
         if stage.kind == "eval" and stage.method != "teacher":
             needs.append(options.workdir / f"{stage.method}-seed{stage.seed}" / "hf")
         for path in needs:
@@ -527,6 +532,9 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--rerun-tolerance", type=float, default=1e-3,
                         help="a stage trained again (on a fresh machine) must match its archived run's valid/loss "
                              "at every step within this relative difference (default 1e-3)")
+    parser.add_argument("--minillm-init", choices=("sft_init", "sft"), default="sft_init",
+                        help="what MiniLLM starts from: the phase-1 student (default, the paper's) or the SFT "
+                             "baseline's export (an ablation: MiniLLM after a full SFT run)")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -554,7 +562,8 @@ def parse(argv: list[str]) -> Options:
     return Options(config=args.config, workdir=workdir, seeds=seeds,
                    stages=tuple(s for s in STAGES if s in args.stages), size=args.size, teacher_size=args.teacher_size,
                    eval_seeds=eval_seeds, overrides=overrides, reuse=reuse,
-                   archive=archive, rerun_tolerance=args.rerun_tolerance)
+                   archive=archive, rerun_tolerance=args.rerun_tolerance,
+                   minillm_init=args.minillm_init)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,6 +247,12 @@ def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(
     assert f"--config.teacher={row / 'teacher_sft' / 'hf'}" in minillm.args
     assert f"--config.student={row / 'sft_init-seed0' / 'hf'}" in minillm.args
     assert by_name["eval-minillm-seed1"].student == ablation / "minillm-seed1" / "hf"
+    after_sft = pipeline.plan(pipeline.parse(argv + ["--minillm-init", "sft"]))
+    assert f"--config.student={row / 'sft-seed0' / 'hf'}" in after_sft[1].args  # MiniLLM after the SFT baseline
+    assert after_sft[2].student == ablation / "minillm-seed0" / "hf"  # and its evaluation scores MiniLLM's export
+    whole = [s.name for s in pipeline.plan(pipeline.parse(["--config", smollm2, "--workdir", str(tmp_path / "w"),
+                                                            "--minillm-init", "sft"]))]
+    assert whole.index("minillm-seed0") > whole.index("sft-seed0")
     with pytest.raises(SystemExit, match=r"sft_init-seed1/hf, which --reuse .* does not hold yet"):
         pipeline.check_inputs(options, stages)
     (row / "sft_init-seed1" / "hf").mkdir(parents=True)
