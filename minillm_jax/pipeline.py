@@ -331,10 +331,15 @@ def archive_stage(options: Options, stage: Stage) -> str | None:
         if (stage.workdir / name).is_file():
             atomic_write_bytes(target / name, (stage.workdir / name).read_bytes())
     atomic_write_json(record, entry)
+    archive_row(options)
+    return None
+
+
+def archive_row(options: Options) -> None:
+    """Copy the row's record and table (ARCHIVED_ROOT) into --archive."""
     for name in ARCHIVED_ROOT:
         if (options.workdir / name).is_file():
             atomic_write_bytes(options.archive / name, (options.workdir / name).read_bytes())
-    return None
 
 
 def _valid_losses(path: pathlib.Path) -> dict[int, float]:
@@ -361,7 +366,7 @@ def restore(options: Options, stages: list[Stage]) -> list[str]:
         if stage.kind != "eval" or stage.done() or not (saved / "results.json").is_file():
             continue
         stage.workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("results.md", "eval_config.json", "results.json"):  # results.json, the mark of done, last
+        for name in sorted(ARCHIVED["eval"], key=lambda n: n == "results.json"):  # the mark of done last
             if (saved / name).is_file():
                 atomic_write_bytes(stage.workdir / name, (saved / name).read_bytes())
         restored.append(stage.name)
@@ -478,9 +483,8 @@ def run(options: Options) -> int:
                 print(f"pipeline: {error}", file=sys.stderr, flush=True)
                 return 1
         table = write_table(root, options.seeds, stages)
-        if options.archive is not None and table is not None:
-            for name in ("table.json", "table.md"):
-                atomic_write_bytes(options.archive / name, (root / name).read_bytes())
+        if options.archive is not None:
+            archive_row(options)
         if table is not None:
             print(table.read_text(), flush=True)
         return 0
