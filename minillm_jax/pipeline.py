@@ -306,9 +306,10 @@ def archive_stage(options: Options, stage: Stage) -> str | None:
     else:
         names = ARCHIVED["train"]
         new, old = stage.workdir / "metrics.jsonl", target / "metrics.jsonl"
-        if old.is_file() and new.is_file() and old.read_bytes() != new.read_bytes():
+        new_bytes = new.read_bytes() if new.is_file() else None
+        if old.is_file() and new_bytes is not None and old.read_bytes() != new_bytes:
             entry["reruns"] = entry.get("reruns", [])
-            digest = hashlib.sha256(new.read_bytes()).hexdigest()
+            digest = hashlib.sha256(new_bytes).hexdigest()
             if all(r["metrics_sha256"] != digest for r in entry["reruns"]):
                 old_loss, new_loss = _valid_losses(old), _valid_losses(new)
                 steps = sorted(old_loss.keys() & new_loss.keys())
