@@ -306,12 +306,13 @@ def archive_stage(options: Options, stage: Stage) -> str | None:
     else:
         names = ARCHIVED["train"]
         new, old = stage.workdir / "metrics.jsonl", target / "metrics.jsonl"
-        new_bytes = new.read_bytes() if new.is_file() else None
-        if old.is_file() and new_bytes is not None and old.read_bytes() != new_bytes:
+        old_bytes = old.read_bytes() if old.is_file() else None  # only a rerun reads the new one here
+        new_bytes = new.read_bytes() if old_bytes is not None and new.is_file() else None
+        if new_bytes is not None and new_bytes != old_bytes:
             entry["reruns"] = entry.get("reruns", [])
             digest = hashlib.sha256(new_bytes).hexdigest()
             if all(r["metrics_sha256"] != digest for r in entry["reruns"]):
-                old_loss, new_loss = _valid_losses(old), _valid_losses(new)
+                old_loss, new_loss = _valid_losses(old_bytes), _valid_losses(new_bytes)
                 steps = sorted(old_loss.keys() & new_loss.keys())
                 if not steps:
                     return (f"{stage.name} was trained again here, but its metrics.jsonl and the archived one "
@@ -343,10 +344,10 @@ def archive_row(options: Options) -> None:
             atomic_write_bytes(options.archive / name, (options.workdir / name).read_bytes())
 
 
-def _valid_losses(path: pathlib.Path) -> dict[int, float]:
-    """{step: valid/loss} of a metrics.jsonl (a torn last line, from a kill mid-write, is left out)."""
+def _valid_losses(metrics: bytes) -> dict[int, float]:
+    """{step: valid/loss} of a metrics.jsonl's contents (a torn last line, from a kill mid-write, is left out)."""
     losses = {}
-    for line in path.read_text().splitlines():
+    for line in metrics.decode("utf-8").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
