@@ -39,6 +39,11 @@ stage that only those evaluations used, and trains only what an unfinished one s
 teacher included). An archive holds one row: a stage archived with other arguments is refused, and a
 stage trained again (the teacher) must reproduce its archived validation losses (`--rerun-tolerance`).
 
+`--prune-checkpoints` removes a training stage's `checkpoints/` once it has finished (its `hf/` export exists):
+the later stages and the evaluation read only the export, and each kept checkpoint (the parameters with
+AdamW's two moments) is ~3x the model's size, per stage and seed (the SmolLM2 row with its ablations filled
+70 GB). Without it every stage keeps its checkpoints, so a finished run can still be trained further.
+
 Ablations of a finished row (the paper's: no teacher-mix, no length normalisation, no single-step term) run
 in a workdir of their own that takes the row's tuned teacher, phase-1 students and teacher scores, read only:
 
@@ -59,6 +64,7 @@ import os
 import pathlib
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -114,6 +120,7 @@ class Options:
     minillm_init: str = "sft_init"  # the stage whose export MiniLLM starts from: sft_init (the paper's) or sft
     archive: pathlib.Path | None = None  # where each finished stage's small files are copied (and restored from)
     rerun_tolerance: float = 1e-3  # a stage trained again against its archived run: valid/loss, relative
+    prune_checkpoints: bool = False  # remove a training stage's checkpoints/ once its export exists
 
     @property
     def inputs(self) -> pathlib.Path:
@@ -413,6 +420,23 @@ def run_stage(stage: Stage, log_dir: pathlib.Path, cache_dir: pathlib.Path) -> i
             log.flush()
 
 
+def prune_checkpoints(stage: Stage) -> int:
+    """Remove a finished training stage's checkpoints/ (`--prune-checkpoints`); returns the bytes freed, 0 for
+    an evaluation, an unfinished stage (it resumes from them) or one already pruned."""
+    directory = stage.workdir / "checkpoints"
+    if stage.kind == "eval" or not stage.done() or not directory.is_dir():
+        return 0
+    freed = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+    shutil.rmtree(directory)
+    return freed
+
+
+def _prune(options: Options, stage: Stage) -> None:
+    if options.prune_checkpoints and (freed := prune_checkpoints(stage)):
+        print(f"== {stage.name}: removed its checkpoints ({freed / 2**30:.2f} GiB; --prune-checkpoints), its "
+              f"export {stage.workdir / 'hf'} stays", flush=True)
+
+
 def _cpu_seconds() -> float:
     """User + system CPU time of the finished child processes so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -460,6 +484,7 @@ def run(options: Options) -> int:
         for number, stage in enumerate(stages, start=1):
             if stage.done():
                 print(f"== [{number}/{len(stages)}] {stage.name}: done ({stage.output}), skipped", flush=True)
+                _prune(options, stage)
                 continue
             if stage.name in skip:
                 print(f"== [{number}/{len(stages)}] {stage.name}: not needed (every stage that uses it is done), "
@@ -484,6 +509,7 @@ def run(options: Options) -> int:
             if error := archive_stage(options, stage):
                 print(f"pipeline: {error}", file=sys.stderr, flush=True)
                 return 1
+            _prune(options, stage)
         table = write_table(root, options.seeds, stages)
         if options.archive is not None:
             archive_row(options)
@@ -541,6 +567,9 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--minillm-init", choices=("sft_init", "sft"), default="sft_init",
                         help="what MiniLLM starts from: the phase-1 student (default, the paper's) or the SFT "
                              "baseline's export (an ablation: MiniLLM after a full SFT run)")
+    parser.add_argument("--prune-checkpoints", action="store_true",
+                        help="remove each training stage's checkpoints/ once it has finished and exported hf/ "
+                             "(later stages read only the export; each kept checkpoint is ~3x the model's size)")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -569,7 +598,7 @@ def parse(argv: list[str]) -> Options:
                    stages=tuple(s for s in STAGES if s in args.stages), size=args.size, teacher_size=args.teacher_size,
                    eval_seeds=eval_seeds, overrides=overrides, reuse=reuse,
                    archive=archive, rerun_tolerance=args.rerun_tolerance,
-                   minillm_init=args.minillm_init)
+                   minillm_init=args.minillm_init, prune_checkpoints=args.prune_checkpoints)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,6 +132,14 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(row):
     again = run_pipeline(workdir, "--seeds", "0,1", "--stages", "sft,eval", cache=cache)
     assert again.returncode == 0 and started(again.stdout) == [] and skipped(again.stdout) == ORDER
 
+    # the same finished row with --prune-checkpoints: the training stages' checkpoints go, the exports stay
+    assert (workdir / "sft-seed0" / "checkpoints").is_dir()
+    pruned = run_pipeline(workdir, "--seeds", "0,1", "--stages", "sft,eval", "--prune-checkpoints", cache=cache)
+    assert pruned.returncode == 0 and started(pruned.stdout) == [], pruned.stdout[-4000:] + pruned.stderr[-4000:]
+    assert re.findall(r"^== (\S+): removed its checkpoints", pruned.stdout, re.M) == ["sft-seed0", "sft-seed1"]
+    for name in ("sft-seed0", "sft-seed1"):
+        assert not (workdir / name / "checkpoints").exists() and (workdir / name / "hf" / "config.json").is_file()
+
 
 @pytest.mark.slow  # the row: 5 CLI stages in subprocesses
 def test_the_archive_alone_brings_the_row_back_on_a_fresh_machine(row, tmp_path):
@@ -198,6 +206,31 @@ def _results(rouge: dict, extra: dict | None = None) -> dict:
                    "dist_4_mean": 90.0 + value / 10, "lm_loss": value / 10, "reverse_kl_per_token": 1.0,
                    "per_seed": {"10": {"rouge_l": value, "dist_4": 90.0}}} for name, value in rouge.items()}
     return {"student": {**sets, **(extra or {})}}
+
+
+def test_prune_checkpoints_removes_only_a_finished_training_stages_checkpoints(tmp_path):
+    def stage(name: str, kind: str, output: str | None) -> pipeline.Stage:
+        workdir = tmp_path / name
+        (workdir / "checkpoints" / "4").mkdir(parents=True)
+        (workdir / "checkpoints" / "4" / "data").write_bytes(b"x" * 1000)
+        (workdir / "checkpoints" / "4" / "meta.json").write_bytes(b"{}")
+        if output:
+            (workdir / output).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / output).write_text("{}")
+        return pipeline.Stage(name=name, kind=kind, method=kind, seed=0, workdir=workdir, args=())
+
+    finished, running = stage("sft-seed0", "sft", "hf/config.json"), stage("kd-seed0", "kd", None)
+    evaluation = stage("eval-sft-seed0", "eval", "results.json")
+    assert pipeline.prune_checkpoints(finished) == 1002
+    assert not (finished.workdir / "checkpoints").exists() and (finished.workdir / "hf" / "config.json").is_file()
+    assert pipeline.prune_checkpoints(finished) == 0  # already pruned
+    assert pipeline.prune_checkpoints(running) == 0  # it resumes from them
+    assert pipeline.prune_checkpoints(evaluation) == 0
+    assert (running.workdir / "checkpoints" / "4" / "data").is_file()
+    assert (evaluation.workdir / "checkpoints" / "4" / "data").is_file()
+    args = ["--config", "configs/smollm2.py", "--workdir", str(tmp_path / "row")]
+    assert pipeline.parse(args + ["--prune-checkpoints"]).prune_checkpoints
+    assert not pipeline.parse(args).prune_checkpoints
 
 
 def test_table_arithmetic_on_known_results(tmp_path):
