@@ -49,6 +49,15 @@ in a workdir of their own that takes the row's tuned teacher, phase-1 students a
 
     python -m minillm_jax.pipeline --config configs/smollm2.py --workdir runs/smollm2-no-mix --seeds 0,1,2 \
         --stages minillm,eval --reuse runs/smollm2 --config.minillm.mix_alpha=0.0
+
+The row's teacher scores are reused only when they were made the same way: their recorded config
+(`eval-teacher/eval_config.json`) differs from this row's at most in keys an evaluation never reads
+(TRAINING_ONLY); otherwise the teacher is scored again here. So `--stages eval` with `--reuse` evaluates a
+finished row's students (those it trained) again in a workdir of its own, e.g. on more prompts, nothing trained
+or overwritten there:
+
+    python -m minillm_jax.pipeline --config configs/smollm2.py --workdir runs/smollm2-eval242 --seeds 0,1,2 \
+        --stages eval --reuse runs/smollm2 --config.eval.limit=242
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ import sys
 import time
 
 from minillm_jax.pipeline_table import write_table
-from minillm_jax.workdir import WorkdirBusy, WorkdirLock, atomic_write_bytes, atomic_write_json
+from minillm_jax.workdir import WorkdirBusy, WorkdirLock, atomic_write_bytes, atomic_write_json, config_differences
 
 # The order stages run in: MiniLLM right after the phase-1 student it starts from (the headline row first, and
 # the phase-1 student needed no longer than that), then the baselines.
@@ -168,11 +177,14 @@ def plan(options: Options) -> list[Stage]:
                             ("--config", preset(options, "teacher_sft"), "--workdir", str(teacher_dir),
                              f"--config.seed={options.seeds[0]}") + options.overrides))
     evaluated = [m for m in METHODS if m in requested] or list(METHODS)
+    if options.reuse and not requested & set(TRAINING):  # `--stages eval --reuse`: the students the row has
+        evaluated = [m for m in METHODS if any((source / f"{m}-seed{k}" / "hf").is_dir() for k in options.seeds)]
     if "eval" in requested:
         teacher_eval = _eval_stage(options, "teacher", None, None, options.eval_seeds, teacher_args)
-        if options.reuse:  # scored there already: read from there; else scored here, never written there
+        if options.reuse:  # scored there already, the same way: read from there; else scored here, never there
             reused = dataclasses.replace(teacher_eval, workdir=source / teacher_eval.name)
-            teacher_eval = reused if reused.done() else teacher_eval
+            if reused.done() and not evaluation_differences(teacher_eval, reused):
+                teacher_eval = reused
         stages.append(teacher_eval)
     kinds = [k for k in TRAINING[1:] if k != "minillm" or options.minillm_init == "sft_init"]
     if options.minillm_init != "sft_init":
@@ -189,7 +201,8 @@ def plan(options: Options) -> list[Stage]:
                              "--config.student_layers=()"]
                 stages.append(Stage(f"{kind}-seed{seed}", kind, kind, seed, workdir, tuple(args) + options.overrides))
             if "eval" in requested and kind in evaluated:  # right after its training: a result as early as can be
-                stages.append(_eval_stage(options, kind, seed, root / f"{kind}-seed{seed}" / "hf",
+                trained = root if kind in requested or not options.reuse else source  # `--stages eval --reuse`
+                stages.append(_eval_stage(options, kind, seed, trained / f"{kind}-seed{seed}" / "hf",
                                           options.eval_seeds[index::len(options.seeds)], teacher_args))
     return stages
 
@@ -229,6 +242,42 @@ def _eval_stage(options: Options, method: str, seed: int | None, student: pathli
     return Stage(name, "eval", method, seed, workdir, tuple(args) + options.overrides, student)
 
 
+# What a teacher's evaluation never reads: another row's eval-teacher is this row's when their resolved configs
+# differ at most here (a MiniLLM ablation's --config.minillm.*); any other difference (eval.*, data.*, the
+# teacher) scores the teacher again in this row. Keys or prefixes, as workdir.config_differences takes them.
+TRAINING_ONLY = ("minillm.", "gkd.", "distillm.", "kd.", "optimizer.", "steps", "batch_size", "accumulate_steps",
+                 "eval_every", "checkpoint_every", "keep_checkpoints", "best_metric", "best_mode", "resume",
+                 "overwrite", "hang_timeout_s", "logging.", "export.")
+
+
+def resolved_config(args: tuple[str, ...]) -> dict:
+    """The config a stage's `python -m minillm_jax.main <args>` runs with (file, preset and overrides applied, as
+    the CLI parses them), as the plain dict its `<task>_config.json` records."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv, values = ["pipeline", *args], flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    try:
+        values(argv)
+    except Exception as e:  # flags.Error, and AttributeError/KeyError/TypeError/ValueError from ml_collections
+        raise SystemExit(f"error: {shlex.join(args)}: {e}") from None
+    return json.loads(json.dumps(values.config.to_dict()))
+
+
+def evaluation_differences(ours: Stage, theirs: Stage) -> list[str]:
+    """Why another row's finished evaluation (`theirs`, e.g. --reuse's eval-teacher) is not `ours`: the keys
+    of its recorded config (eval_config.json) that differ from ours outside TRAINING_ONLY, or a missing record."""
+    record = theirs.workdir / "eval_config.json"
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        return [f"{record}: unreadable ({e})"]
+    return [f"{key}: {old!r} there, {new!r} here" for key, old, new in
+            config_differences(saved, resolved_config(ours.args), ignore=TRAINING_ONLY)]
+
+
 def check_inputs(options: Options, stages: list[Stage]) -> None:
     """Fail before anything runs when a stage's input can come neither from an earlier stage nor from disk."""
     skipped = unneeded(stages)
@@ -240,7 +289,7 @@ def check_inputs(options: Options, stages: list[Stage]) -> None:
         if stage.kind == "minillm":
             needs.append(options.inputs / f"{options.minillm_init}-seed{stage.seed}" / "hf")
         if stage.kind == "eval" and stage.method != "teacher":
-            needs.append(options.workdir / f"{stage.method}-seed{stage.seed}" / "hf")
+            needs.append(stage.student)
         for path in needs:
             if path not in produced and not (path / "config.json").is_file():
                 if options.reuse and path.is_relative_to(options.reuse):
@@ -471,6 +520,11 @@ def run(options: Options) -> int:
     try:
         record = root / "pipeline.json"
         print(f"pipeline: {len(stages)} stages in {root}: " + ", ".join(s.name for s in stages), flush=True)
+        teacher = next((s for s in stages if s.name == "eval-teacher" and s.workdir.is_relative_to(root)), None)
+        theirs = options.reuse / "eval-teacher" if options.reuse and teacher else None
+        if theirs and (theirs := dataclasses.replace(teacher, workdir=theirs)).done():
+            print(f"pipeline: the teacher is scored again here: {theirs.workdir} was scored otherwise ("
+                  + "; ".join(evaluation_differences(teacher, theirs)) + ")", flush=True)
         restored = restore(options, stages)
         if restored:
             print(f"pipeline: restored from {options.archive}: {', '.join(restored)}", flush=True)
@@ -555,8 +609,9 @@ def parse(argv: list[str]) -> Options:
                         help="sampling seeds (default 10,20,30... one per training seed; the paper's five for one)")
     parser.add_argument("--data-root", default="", help="passed as --config.data.root to every stage")
     parser.add_argument("--reuse", type=pathlib.Path, default=None,
-                        help="another row's workdir whose teacher_sft, sft_init-seed<k> and eval-teacher this one "
-                             "uses (read only), e.g. for a MiniLLM ablation: --stages minillm,eval --reuse runs/row")
+                        help="another row's workdir whose teacher_sft, sft_init-seed<k> and eval-teacher (if "
+                             "scored the same way) this one uses, read only; for a MiniLLM ablation: --stages "
+                             "minillm,eval; to score its students again (e.g. --config.eval.limit=242): --stages eval")
     parser.add_argument("--archive", type=pathlib.Path, default=None,
                         help="a directory (e.g. in git) that keeps every finished stage's small files: results, "
                              "curves, configs, times; a rerun on a fresh machine restores the evaluations from it "

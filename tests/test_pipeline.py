@@ -21,6 +21,7 @@ import pytest
 
 from minillm_jax import pipeline
 from minillm_jax.pipeline_table import write_table
+from minillm_jax.workdir import config_differences
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "tests/pipeline_tiny.py"
@@ -156,6 +157,33 @@ def test_the_archive_alone_brings_the_row_back_on_a_fresh_machine(row, tmp_path)
     assert not list(archive.rglob("*.safetensors")) and (archive / "sft-seed1" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow  # the row, then 3 evaluations in subprocesses
+def test_a_finished_rows_students_are_scored_again_on_other_prompts_in_a_workdir_of_their_own(row, tmp_path):
+    """`--stages eval --reuse row --config.eval.limit=2`: the row's students (read only) and its teacher are
+    scored on 2 prompts instead of 3, all in the new workdir; the row's teacher scores (3 prompts) are not reused,
+    and the config the pipeline resolves for a stage is the one the CLI records."""
+    workdir, cache, _ = row
+    teacher = next(s for s in pipeline.plan(pipeline.parse(["--config", CONFIG, "--workdir", str(workdir),
+                                                            "--seeds", "0,1", "--stages", "sft,eval"]))
+                   if s.name == "eval-teacher")
+    recorded = json.loads((workdir / "eval-teacher" / "eval_config.json").read_text())
+    assert config_differences(recorded, pipeline.resolved_config(teacher.args)) == []
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and "jax_cache" not in p.parts}
+    again = tmp_path / "again"
+    result = run_pipeline(again, "--seeds", "0,1", "--stages", "eval", "--reuse", str(workdir),
+                          "--config.eval.limit=2", cache=cache)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert started(result.stdout) == ["eval-teacher", "eval-sft-seed0", "eval-sft-seed1"]
+    assert "the teacher is scored again here" in result.stdout and "eval.limit: 3 there, 2 here" in result.stdout
+    for name, model in (("eval-teacher", "teacher"), ("eval-sft-seed1", "student")):
+        results = json.loads((again / name / "results.json").read_text())[model]["dolly"]
+        assert results["n"] == 2
+    evaluated = json.loads((again / "eval-sft-seed1" / "eval_config.json").read_text())
+    assert evaluated["student"] == str(workdir / "sft-seed1" / "hf") and evaluated["eval"]["seeds"] == [20]
+    assert json.loads((again / "table.json").read_text())["methods"].keys() == {"teacher", "sft"}
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the row: read, never written
+
+
 @pytest.mark.slow  # the row: 5 CLI stages in subprocesses
 def test_a_failing_stage_stops_the_pipeline_and_is_named(row):
     workdir, cache, _ = row
@@ -264,6 +292,11 @@ def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(
     for path in ("teacher_sft/hf/config.json", "sft_init-seed0/hf/config.json", "eval-teacher/results.json"):
         (row / path).parent.mkdir(parents=True)
         (row / path).write_text("{}")
+    row_options = pipeline.parse(["--config", smollm2, "--workdir", str(row), "--seeds", "0,1"])
+    scored = next(s for s in pipeline.plan(row_options) if s.name == "eval-teacher")
+    recorded = pipeline.resolved_config(scored.args)  # what the CLI records (checked against it on the slow row)
+    assert recorded["eval"]["model"] == "teacher" and recorded["teacher"] == str(row / "teacher_sft" / "hf")
+    (row / "eval-teacher" / "eval_config.json").write_text(json.dumps(recorded))
     argv = ["--config", smollm2, "--workdir", str(ablation), "--seeds", "0,1", "--stages", "minillm,eval",
             "--reuse", str(row), "--config.minillm.mix_alpha=0.0"]
     options = pipeline.parse(argv)
@@ -272,6 +305,8 @@ def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(
                                         "eval-minillm-seed1"]
     by_name = {s.name: s for s in stages}
     assert by_name["eval-teacher"].workdir == row / "eval-teacher" and by_name["eval-teacher"].done()
+    for other in ("--config.eval.limit=7", "--config.data.max_prompt_length=64", "--eval-seeds=10,40"):
+        assert pipeline.plan(pipeline.parse(argv + [other]))[0].workdir == ablation / "eval-teacher"  # scored here
     archived = pipeline.parse(argv + ["--archive", str(tmp_path / "archive")])
     assert pipeline.archive_stage(archived, by_name["eval-teacher"]) is None
     assert not (tmp_path / "archive").exists()  # the row's own stage, not the ablation's
@@ -293,6 +328,18 @@ def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(
     pipeline.check_inputs(options, stages)
     (row / "eval-teacher" / "results.json").unlink()  # not scored there yet: scored here, never written there
     assert pipeline.plan(options)[0].workdir == ablation / "eval-teacher"
+
+    # `--stages eval --reuse`: the row's students (those it trained) scored again here
+    again = pipeline.parse(["--config", smollm2, "--workdir", str(tmp_path / "again"), "--seeds", "0,1",
+                            "--stages", "eval", "--reuse", str(row), "--config.eval.limit=200"])
+    (row / "kd-seed0" / "hf").mkdir(parents=True)
+    (row / "kd-seed0" / "hf" / "config.json").write_text("{}")
+    rescored = pipeline.plan(again)
+    assert [(s.name, s.student) for s in rescored] == [
+        ("eval-teacher", None), ("eval-kd-seed0", row / "kd-seed0" / "hf"), ("eval-kd-seed1", row / "kd-seed1" / "hf")]
+    assert all(s.workdir.parent == tmp_path / "again" for s in rescored)
+    with pytest.raises(SystemExit, match=r"eval-kd-seed1 needs .*kd-seed1/hf, which --reuse .* does not hold yet"):
+        pipeline.check_inputs(again, rescored)
     for bad, message in ((["--stages", "sft_init,minillm"], "sft_init with --reuse"),
                          (["--reuse", str(tmp_path / "none")], "no such directory"),
                          (["--reuse", str(ablation)], "that is --workdir itself")):
