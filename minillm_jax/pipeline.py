@@ -521,10 +521,11 @@ def run(options: Options) -> int:
         record = root / "pipeline.json"
         print(f"pipeline: {len(stages)} stages in {root}: " + ", ".join(s.name for s in stages), flush=True)
         teacher = next((s for s in stages if s.name == "eval-teacher" and s.workdir.is_relative_to(root)), None)
-        theirs = options.reuse / "eval-teacher" if options.reuse and teacher else None
-        if theirs and (theirs := dataclasses.replace(teacher, workdir=theirs)).done():
-            print(f"pipeline: the teacher is scored again here: {theirs.workdir} was scored otherwise ("
-                  + "; ".join(evaluation_differences(teacher, theirs)) + ")", flush=True)
+        if options.reuse and teacher and not teacher.done():  # plan() found the reused row's scores not ours: say why
+            theirs = dataclasses.replace(teacher, workdir=options.reuse / teacher.name)
+            if theirs.done():
+                print(f"pipeline: the teacher is scored again here: {theirs.workdir} was scored otherwise ("
+                      + "; ".join(evaluation_differences(teacher, theirs)) + ")", flush=True)
         restored = restore(options, stages)
         if restored:
             print(f"pipeline: restored from {options.archive}: {', '.join(restored)}", flush=True)
