@@ -243,11 +243,13 @@ def _eval_stage(options: Options, method: str, seed: int | None, student: pathli
 
 
 # What a teacher's evaluation never reads: another row's eval-teacher is this row's when their resolved configs
-# differ at most here (a MiniLLM ablation's --config.minillm.*); any other difference (eval.*, data.*, the
-# teacher) scores the teacher again in this row. Keys or prefixes, as workdir.config_differences takes them.
+# differ at most here (a MiniLLM ablation's --config.minillm.*, its L_PT corpus); any other difference (eval.*,
+# the prompts' data.* settings, the teacher) scores the teacher again in this row. Keys or prefixes, as
+# workdir.config_differences takes them.
 TRAINING_ONLY = ("minillm.", "gkd.", "distillm.", "kd.", "optimizer.", "steps", "batch_size", "accumulate_steps",
                  "eval_every", "checkpoint_every", "keep_checkpoints", "best_metric", "best_mode", "resume",
-                 "overwrite", "hang_timeout_s", "logging.", "export.")
+                 "overwrite", "hang_timeout_s", "logging.", "export.", "data.pretrain", "data.pretrain_field",
+                 "data.pretrain_length", "data.pretrain_shuffle", "data.max_train_examples")
 
 
 def resolved_config(args: tuple[str, ...]) -> dict:

@@ -307,6 +307,9 @@ def test_an_ablation_reuses_the_rows_teacher_phase1_students_and_teacher_scores(
     assert by_name["eval-teacher"].workdir == row / "eval-teacher" and by_name["eval-teacher"].done()
     for other in ("--config.eval.limit=7", "--config.data.max_prompt_length=64", "--eval-seeds=10,40"):
         assert pipeline.plan(pipeline.parse(argv + [other]))[0].workdir == ablation / "eval-teacher"  # scored here
+    with_pt = argv + ["--config.data.pretrain=dolly/train.jsonl", "--config.data.pretrain_field=input",
+                      "--config.data.pretrain_length=128", "--config.minillm.pt_coef=1.0"]
+    assert pipeline.plan(pipeline.parse(with_pt))[0].workdir == row / "eval-teacher"  # L_PT data: training only
     archived = pipeline.parse(argv + ["--archive", str(tmp_path / "archive")])
     assert pipeline.archive_stage(archived, by_name["eval-teacher"]) is None
     assert not (tmp_path / "archive").exists()  # the row's own stage, not the ablation's
