@@ -54,8 +54,11 @@ def run(config: RunConfig, workdir: str) -> dict:
             return train(config, path)
         if config.task == "eval":
             inference.check_sets(config)
+        check_results(config, path)
         models = load_models(config, build_mesh(config))
         if jax.process_index() == 0:
+            if config.overwrite and (moved := move_aside(path, RESULT_FILES[config.task])):
+                print(f"moved the earlier {config.task} results in {path} aside to {moved}")
             atomic_write_json(path / f"{config.task}_config.json", config.raw)
         run_task = inference.run_eval if config.task == "eval" else inference.run_generate
         return run_task(config, path, models)
@@ -160,6 +163,32 @@ def check_workdir(config: RunConfig, workdir: pathlib.Path) -> None:
                           "and start fresh")
 
 
+# What an evaluation or generation writes; the first name is the finished run's mark, the last its config.
+RESULT_FILES = {"eval": ("results.json", "results.md", "eval_config.json"),
+                "generate": ("generations.jsonl", "generate_config.json")}
+# Keys that do not change what an evaluation or generation writes.
+RESULT_NEUTRAL = ("overwrite", "resume", "hang_timeout_s", "logging.")
+
+
+def check_results(config: RunConfig, workdir: pathlib.Path) -> None:
+    """Refuse to replace another run's results: a workdir whose evaluation (or generation) finished under a
+    different config is written again only with `overwrite`, which moves the old results aside. The same
+    config may run again (it writes what it wrote); an unfinished run left nothing to lose."""
+    finished, *_, recorded = RESULT_FILES[config.task]
+    if config.overwrite or not (workdir / finished).exists():
+        return
+    try:
+        saved = json.loads((workdir / recorded).read_text())
+        differences = config_differences(saved, config.raw, ignore=RESULT_NEUTRAL, added=ADDED_KEYS)
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])
+    except (OSError, ValueError) as e:
+        differences, listed = [e], f"its {recorded} is unreadable: {e}"
+    if differences:
+        raise ConfigError(f"--workdir {workdir} holds {finished} of an earlier {config.task} run with another config "
+                          f"({listed}): use another --workdir, or add --config.overwrite=True to move those results "
+                          "aside")
+
+
 def saved_steps(directory: pathlib.Path) -> list[int]:
     """Committed checkpoint steps (Orbax names each step's directory by its number), read without opening
     a manager (which would create or clean the directory)."""
@@ -168,9 +197,9 @@ def saved_steps(directory: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def move_aside(workdir: pathlib.Path) -> pathlib.Path | None:
+def move_aside(workdir: pathlib.Path, names=RUN_FILES) -> pathlib.Path | None:
     """Move an earlier run's files into workdir/replaced/<time>/ (the `overwrite` start)."""
-    present = [name for name in RUN_FILES if (workdir / name).exists()]
+    present = [name for name in names if (workdir / name).exists()]
     if not present:
         return None
     target = workdir / "replaced" / time.strftime("%Y%m%d-%H%M%S")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from minillm_jax import checkpoint, loop, report
-from minillm_jax.config import RunConfig
+from minillm_jax.config import ConfigError, RunConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,18 @@ def test_generate_and_eval_tasks(tmp_path):
     assert report_json["student"]["dolly"]["n"] == 4 and len(report_json["student"]["dolly"]["per_seed"]) == 2
     assert "reverse_kl" in report_json["student"]["dolly"]
     assert "| student | dolly | 4 |" in (tmp_path / "eval" / "results.md").read_text()
+
+    # Finished results are never replaced by a run with another config; the same config may run again
+    with pytest.raises(ConfigError, match=r"results.json of an earlier eval run .*\(eval.limit: 4 -> 2"):
+        loop.run(tiny(task="eval", **{"eval.model": "both", "eval.limit": 2}), str(tmp_path / "eval"))
+    with pytest.raises(ConfigError, match=r"generations.jsonl of an earlier generate run .*seed: 0 -> 3"):
+        loop.run(tiny(task="generate", seed=3), str(tmp_path / "gen"))
+    assert loop.run(tiny(task="generate"), str(tmp_path / "gen"))["count"] == 4
+    loop.run(tiny(task="eval", overwrite=True, **{"eval.model": "student", "eval.limit": 2}), str(tmp_path / "eval"))
+    (moved,) = (tmp_path / "eval" / "replaced").iterdir()
+    assert json.loads((moved / "results.json").read_text()) == report_json  # the earlier results, kept
+    assert json.loads((moved / "eval_config.json").read_text())["eval"]["limit"] == 4
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["student"]["dolly"]["n"] == 2
 
 
 @pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
