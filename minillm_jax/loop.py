@@ -37,7 +37,13 @@ from minillm_jax.tracking import MetricWriter
 from minillm_jax.trainers import METHODS
 from minillm_jax.trainers.common import Setup, jit_update, make_optimizer, sharded_train_state
 from minillm_jax.validation import Validator
-from minillm_jax.workdir import WorkdirLock, atomic_directory, atomic_write_json, config_differences
+from minillm_jax.workdir import (
+    WorkdirLock,
+    atomic_directory,
+    atomic_write_json,
+    config_differences,
+    describe_differences,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +159,7 @@ def check_workdir(config: RunConfig, workdir: pathlib.Path) -> None:
         differences = config_differences(saved, config.raw, ignore=RESUMABLE_CHANGES, added=ADDED_KEYS)
         if not differences:
             return
-        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])
+        listed = describe_differences(differences)
         raise ConfigError(f"--workdir {workdir} holds checkpoints (steps {steps[0]}..{steps[-1]}) of a run with "
                           f"another config ({listed}). Resume with the same config, use another --workdir, or add "
                           "--config.overwrite=True to move the old run aside and start fresh")
@@ -180,7 +186,7 @@ def check_results(config: RunConfig, workdir: pathlib.Path) -> None:
     try:
         saved = json.loads((workdir / recorded).read_text())
         differences = config_differences(saved, config.raw, ignore=RESULT_NEUTRAL, added=ADDED_KEYS)
-        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])
+        listed = describe_differences(differences)
     except (OSError, ValueError) as e:
         differences, listed = [e], f"its {recorded} is unreadable: {e}"
     if differences:

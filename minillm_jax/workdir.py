@@ -397,6 +397,13 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *, 
     return differences
 
 
+def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 8) -> str:
+    """One line for an error message: the first `limit` differences as "key: old -> new", then how many more."""
+    listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:limit])
+    more = len(differences) - limit
+    return listed + (f"; and {more} more" if more > 0 else "")
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if hasattr(tree, "to_dict") and not isinstance(tree, Mapping):
         tree = tree.to_dict()  # ml_collections.ConfigDict
@@ -420,4 +427,4 @@ def _same(a: Any, b: Any) -> bool:
 
 __all__ = ["LOCK_FILE", "MARKER_FILE", "MISSING", "WorkdirBusy", "WorkdirLock", "atomic_directory",
            "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_replaceable", "config_differences",
-           "is_our_directory"]
+           "describe_differences", "is_our_directory"]

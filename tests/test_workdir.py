@@ -23,6 +23,7 @@ from minillm_jax.workdir import (
     atomic_write_json,
     atomic_write_text,
     config_differences,
+    describe_differences,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -183,6 +184,15 @@ def test_config_differences_lists_dotted_keys():
     assert config_differences(saved, saved) == []
     assert config_differences({"a": {"b": 1}}, {"a": 1}) == [("a", MISSING, 1), ("a.b", 1, MISSING)]
     assert repr(MISSING) == "<missing>"
+
+
+def test_describe_differences_names_the_first_keys_and_counts_the_rest():
+    differences = [(f"k{i}", i, i + 1) for i in range(10)]
+    assert describe_differences(differences[:1]) == "k0: 0 -> 1"
+    assert describe_differences([("a.b", MISSING, "x")]) == "a.b: <missing> -> 'x'"
+    assert describe_differences(differences, limit=2) == "k0: 0 -> 1; k1: 1 -> 2; and 8 more"
+    assert describe_differences(differences[:8]).count(" -> ") == 8
+    assert describe_differences(differences).endswith("k7: 7 -> 8; and 2 more")
 
 
 def test_a_run_saved_before_a_key_existed_resumes_while_the_key_keeps_its_old_behaviour():
