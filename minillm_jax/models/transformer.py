@@ -141,11 +141,9 @@ class Transformer(nnx.Module):
 
     def unembed(self, hidden: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
         """Vocabulary logits in float32 (padded ids included; see `mask_padded_vocab`)."""
-        dtype = jnp.dtype(self.config.dtype)
         if self.config.tie_word_embeddings:
-            return jnp.einsum("bte,ve->btv", hidden, self.embed_tokens[...].astype(dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("bte,ev->btv", hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+            return _dot("bte,ve->btv", hidden, self.embed_tokens[...], jnp.float32)
+        return _dot("bte,ev->btv", hidden, self.lm_head[...], jnp.float32)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         c = self.config
@@ -204,7 +202,7 @@ class Transformer(nnx.Module):
         dropout = _Dropout.make(c, dropout_rng)
         x = self.embed_tokens[...].astype(dtype)[input_ids]
         if hasattr(self, "project_in"):
-            x = jnp.einsum("bte,ed->btd", x, self.project_in[...].astype(dtype))
+            x = _dot("bte,ed->btd", x, self.project_in[...])
         if c.positions == "learned":
             x = x + self.embed_positions[...].astype(dtype)[positions + c.position_offset]
             rope = None
@@ -243,7 +241,7 @@ class Transformer(nnx.Module):
         if c.final_norm:
             x = _norm(x, self.final_norm_scale[...], getattr(self, "final_norm_bias", None), c)
         if hasattr(self, "project_out"):
-            x = jnp.einsum("btd,de->bte", x, self.project_out[...].astype(dtype))
+            x = _dot("btd,de->bte", x, self.project_out[...])
         return x, kv
 
 
@@ -359,9 +357,7 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     def w(name):
         return p[name].astype(dtype)
 
-    q = jnp.einsum("btd,dhk->bthk", h, w("q_proj"))
-    k = jnp.einsum("btd,dhk->bthk", h, w("k_proj"))
-    v = jnp.einsum("btd,dhk->bthk", h, w("v_proj"))
+    q, k, v = (_dot("btd,dhk->bthk", h, p[name]) for name in ("q_proj", "k_proj", "v_proj"))
     if c.qkv_bias:
         q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
     if context.rope is not None:
@@ -387,7 +383,7 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
                                  c.attention_dropout)
     else:  # implementation=None: jax's choice (XLA on every backend as of jax 0.11; cuDNN once jax selects it)
         out = jax.nn.dot_product_attention(q, keys, values, mask=allowed[:, None], implementation=None)
-    out = jnp.einsum("bthk,hkd->btd", out, w("o_proj"))
+    out = _dot("bthk,hkd->btd", out, p["o_proj"])
     if c.out_bias:
         out = out + w("o_bias")
     return out, kv
@@ -407,13 +403,66 @@ def _softmax_attention(q, k, v, allowed, dropout: _Dropout, rate: float):
 
 
 def _mlp(h, p, c: ModelConfig):
-    def w(name):
+    def bias(name):
         return None if name not in p else p[name].astype(h.dtype)
 
+    # weights go in as stored (cast inside, so their gradients come back in their own dtype), biases cast
     if not c.gated_mlp:
-        return _plain_mlp(c.activation, h, w("up_proj"), w("down_proj"), w("up_bias"), w("down_bias"))
-    return _gated_mlp(c.activation, h, w("gate_proj"), w("up_proj"), w("down_proj"), w("gate_bias"),
-                      w("up_bias"), w("down_bias"))
+        return _plain_mlp(c.activation, h, p["up_proj"], p["down_proj"], bias("up_bias"), bias("down_bias"))
+    return _gated_mlp(c.activation, h, p["gate_proj"], p["up_proj"], p["down_proj"], bias("gate_bias"),
+                      bias("up_bias"), bias("down_bias"))
+
+
+# Matmuls by a weight, cast to the activations' dtype (the compute dtype). On XLA:CPU a bfloat16 x bfloat16 ->
+# bfloat16 dot is converted to float32 (about 110 GFLOP/s on the development machine), while bfloat16 operands
+# with a float32 result run on the CPU's bfloat16 kernels (AMX there: about 500 GFLOP/s, fp32 170); autodiff
+# of such a dot would transpose it in float32, so in low precision on CPU `_dot` has its own backward pass,
+# with bfloat16 operands and float32 accumulation throughout and the weight gradient returned in the weight's
+# own dtype (float32 master weights get an unrounded gradient). Elsewhere it is the plain einsum. The MLPs'
+# hand-written backward passes below use the same `_mm`.
+
+
+def _cpu_low_precision(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
+
+
+def _mm(spec, a, b, out_dtype):
+    """einsum of two operands of the compute dtype, accumulated in float32 where that is the fast path."""
+    if _cpu_low_precision(a.dtype):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+    out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32 if out_dtype == jnp.float32 else None)
+    return out.astype(out_dtype)
+
+
+def _dot(spec: str, x, w, out_dtype=None):
+    """x (activations) times w (a weight, any dtype) by an einsum spec without batch dimensions in which every
+    index of an operand also appears in the other operand or the result; the result in `out_dtype` (default
+    x's). (Attention's batched dots stay XLA's: its CPU runtime has no bf16 x bf16 -> f32 batched dot.)"""
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if not _cpu_low_precision(x.dtype):
+        return _mm(spec, x, w.astype(x.dtype), out_dtype)
+    return _cpu_dot(spec, out_dtype, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _cpu_dot(spec, out_dtype, x, w):
+    return _mm(spec, x, w.astype(x.dtype), out_dtype)
+
+
+def _cpu_dot_fwd(spec, out_dtype, x, w):
+    return _cpu_dot(spec, out_dtype, x, w), (x, w)
+
+
+def _cpu_dot_bwd(spec, out_dtype, residuals, d_out):
+    x, w = residuals
+    x_spec, rest = spec.split(",")
+    w_spec, out_spec = rest.split("->")
+    d_out = d_out.astype(x.dtype)
+    return (_mm(f"{out_spec},{w_spec}->{x_spec}", d_out, w.astype(x.dtype), x.dtype),
+            _mm(f"{x_spec},{out_spec}->{w_spec}", x, d_out, w.dtype))
+
+
+_cpu_dot.defvjp(_cpu_dot_fwd, _cpu_dot_bwd)
 
 
 # The MLPs with hand-written backward passes. The math is autodiff's; what differs is the program XLA:CPU
@@ -424,7 +473,7 @@ def _mlp(h, p, c: ModelConfig):
 
 
 def _linear(x, w, b, spec):
-    y = jnp.einsum(spec, x, w)
+    y = _mm(spec, x, w.astype(x.dtype), x.dtype)
     return y if b is None else y + b
 
 
@@ -445,13 +494,14 @@ def _gated_mlp_fwd(activation, h, wg, wu, wd, bg, bu, bd):
 
 def _gated_mlp_bwd(activation, residuals, d_out):
     h, wg, wu, wd, bg, bu, bd, gate, up = residuals
+    dtype = h.dtype
     act, act_vjp = jax.vjp(functools.partial(_activation, name=activation), gate)
-    d_hidden = jnp.einsum("btd,fd->btf", d_out, wd)
+    d_hidden = _mm("btd,fd->btf", d_out, wd.astype(dtype), dtype)
     d_up = d_hidden * act
     (d_gate,) = act_vjp(d_hidden * up)
-    d_h = jnp.einsum("btf,df->btd", d_gate, wg) + jnp.einsum("btf,df->btd", d_up, wu)
-    return (d_h, jnp.einsum("btd,btf->df", h, d_gate), jnp.einsum("btd,btf->df", h, d_up),
-            jnp.einsum("btf,btd->fd", act * up, d_out), _bias_grad(bg, d_gate), _bias_grad(bu, d_up),
+    d_h = _mm("btf,df->btd", d_gate, wg.astype(dtype), dtype) + _mm("btf,df->btd", d_up, wu.astype(dtype), dtype)
+    return (d_h, _mm("btd,btf->df", h, d_gate, wg.dtype), _mm("btd,btf->df", h, d_up, wu.dtype),
+            _mm("btf,btd->fd", act * up, d_out, wd.dtype), _bias_grad(bg, d_gate), _bias_grad(bu, d_up),
             _bias_grad(bd, d_out))
 
 
@@ -470,13 +520,27 @@ def _plain_mlp_fwd(activation, h, wu, wd, bu, bd):
 
 def _plain_mlp_bwd(activation, residuals, d_out):
     h, wu, wd, bu, bd, up = residuals
+    dtype = h.dtype
     act, act_vjp = jax.vjp(functools.partial(_activation, name=activation), up)
-    (d_up,) = act_vjp(jnp.einsum("btd,fd->btf", d_out, wd))
-    return (jnp.einsum("btf,df->btd", d_up, wu), jnp.einsum("btd,btf->df", h, d_up),
-            jnp.einsum("btf,btd->fd", act, d_out), _bias_grad(bu, d_up), _bias_grad(bd, d_out))
+    (d_up,) = act_vjp(_mm("btd,fd->btf", d_out, wd.astype(dtype), dtype))
+    return (_mm("btf,df->btd", d_up, wu.astype(dtype), dtype), _mm("btd,btf->df", h, d_up, wu.dtype),
+            _mm("btf,btd->fd", act, d_out, wd.dtype), _bias_grad(bu, d_up), _bias_grad(bd, d_out))
 
 
 _plain_mlp.defvjp(_plain_mlp_fwd, _plain_mlp_bwd)
+
+
+def decoding_twin(model: Transformer) -> Transformer:
+    """The module a sampler decodes with: on CPU, a low-precision compute dtype decodes in float32 (the same
+    parameters, shared): XLA:CPU emulates bfloat16 elementwise work and gains nothing on a decode step's
+    few-row matmuls (SmolLM2 teacher-mixed sampling, 32 rows: 18.4 s in bf16, 12.6 s in fp32); prompts still
+    prefill in the compute dtype, into a float32 cache. Elsewhere, and in float32, the model itself."""
+    if not _cpu_low_precision(model.config.dtype):
+        return model
+    graphdef, state = nnx.split(model)
+    twin = nnx.merge(graphdef, state)
+    twin.config = model.config.replace(dtype="float32")
+    return twin
 
 
 def select_layers(model: Transformer, indices) -> Transformer:
