@@ -8,6 +8,7 @@ epochs of mini-batches of 8 (8 optimizer steps), L_PT batches of 8 x 128 tokens 
     python bench/minillm_round.py                       # this checkout only
     git worktree add /tmp/before 56a860b && python bench/minillm_round.py --before /tmp/before
     python bench/minillm_round.py --chunks 0,16         # this checkout at two logits_chunk_size values
+    python bench/minillm_round.py --dtypes float32,bfloat16   # this checkout at two compute dtypes
 
 Each implementation runs in its own fresh processes (`--repeats`, default 3), alternating; each process
 compiles with one round, then times `--rounds` rounds (median). Reported: the whole round and its parts,
@@ -59,7 +60,7 @@ def _pt_tokens(tokenizer, rounds: int):
     return np.asarray(ids, np.int32).reshape(steps, BATCH, PT_LENGTH)
 
 
-def worker(rounds: int, chunk: int) -> dict:
+def worker(rounds: int, chunk: int, compute_dtype: str) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -69,7 +70,7 @@ def worker(rounds: int, chunk: int) -> dict:
 
     gguf = _gguf()
     tokenizer = load_tokenizer(gguf)
-    teacher = load_pretrained(gguf)
+    teacher = load_pretrained(gguf, compute_dtype=compute_dtype or None)  # parameters in float32 either way
     student = select_layers(teacher, list(LAYERS))
     prompts = _prompts(tokenizer)
     pt = _pt_tokens(tokenizer, rounds + 1)
@@ -187,24 +188,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--chunks", default="",
                         help="comma-separated logits_chunk_size values to run this checkout at (default: the config's)")
+    parser.add_argument("--dtypes", default="",
+                        help="comma-separated compute dtypes to run this checkout at (parameters stay float32; "
+                             "default: float32)")
     parser.add_argument("--chunk", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.rounds, args.chunk)), flush=True)
+        print("RESULT " + json.dumps(worker(args.rounds, args.chunk, args.dtype)), flush=True)
         return
-    # name: (checkout, logits_chunk_size; -1 keeps configs/demo.py's)
+    # name: (checkout, logits_chunk_size (-1 keeps configs/demo.py's), compute dtype ("" = the parameters'))
     chunks = [int(x) for x in args.chunks.split(",") if x.strip()]
-    checkouts = {f"this checkout, logits_chunk_size={k}": (HERE, k) for k in chunks} or {"this checkout": (HERE, -1)}
+    dtypes = [x.strip() for x in args.dtypes.split(",") if x.strip()]
+    checkouts = {f"this checkout, logits_chunk_size={k}": (HERE, k, "") for k in chunks}
+    checkouts |= {f"this checkout, compute {d}": (HERE, -1, d) for d in dtypes}
+    checkouts = checkouts or {"this checkout": (HERE, -1, "")}
     if args.before:
-        checkouts["before"] = (pathlib.Path(args.before).resolve(), -1)
+        checkouts["before"] = (pathlib.Path(args.before).resolve(), -1, "")
     results = {name: [] for name in checkouts}
     for _ in range(args.repeats):
-        for name, (repo, chunk) in checkouts.items():
+        for name, (repo, chunk, dtype) in checkouts.items():
             env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"}
             done = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "--rounds",
-                                   str(args.rounds), "--chunk", str(chunk)], cwd=repo, env=env, capture_output=True,
-                                  text=True)
+                                   str(args.rounds), "--chunk", str(chunk), "--dtype", dtype], cwd=repo, env=env,
+                                  capture_output=True, text=True)
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")

@@ -4,6 +4,7 @@ achieved FLOP/s against this CPU's measured float32 matmul peak (issue 11). Prin
     python bench/train_step_cpu.py [--processes 3] [--repeats 5] [--batch 8] [--length 192] [--response 64]
     python bench/train_step_cpu.py --smoke      # tiny shapes, to test the script itself
     python bench/train_step_cpu.py --repo DIR   # ours from another checkout of the package
+    python bench/train_step_cpu.py --dtype bfloat16   # mixed precision on both sides (below)
 
 The model: 10 SmolLM2-135M layers (the demo's student until 2026-12-01, now 26) (hidden 576, 9 heads, 3 KV heads,
 MLP 1536, vocab 49,152, tied embeddings, RoPE theta 1e5), random weights, float32. A batch is 8 rows of 192
@@ -15,6 +16,11 @@ grad-norm clip at 1.0 (our `make_optimizer`; torch: clip_grad_norm_ + torch.opti
   - ours: `ours_train_step` below, the one place that touches the package: our Transformer built from a
     ModelConfig, our optimizer, and a jitted value_and_grad + optax update with the train state donated.
   - HF: transformers' LlamaForCausalLM (default attention, sdpa), eager, torch.set_num_threads(2).
+
+`--dtype bfloat16`: mixed precision, float32 parameters and optimizer on both sides, the model computed in
+bfloat16: ours with `compute_dtype` bfloat16 (matmuls with bf16 operands and float32 accumulation), torch under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (oneDNN); the peak is then each library's bf16 matmul (bf16
+operands, float32 accumulation in JAX; bf16 in torch).
 
 Each side runs in --processes fresh processes, the sides alternating (the other side's threads never
 run beside it); each process takes the median of --repeats steps after 2 warm-up steps (our compile), and
@@ -55,7 +61,7 @@ WARMUP = 2
 # ------------------------------------------------------------------------------------------ ours
 
 
-def ours_train_step(dims: dict, tokens: np.ndarray, loss_mask: np.ndarray):
+def ours_train_step(dims: dict, tokens: np.ndarray, loss_mask: np.ndarray, compute_dtype: str = "float32"):
     """Our model, our optimizer and one jitted fwd + bwd + AdamW step on a fixed batch.
 
     Returns (step, info): `step()` runs one step and blocks until it is done; info holds the XLA FLOP count of
@@ -70,7 +76,7 @@ def ours_train_step(dims: dict, tokens: np.ndarray, loss_mask: np.ndarray):
     from minillm_jax.models.transformer import Transformer
     from minillm_jax.trainers.common import make_optimizer
 
-    config = ModelConfig(model_type="llama", tie_word_embeddings=True, dtype="float32", param_dtype="float32",
+    config = ModelConfig(model_type="llama", tie_word_embeddings=True, dtype=compute_dtype, param_dtype="float32",
                          **dims)
     model = Transformer(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -109,10 +115,10 @@ def ours_worker(case: dict) -> dict:
     import jax.numpy as jnp
 
     tokens, loss_mask = make_batch(case)
-    step, info = ours_train_step(case["dims"], tokens, loss_mask)
+    step, info = ours_train_step(case["dims"], tokens, loss_mask, case.get("dtype", "float32"))
     seconds, losses = timed(step, case["repeats"])
-    a = jnp.ones((case["matmul"], case["matmul"]), jnp.float32)
-    dot = jax.jit(jnp.dot)
+    a = jnp.ones((case["matmul"], case["matmul"]), case.get("dtype", "float32"))
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     peak = 2 * case["matmul"] ** 3 / median_seconds(lambda: dot(a, a).block_until_ready(), 10)
     return dict(info, seconds=seconds, loss=losses, peak=peak, device=jax.devices()[0].device_kind,
                 versions=f"jax {jax.__version__}")
@@ -140,8 +146,11 @@ def hf_worker(case: dict) -> dict:
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     mask = torch.as_tensor(loss_mask[:, 1:], dtype=torch.float32)
 
+    autocast = case.get("dtype", "float32") != "float32"
+
     def step():
-        logits = model(input_ids=tokens).logits[:, :-1].float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=tokens).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
                                                 reduction="none").view_as(mask)
         loss = (nll * mask).sum() / mask.sum()
@@ -149,10 +158,10 @@ def hf_worker(case: dict) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["max_grad_norm"])
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     seconds, losses = timed(step, case["repeats"])
-    a = torch.ones((case["matmul"], case["matmul"]), dtype=torch.float32)
+    a = torch.ones((case["matmul"], case["matmul"]), dtype=getattr(torch, case.get("dtype", "float32")))
     peak = 2 * case["matmul"] ** 3 / median_seconds(lambda: torch.matmul(a, a), 10)
     count = sum(p.numel() for p in model.parameters())
     return dict(seconds=seconds, loss=losses, peak=peak, params=count, device="CPU",
@@ -225,6 +234,8 @@ def main():
     parser.add_argument("--response", type=int, default=64, help="loss positions at the end of each row")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--matmul", type=int, default=2048, help="square matmul size for the peak")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype on both sides (parameters and optimizer stay float32)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to test the script itself")
     parser.add_argument("--repo", default=str(REPO),
                         help="the checkout whose minillm_jax ours uses (default: this one)")
@@ -240,7 +251,7 @@ def main():
     dims = SMOKE_STUDENT if args.smoke else DEMO_STUDENT
     matmul = 256 if args.smoke else args.matmul
     case = dict(dims=dims, batch=args.batch, length=args.length, response=args.response, repeats=args.repeats,
-                threads=args.threads, matmul=matmul, repo=str(Path(args.repo).resolve()))
+                threads=args.threads, matmul=matmul, repo=str(Path(args.repo).resolve()), dtype=args.dtype)
     hf, ours = [], []
     for _ in range(args.processes):  # alternating, so both sides see the same spells of this CPU's slow mode
         hf += spawn("hf", case, 1)
@@ -248,7 +259,7 @@ def main():
 
     tokens = args.batch * args.length
     flops = model_flops(dims, args.batch, args.length)
-    peak = max(r["peak"] for r in ours + hf)  # the CPU's measured float32 matmul peak, either library
+    peak = max(r["peak"] for r in ours + hf)  # the CPU's measured matmul peak in --dtype, either library
 
     def span(results, fn, fmt):
         values = sorted(fn(r) for r in results)
@@ -258,12 +269,13 @@ def main():
         return tokens / r["seconds"]
 
     print(f"Student train step (fwd + bwd + AdamW), demo student {ours[0]['params'] / 1e6:.1f}M params "
-          f"(HF counts {hf[0]['params'] / 1e6:.1f}M), float32, batch {args.batch} x {args.length} tokens, loss on the "
+          f"(HF counts {hf[0]['params'] / 1e6:.1f}M), compute {args.dtype}, batch {args.batch} x {args.length} "
+          "tokens, loss on the "
           f"last {args.response}; {args.processes} fresh processes per side, min - max of per-process medians of "
           f"{args.repeats} steps. {ours[0]['versions']}; {hf[0]['versions']}.")
     print(f"Model FLOPs per step {flops / 1e9:.1f} G; XLA's count {ours[0]['xla_flops'] / 1e9:.1f} G (it counts "
           "the scanned layer loop's body once: an undercount). Measured "
-          f"float32 matmul peak ({matmul}^3): JAX {span(ours, lambda r: r['peak'], lambda v: f'{v / 1e9:.1f}')} "
+          f"{args.dtype} matmul peak ({matmul}^3): JAX {span(ours, lambda r: r['peak'], lambda v: f'{v / 1e9:.1f}')} "
           f"GFLOP/s, torch {span(hf, lambda r: r['peak'], lambda v: f'{v / 1e9:.1f}')} GFLOP/s; % of peak below is "
           f"of the higher ({peak / 1e9:.1f}).")
     print()

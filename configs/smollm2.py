@@ -65,7 +65,7 @@ def get_config(preset: str | None = "minillm"):
     teacher = smollm2_teacher()
     c = paper_setup(base(), preset, teacher=teacher, student="", sft_lr=1e-4,
                     sft_init="runs/smollm2/sft_init-seed0/hf", pretrain="")
-    c.compute_dtype = ""  # float32 on CPU (bfloat16 matmuls are slower there)
+    c.compute_dtype = ""  # float32, as the study in bench/study ran (bf16 compute is faster on AMX CPUs: RESULTS.md)
     c.logits_chunk_size = 16  # faster and smaller on CPU (bench/minillm_round.py --chunks 0,16)
     c.student_layers = STUDENT_LAYERS if preset not in ("teacher_sft", "minillm") else ()
     # The students are cut from SmolLM2-135M-Instruct as it is, never from the tuned teacher (which the pipeline
