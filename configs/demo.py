@@ -4,12 +4,13 @@ instruction set (minillm_jax/data/demo), on CPU.
 
     python -m minillm_jax.main --config configs/demo.py --workdir runs/demo
 
-Measured 2026-12-01 on the 2-core development machine with nothing else running: 6:08-6:18 wall in three
-fresh processes (load and first validation ~1.5 min, the two rounds 136 + 126 s), 604-624 s user CPU,
-6.5-6.7 GB peak RSS; greedy Rouge-L against the teacher's greedy answers on the 16 held-out prompts
-26.3 -> 40.6; reverse KL to the teacher per token (each step's over the vocabulary, since 3b74c9d; a one-core
-run) 0.88 -> 0.70. It prints those figures with the teacher's and the student's greedy answers side by side
-and exports the student to runs/demo/hf (an HF directory transformers loads).
+Measured 2026-12-02 on the 2-core development machine (AMX bf16 units) with nothing else running, bfloat16
+compute over float32 parameters: 2:56-3:01 wall in three fresh processes, 272-281 s user CPU, 6.0 GB peak
+RSS; greedy Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.95 -> 36.81, reverse KL
+to the teacher per token on the student's samples 0.84 -> 0.67 (each run the same). In float32
+(--config.compute_dtype=float32; 2026-12-01): 6:08-6:18 wall, 26.3 -> 40.6, 0.88 -> 0.70. It prints those
+figures with the teacher's and the student's greedy answers side by side and exports the student to
+runs/demo/hf (an HF directory transformers loads).
 
 Why 26 layers: an untrained layer cut answers fluently only down to about 26 of SmolLM2's 30 layers
 (greedy Rouge-L against the full model: 26.3 with these 26, 19.4 with the best 24, 0-5 with 22 or fewer),
@@ -59,6 +60,9 @@ def get_config(preset: str | None = None):
     c.optimizer.learning_rate = 5e-5  # 1e-4 with L_PT on the demo answers: greedy Rouge-L 42.8, not 39.8, 1.4x CPU
     c.optimizer.warmup_steps = 1
     c.logits_chunk_size = 16  # faster on CPU: a demo round 125.6 s, not 137.0 (bench/minillm_round.py)
+    # float32 parameters and optimizer, bfloat16 compute: on CPUs with bfloat16 matrix units (AMX) the demo takes
+    # half the float32 time (bench/RESULTS.md); on CPUs without them, --config.compute_dtype=float32
+    c.compute_dtype = "bfloat16"
     c.minillm.num_rollouts = 32
     c.minillm.ppo_epochs = 2
     c.eval_every = c.steps
@@ -84,6 +88,7 @@ def tiny(c):
     c.data.max_length = 320
     c.data.pretrain = "@train"  # the tests cover L_PT through this preset
     c.logits_chunk_size = 0  # the tests' code paths as before the demo's chunking (chunks: tests/test_losses.py)
+    c.compute_dtype = ""  # float32, as the tests' expectations were written (bf16: tests/test_main.py, parity)
     c.data.pretrain_length = 32
     c.sampling.max_new_tokens = 8
     c.steps = 4
