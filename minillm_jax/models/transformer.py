@@ -414,8 +414,8 @@ def _mlp(h, p, c: ModelConfig):
 
 
 # Matmuls by a weight, cast to the activations' dtype (the compute dtype). On XLA:CPU a bfloat16 x bfloat16 ->
-# bfloat16 dot is converted to float32 (about 110 GFLOP/s on the development machine), while bfloat16 operands
-# with a float32 result run on the CPU's bfloat16 kernels (AMX there: about 500 GFLOP/s, fp32 170); autodiff
+# bfloat16 dot is converted to float32 (110-170 GFLOP/s on the development machine), while bfloat16 operands
+# with a float32 result run on the CPU's bfloat16 kernels (AMX there: 1.7 TFLOP/s, float32 ~200); autodiff
 # of such a dot would transpose it in float32, so in low precision on CPU `_dot` has its own backward pass,
 # with bfloat16 operands and float32 accumulation throughout and the weight gradient returned in the weight's
 # own dtype (float32 master weights get an unrounded gradient). Elsewhere it is the plain einsum. The MLPs'
