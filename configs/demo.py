@@ -8,7 +8,8 @@ Measured 2026-12-02 on the 2-core development machine (AMX bf16 units) with noth
 compute over float32 parameters: 2:56-3:01 wall in three fresh processes, 272-281 s user CPU, 6.0 GB peak
 RSS; greedy Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.95 -> 36.81, reverse KL
 to the teacher per token on the student's samples 0.84 -> 0.67 (each run the same). In float32
-(--config.compute_dtype=float32; 2026-12-01): 6:08-6:18 wall, 26.3 -> 40.6, 0.88 -> 0.70. It prints those
+(--config.compute_dtype=float32; 2026-12-01, another day, not a same-run anchor): 6:08-6:18 wall,
+26.3 -> 40.6, 0.88 -> 0.70. It prints those
 figures with the teacher's and the student's greedy answers side by side and exports the student to
 runs/demo/hf (an HF directory transformers loads).
 
@@ -60,8 +61,8 @@ def get_config(preset: str | None = None):
     c.optimizer.learning_rate = 5e-5  # 1e-4 with L_PT on the demo answers: greedy Rouge-L 42.8, not 39.8, 1.4x CPU
     c.optimizer.warmup_steps = 1
     c.logits_chunk_size = 16  # faster on CPU: a demo round 125.6 s, not 137.0 (bench/minillm_round.py)
-    # float32 parameters and optimizer, bfloat16 compute: on CPUs with bfloat16 matrix units (AMX) the demo takes
-    # half the float32 time (bench/RESULTS.md); on CPUs without them, --config.compute_dtype=float32
+    # float32 parameters and optimizer, bfloat16 compute: on CPUs with bfloat16 matrix units (AMX) a round's
+    # optimizer steps take 0.6x the float32 time (bench/RESULTS.md); without them, --config.compute_dtype=float32
     c.compute_dtype = "bfloat16"
     c.minillm.num_rollouts = 32
     c.minillm.ppo_epochs = 2

@@ -244,15 +244,16 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
     chunk = min(config.decode_chunk, R)
     W = -(-R // chunk) * chunk
 
-    def start(model):  # the prompt in the model's compute dtype, into the cache its decoding twin reads
-        cache = _lay_out_cache(model.init_cache(B, P + W, dtype=decoding_twin(model).config.dtype), lay_out)
+    def start(model, twin):  # the prompt in the model's compute dtype, into the cache its decoding twin reads
+        cache = _lay_out_cache(model.init_cache(B, P + W, dtype=twin.config.dtype), lay_out)
         logits, cache = model.prefill(ids, mask, cache, empty_cache=True, last_only=True)
         return logits[:, -1, :num_real], cache  # laid out with the rest of the loop state below
 
-    logits, cache = start(student)
-    teacher_logits, teacher_cache = start(teacher) if teacher is not None else (None, None)
-    student = decoding_twin(student)
-    teacher = decoding_twin(teacher) if teacher is not None else None
+    student_twin = decoding_twin(student)
+    teacher_twin = decoding_twin(teacher) if teacher is not None else None
+    logits, cache = start(student, student_twin)
+    teacher_logits, teacher_cache = start(teacher, teacher_twin) if teacher is not None else (None, None)
+    student, teacher = student_twin, teacher_twin
     zeros = jnp.zeros((B, W), jnp.float32)
     state = _LoopState(
         step=jnp.int32(0), done=jnp.zeros((B,), bool), tokens=jnp.full((B, W), config.pad_token_id, jnp.int32),
