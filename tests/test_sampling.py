@@ -142,31 +142,43 @@ def test_logprobs_at_every_step_equal_full_forward(variant):
     assert (kl[gen_mask] > 0.01).all()  # two random models: far apart, so the comparison means something
 
 
-def test_bfloat16_models_decode_through_a_float32_twin_on_cpu():
-    """On CPU a bf16-compute model decodes in float32 (transformer.decoding_twin: XLA:CPU's bf16 decode steps
-    are slower): the twin shares the model's parameter arrays, the model keeps its own config, a float32 model
-    is its own twin; and what such a model samples is scored like the float32 model's full forward to bfloat16
-    accuracy (the prompt is prefilled in bf16)."""
+def test_bfloat16_models_decode_with_float32_activations_over_bfloat16_weights_on_cpu():
+    """On CPU a bf16-compute model decodes through transformer.decoding_twin: float32 activations and cache,
+    bfloat16 copies of the matmul weights (the model keeps its own arrays and config; norms are shared), a
+    float32 model is its own twin; and what such a model samples is scored like the float32 model's full
+    forward to bfloat16 accuracy (the prompt is prefilled in bf16)."""
     from minillm_jax.models.transformer import decoding_twin
 
     model = random_model("qwen2", seed=0)
     assert decoding_twin(model) is model
+    full = nnx.merge(*nnx.split(model))  # the float32 model, for the expected scores
     model.config = model.config.replace(dtype="bfloat16")
     twin = decoding_twin(model)
-    assert twin.config.dtype == "float32" and model.config.dtype == "bfloat16"
-    assert twin.layers["q_proj"][...] is model.layers["q_proj"][...]
+    assert twin.config.dtype == "float32" and twin.config.matmul_dtype == "bfloat16"
+    assert model.config.dtype == "bfloat16" and model.config.matmul_dtype == ""
+    assert model.layers["q_proj"][...].dtype == jnp.float32 and twin.layers["q_proj"][...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(twin.embed_tokens[...]),
+                                  np.asarray(model.embed_tokens[...].astype(jnp.bfloat16)))
+    assert twin.layers["attn_norm_scale"][...] is model.layers["attn_norm_scale"][...]
 
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
     out = generate(model, prompts, SamplingConfig(max_new_tokens=12), jax.random.key(1))
     ids = np.concatenate([out.prompt_tokens, out.tokens], 1)
     mask = np.concatenate([out.prompt_mask, out.mask], 1)
     P = out.prompt_tokens.shape[1]
-    logits = np.asarray(twin(ids, mask)[:, P - 1:-1], np.float64)
+    logits = np.asarray(full(ids, mask)[:, P - 1:-1], np.float64)
     expected = np.take_along_axis(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True),
                                   np.asarray(out.tokens)[..., None], -1)[..., 0]
     gen_mask = np.asarray(out.mask)
     assert gen_mask.sum() > 20
     np.testing.assert_allclose(np.where(gen_mask, out.logprobs, 0), np.where(gen_mask, expected, 0), atol=3e-2)
+
+
+def test_float16_compute_on_cpu_says_which_dtypes_work():
+    model = random_model("gpt2", seed=0)
+    model.config = model.config.replace(dtype="float16")
+    with pytest.raises(ValueError, match="compute dtype float16.*bfloat16.*float32"):
+        generate(model, [[3, 4, 5]], SamplingConfig(max_new_tokens=2), jax.random.key(0))
 
 
 def test_eos_masks_lengths_and_padding():

@@ -44,6 +44,9 @@ class ModelConfig:
     sliding_windows: tuple[int, ...] = ()  # per layer, 0 = full attention; empty = all full
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # operands of the matmuls by a weight when they differ from the compute dtype ("" = dtype), accumulated in
+    # float32 (transformer.decoding_twin: float32 activations over bfloat16 weight copies on CPU)
+    matmul_dtype: str = ""
     remat: Literal["none", "full", "dots"] = "none"
     # Training-time dropout rates (HF's): used only when a forward pass is given a `dropout_rng`.
     embed_dropout: float = 0.0  # on the input embeddings (GPT-2 embd_pdrop)
@@ -57,6 +60,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {DTYPES}")
+        if self.matmul_dtype not in ("",) + DTYPES:
+            raise ValueError(f"ModelConfig.matmul_dtype={self.matmul_dtype!r}: expected '' or one of {DTYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

@@ -141,9 +141,10 @@ class Transformer(nnx.Module):
 
     def unembed(self, hidden: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
         """Vocabulary logits in float32 (padded ids included; see `mask_padded_vocab`)."""
+        operands = self.config.matmul_dtype
         if self.config.tie_word_embeddings:
-            return _dot("bte,ve->btv", hidden, self.embed_tokens[...], jnp.float32)
-        return _dot("bte,ev->btv", hidden, self.lm_head[...], jnp.float32)
+            return _dot("bte,ve->btv", hidden, self.embed_tokens[...], jnp.float32, operands)
+        return _dot("bte,ev->btv", hidden, self.lm_head[...], jnp.float32, operands)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         c = self.config
@@ -199,10 +200,13 @@ class Transformer(nnx.Module):
         cache's (k, v) with the new tokens written in."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
+        if dtype == jnp.float16 and jax.default_backend() == "cpu":
+            raise ValueError("compute dtype float16: XLA:CPU has no float16 matmul with float32 accumulation; on CPU "
+                             "use bfloat16 (fast on CPUs with AMX or AVX512-BF16) or float32 (--config.compute_dtype)")
         dropout = _Dropout.make(c, dropout_rng)
         x = self.embed_tokens[...].astype(dtype)[input_ids]
         if hasattr(self, "project_in"):
-            x = _dot("bte,ed->btd", x, self.project_in[...])
+            x = _dot("bte,ed->btd", x, self.project_in[...], operands=c.matmul_dtype)
         if c.positions == "learned":
             x = x + self.embed_positions[...].astype(dtype)[positions + c.position_offset]
             rope = None
@@ -241,7 +245,7 @@ class Transformer(nnx.Module):
         if c.final_norm:
             x = _norm(x, self.final_norm_scale[...], getattr(self, "final_norm_bias", None), c)
         if hasattr(self, "project_out"):
-            x = _dot("btd,de->bte", x, self.project_out[...])
+            x = _dot("btd,de->bte", x, self.project_out[...], operands=c.matmul_dtype)
         return x, kv
 
 
@@ -357,7 +361,7 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     def w(name):
         return p[name].astype(dtype)
 
-    q, k, v = (_dot("btd,dhk->bthk", h, p[name]) for name in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (_dot("btd,dhk->bthk", h, p[name], operands=c.matmul_dtype) for name in ("q_proj", "k_proj", "v_proj"))
     if c.qkv_bias:
         q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
     if context.rope is not None:
@@ -383,7 +387,7 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
                                  c.attention_dropout)
     else:  # implementation=None: jax's choice (XLA on every backend as of jax 0.11; cuDNN once jax selects it)
         out = jax.nn.dot_product_attention(q, keys, values, mask=allowed[:, None], implementation=None)
-    out = _dot("bthk,hkd->btd", out, p["o_proj"])
+    out = _dot("bthk,hkd->btd", out, p["o_proj"], operands=c.matmul_dtype)
     if c.out_bias:
         out = out + w("o_bias")
     return out, kv
@@ -403,6 +407,9 @@ def _softmax_attention(q, k, v, allowed, dropout: _Dropout, rate: float):
 
 
 def _mlp(h, p, c: ModelConfig):
+    if c.matmul_dtype and jnp.dtype(c.matmul_dtype) != h.dtype:  # operands in matmul_dtype, result in h's
+        return _mlp(h.astype(c.matmul_dtype), p, c.replace(matmul_dtype="")).astype(h.dtype)
+
     def bias(name):
         return None if name not in p else p[name].astype(h.dtype)
 
@@ -434,11 +441,14 @@ def _mm(spec, a, b, out_dtype):
     return out.astype(out_dtype)
 
 
-def _dot(spec: str, x, w, out_dtype=None):
+def _dot(spec: str, x, w, out_dtype=None, operands: str = ""):
     """x (activations) times w (a weight, any dtype) by an einsum spec without batch dimensions in which every
     index of an operand also appears in the other operand or the result; the result in `out_dtype` (default
-    x's). (Attention's batched dots stay XLA's: its CPU runtime has no bf16 x bf16 -> f32 batched dot.)"""
+    x's); `operands` casts x first (ModelConfig.matmul_dtype). (Attention's batched dots stay XLA's: its CPU
+    runtime has no bf16 x bf16 -> f32 batched dot.)"""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if operands:
+        x = x.astype(operands)
     if not _cpu_low_precision(x.dtype):
         return _mm(spec, x, w.astype(x.dtype), out_dtype)
     return _cpu_dot(spec, out_dtype, x, w)
@@ -530,16 +540,30 @@ def _plain_mlp_bwd(activation, residuals, d_out):
 _plain_mlp.defvjp(_plain_mlp_fwd, _plain_mlp_bwd)
 
 
+# The weights that only ever meet activations in a matmul (the embedding too: its rows are looked up, then cast
+# to the compute dtype, which gives the same values from a bfloat16 copy).
+_MATMUL_WEIGHTS = ("embed_tokens", "lm_head", "project_in", "project_out")
+_LAYER_MATMUL_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def decoding_twin(model: Transformer) -> Transformer:
-    """The module a sampler decodes with: on CPU, a low-precision compute dtype decodes in float32 (the same
-    parameters, shared): XLA:CPU emulates bfloat16 elementwise work and gains nothing on a decode step's
-    few-row matmuls (SmolLM2 teacher-mixed sampling, 32 rows: 18.4 s in bf16, 12.6 s in fp32); prompts still
-    prefill in the compute dtype, into a float32 cache. Elsewhere, and in float32, the model itself."""
+    """The module a sampler decodes with. On CPU, a low-precision compute dtype decodes with float32 activations
+    and KV cache over low-precision copies of the matmul weights (ModelConfig.matmul_dtype: each weight
+    matmul takes bfloat16 operands and accumulates in float32, on the CPU's bfloat16 units, as in training;
+    norms, biases and other parameters stay shared). A decode step is a few rows, on which XLA:CPU's emulated
+    bfloat16 elementwise work costs more than it saves (SmolLM2 teacher-mixed sampling, 32 rows: all bf16 18.4
+    s, float32 12.6-13.3 s, this 11.5-12.1 s). Prompts still prefill in the compute dtype, into the twin's
+    float32 cache. Elsewhere, and in float32, the model itself."""
     if not _cpu_low_precision(model.config.dtype):
         return model
     graphdef, state = nnx.split(model)
-    twin = nnx.merge(graphdef, state)
-    twin.config = model.config.replace(dtype="float32")
+    twin = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables over the same arrays
+    low = model.config.dtype
+    weights = [getattr(twin, name) for name in _MATMUL_WEIGHTS if hasattr(twin, name)]
+    weights += [twin.layers[name] for name in _LAYER_MATMUL_WEIGHTS if name in twin.layers]
+    for weight in weights:  # the twin's own Variables: the model keeps its arrays
+        weight.set_value(weight.get_value().astype(low))
+    twin.config = model.config.replace(dtype="float32", matmul_dtype=low)
     return twin
 
 
