@@ -5,9 +5,9 @@ instruction set (minillm_jax/data/demo), on CPU.
     python -m minillm_jax.main --config configs/demo.py --workdir runs/demo
 
 Measured 2026-12-02 on the 2-core development machine (AMX bf16 units) with nothing else running, bfloat16
-compute over float32 parameters: 2:56-3:01 wall in three fresh processes, 272-281 s user CPU, 6.0 GB peak
-RSS; greedy Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.95 -> 36.81, reverse KL
-to the teacher per token on the student's samples 0.84 -> 0.67 (each run the same). In float32
+compute over float32 parameters: 3:10-3:16 wall in three fresh processes, 288-293 s user CPU, 6.0 GB peak
+RSS; greedy Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.81 -> 34.11, reverse KL
+to the teacher per token on the student's samples 0.80 -> 0.61 (each run the same). In float32
 (--config.compute_dtype=float32; 2026-12-01, another day, not a same-run anchor): 6:08-6:18 wall,
 26.3 -> 40.6, 0.88 -> 0.70. It prints those
 figures with the teacher's and the student's greedy answers side by side and exports the student to
