@@ -9,6 +9,8 @@ epochs of mini-batches of 8 (8 optimizer steps), L_PT batches of 8 x 128 tokens 
     git worktree add /tmp/before 56a860b && python bench/minillm_round.py --before /tmp/before
     python bench/minillm_round.py --chunks 0,16         # this checkout at two logits_chunk_size values
     python bench/minillm_round.py --dtypes float32,bfloat16   # this checkout at two compute dtypes
+    python bench/minillm_round.py --dtypes bfloat16 --chunks 16,64   # every dtype at every chunk size
+    python bench/minillm_round.py --dtypes bfloat16 --before /tmp/before --before-dtype bfloat16
 
 Each implementation runs in its own fresh processes (`--repeats`, default 3), alternating; each process
 compiles with one round, then times `--rounds` rounds (median). Reported: the whole round and its parts,
@@ -191,6 +193,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="",
                         help="comma-separated compute dtypes to run this checkout at (parameters stay float32; "
                              "default: float32)")
+    parser.add_argument("--before-dtype", default="",
+                        help="the compute dtype to run the --before checkout at (default: the parameters')")
     parser.add_argument("--chunk", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -201,11 +205,14 @@ def main() -> None:
     # name: (checkout, logits_chunk_size (-1 keeps configs/demo.py's), compute dtype ("" = the parameters'))
     chunks = [int(x) for x in args.chunks.split(",") if x.strip()]
     dtypes = [x.strip() for x in args.dtypes.split(",") if x.strip()]
-    checkouts = {f"this checkout, logits_chunk_size={k}": (HERE, k, "") for k in chunks}
-    checkouts |= {f"this checkout, compute {d}": (HERE, -1, d) for d in dtypes}
-    checkouts = checkouts or {"this checkout": (HERE, -1, "")}
+    checkouts = {}
+    for d in dtypes or [""]:  # every dtype at every chunk size
+        for k in chunks or [-1]:
+            name = ", ".join(["this checkout"] + ([f"compute {d}"] if d else []) +
+                             ([f"logits_chunk_size={k}"] if k >= 0 else []))
+            checkouts[name] = (HERE, k, d)
     if args.before:
-        checkouts["before"] = (pathlib.Path(args.before).resolve(), -1, "")
+        checkouts["before"] = (pathlib.Path(args.before).resolve(), -1, args.before_dtype)
     results = {name: [] for name in checkouts}
     for _ in range(args.repeats):
         for name, (repo, chunk, dtype) in checkouts.items():

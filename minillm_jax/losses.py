@@ -11,11 +11,16 @@ Conventions (one fixed choice, tested at the endpoints):
   forward KL at beta = 0 and reverse KL at beta = 1 (GKD; the interior formula itself tends to 0 there);
   skew_kl(alpha) = KL(p || alpha p + (1 - alpha) q), skew_reverse_kl(alpha) = KL(q || alpha q + (1 - alpha) p)
   (DistiLLM; alpha = 0 gives the plain KLs).
+
+Training does not call these on logits: `token_values` computes the same terms (`Term`, by name) from the final
+hidden states, fused with the vocabulary projection and with a closed-form backward pass; these functions are
+its reference (tests/test_losses.py) and serve sampling and evaluation.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -167,29 +172,215 @@ def policy_gradient_loss(logprobs: Values, old_logprobs: Values, advantages: Val
     return masked_mean(loss, mask)
 
 
-# ------------------------------------------------------------------------------------------ logits in chunks
+# ------------------------------------------------------------------------------------------ fused, from hidden states
+#
+# Training computes its per-position terms here, straight from the final hidden states: the vocabulary
+# projection, log-softmax and divergences of a chunk of positions happen in one custom-VJP function whose
+# backward pass writes the gradient with respect to the student's logits in closed form, one elementwise
+# pass over [rows, V] from the recomputed logits and a few per-row statistics kept from the forward pass
+# (autodiff through the log-softmax and each divergence makes XLA:CPU sweep the float32 logits a dozen
+# times). Each term is the logits-level function above, to float32 rounding (tests/test_losses.py checks
+# values and gradients against them and against float64). With q = softmax(z), the gradient of any f(q)
+# with respect to the logits z is q * (g - E_q[g]) with g = df/dq; the terms below write that out.
 
 
-def token_values(fn: Callable, student_hidden: Float[Array, "B T E"], student_unembed,
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One per-position quantity of the student's distribution q, the teacher's p and the label:
+    "logprob" (log q(label)), "cross_entropy", "entropy", "reverse_kl", "forward_kl", "soft_cross_entropy",
+    "tvd", "jsd" (param = beta), "skew_kl", "skew_reverse_kl" (param = alpha); the same conventions as the
+    logits-level functions of the same names."""
+    name: str
+    param: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in _TERMS:
+            raise ValueError(f"Term {self.name!r}: expected one of {sorted(_TERMS)}")
+        if not 0.0 <= self.param <= 1.0 or (self.name == "skew_kl" or self.name == "skew_reverse_kl") \
+                and self.param == 1.0:
+            raise ValueError(f"Term {self.name!r} param={self.param}: expected in [0, 1] (alpha < 1 for skews)")
+
+    @property
+    def plain(self) -> "Term":
+        """The plain KL at the endpoints (jsd at beta 0 / 1, the skews at alpha 0), as the functions above."""
+        if self.name == "jsd" and self.param in (0.0, 1.0):
+            return Term("forward_kl" if self.param == 0.0 else "reverse_kl")
+        if self.name in ("skew_kl", "skew_reverse_kl") and self.param == 0.0:
+            return Term("forward_kl" if self.name == "skew_kl" else "reverse_kl")
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.name not in ("logprob", "cross_entropy", "entropy")
+
+
+TermLike = Term | str
+_TERMS = ("logprob", "cross_entropy", "entropy", "reverse_kl", "forward_kl", "soft_cross_entropy", "tvd", "jsd",
+          "skew_kl", "skew_reverse_kl")
+
+
+class _Row:
+    """A chunk's log-probabilities (from its logits and their log-normalisers) and the labels' one-hot mask,
+    elementwise expressions that XLA fuses into each pass over [rows, V]."""
+
+    def __init__(self, z, lse_q, zp, lse_p, labels):
+        self.lq = z - lse_q[..., None]
+        self.q = jnp.exp(self.lq)
+        self.lp = None if zp is None else zp - lse_p[..., None]
+        self.p = None if zp is None else jnp.exp(self.lp)
+        self.hit = jnp.arange(z.shape[-1]) == labels[..., None]
+
+    def mixture(self, log_a, log_b, weight_a):
+        return jnp.logaddexp(jnp.log(weight_a) + log_a, jnp.log1p(-weight_a) + log_b)
+
+
+def _row_sums(*xs):
+    """Sums over the last axis of several [..., V] expressions in one pass (one variadic reduction)."""
+    return jax.lax.reduce(xs, (jnp.float32(0),) * len(xs), lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                          (xs[0].ndim - 1,))
+
+
+def _log_normalisers(*zs):
+    """logsumexp over the last axis of each of `zs`, in two passes over all of them together."""
+    maxes = jax.lax.reduce(zs, (jnp.float32(-jnp.inf),) * len(zs),
+                           lambda a, b: tuple(jnp.maximum(x, y) for x, y in zip(a, b)), (zs[0].ndim - 1,))
+    maxes = [jnp.where(jnp.isfinite(m), m, 0.0) for m in maxes]
+    sums = _row_sums(*(jnp.exp(z - m[..., None]) for z, m in zip(zs, maxes)))
+    return [m + jnp.log(total) for m, total in zip(maxes, sums)]
+
+
+def _xlogy(a, log_a, log_b):
+    return jnp.where(a > 0, a * (log_a - log_b), 0.0)
+
+
+def _term_parts(term: Term, r: _Row):
+    """[rows, V] expressions whose sums over V are the term's value and the per-row statistic its gradient
+    needs (None where it needs none but its value)."""
+    name, w = term.name, term.param
+    if name == "logprob":
+        return jnp.where(r.hit, r.lq, 0.0), None
+    if name == "cross_entropy":
+        return jnp.where(r.hit, -r.lq, 0.0), None
+    if name == "entropy":
+        return -r.q * r.lq, None
+    if name == "reverse_kl":
+        return _xlogy(r.q, r.lq, r.lp), None
+    if name == "forward_kl":
+        return _xlogy(r.p, r.lp, r.lq), None
+    if name == "soft_cross_entropy":
+        return -r.p * r.lq, None
+    if name == "tvd":
+        return 0.5 * jnp.abs(r.p - r.q), 0.5 * r.q * jnp.sign(r.q - r.p)
+    if name == "jsd":
+        lm = r.mixture(r.lp, r.lq, w)
+        return w * _xlogy(r.p, r.lp, lm) + (1 - w) * _xlogy(r.q, r.lq, lm), _xlogy(r.q, r.lq, lm)
+    if name == "skew_kl":
+        lr = r.mixture(r.lp, r.lq, w)
+        return _xlogy(r.p, r.lp, lr), r.q * jnp.exp(r.lp - lr)
+    lr = r.mixture(r.lq, r.lp, w)  # skew_reverse_kl
+    return _xlogy(r.q, r.lq, lr), r.q * jnp.exp(r.lq - lr)
+
+
+def _term_dlogits(term: Term, r: _Row, value, stat):
+    """d value / d z, [rows, V]; value and stat broadcast per row."""
+    name, w = term.name, term.param
+    value = value[..., None]
+    stat = None if stat is None else stat[..., None]
+    if name == "logprob":
+        return r.hit - r.q
+    if name == "cross_entropy":
+        return r.q - r.hit
+    if name == "entropy":
+        return -r.q * (r.lq + value)
+    if name == "reverse_kl":
+        return r.q * (r.lq - r.lp - value)
+    if name in ("forward_kl", "soft_cross_entropy"):
+        return r.q - r.p
+    if name == "tvd":
+        return r.q * (0.5 * jnp.sign(r.q - r.p) - stat)
+    if name == "jsd":
+        return (1 - w) * r.q * (r.lq - r.mixture(r.lp, r.lq, w) - stat)
+    if name == "skew_kl":
+        return -(1 - w) * r.q * (jnp.exp(r.lp - r.mixture(r.lp, r.lq, w)) - stat)
+    lr = r.mixture(r.lq, r.lp, w)  # skew_reverse_kl
+    return r.q * (r.lq - lr - w * jnp.exp(r.lq - lr) - value + w * stat)
+
+
+def _scaled(logits, num_real_tokens, temperature):
+    logits = logits.astype(jnp.float32)
+    if num_real_tokens is not None:
+        logits = logits[..., :num_real_tokens]
+    return logits / temperature if temperature != 1.0 else logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _fused(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts, labels):
+    return _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts,
+                      labels)[0]
+
+
+def _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts, labels):
+    def chunk(x):
+        hidden, t_chunk, chunk_labels = x
+        z = _scaled(s_fn(hidden, *s_consts), num_real_tokens, temperature)
+        zp = None if t_fn is None else _scaled(t_fn(t_chunk, *t_consts), num_real_tokens, temperature)
+        lse_q, lse_p = _log_normalisers(z, zp) if zp is not None else (*_log_normalisers(z), jnp.zeros(z.shape[:-1]))
+        row = _Row(z, lse_q, zp, lse_p, chunk_labels)
+        parts = [_term_parts(t, row) for t in terms]
+        sums = _row_sums(*[v for v, _ in parts], *[s for _, s in parts if s is not None])
+        values, extra = sums[:len(terms)], iter(sums[len(terms):])
+        stats = [values[i] if s is None else next(extra) for i, (_, s) in enumerate(parts)]
+        return jnp.stack(values, -1), jnp.stack(stats, -1), jnp.stack([lse_q, lse_p], -1)
+
+    values, stats, normalisers = jax.lax.map(chunk, (s_hidden, t_hidden, labels))
+    return values, (s_hidden, s_consts, t_hidden, t_consts, labels, values, stats, normalisers)
+
+
+def _fused_bwd(terms, num_real_tokens, temperature, s_fn, t_fn, residuals, d_values):
+    s_hidden, s_consts, t_hidden, t_consts, labels, values, stats, normalisers = residuals
+
+    def chunk(d_consts, x):
+        hidden, t_chunk, chunk_labels, chunk_values, chunk_stats, chunk_normalisers, d_chunk = x
+        logits, vjp = jax.vjp(s_fn, hidden, *s_consts)
+        z = _scaled(logits, num_real_tokens, temperature)
+        zp = None if t_fn is None else _scaled(t_fn(t_chunk, *t_consts), num_real_tokens, temperature)
+        row = _Row(z, chunk_normalisers[..., 0], zp, chunk_normalisers[..., 1], chunk_labels)
+        dz = sum(d_chunk[..., i, None] * _term_dlogits(t, row, chunk_values[..., i], chunk_stats[..., i])
+                 for i, t in enumerate(terms))
+        if temperature != 1.0:
+            dz = dz / temperature
+        if num_real_tokens is not None and num_real_tokens < logits.shape[-1]:
+            dz = jnp.pad(dz, [(0, 0)] * (dz.ndim - 1) + [(0, logits.shape[-1] - num_real_tokens)])
+        d_hidden, *d_c = vjp(dz.astype(logits.dtype))
+        return jax.tree.map(jnp.add, d_consts, tuple(d_c)), d_hidden
+
+    zeros = tuple(jnp.zeros_like(c) for c in s_consts)
+    d_consts, d_hidden = jax.lax.scan(chunk, zeros, (s_hidden, t_hidden, labels, values, stats, normalisers,
+                                                     d_values))
+    return d_hidden, d_consts, None, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def token_values(terms, student_hidden: Float[Array, "B T E"], student_unembed,
                  teacher_hidden: Float[Array, "B T E"] | None = None, teacher_unembed=None,
                  labels: Int[Array, "B T"] | None = None, *, num_real_tokens: int | None = None,
-                 temperature: float = 1.0, chunk_size: int | None = None):
-    """fn(log_q, log_p, labels) at every position ([B, T] or [B, T, K]) from the final hidden states: the
-    vocabulary projection and log-softmax happen here, so a loss computes logits only where it needs them.
-    `log_p` is None without a teacher; the teacher's side carries no gradient. With `chunk_size`, both
-    models' [B, chunk, V] logits are made one time-chunk at a time and again in the backward pass
-    (jax.checkpoint), so [B, T, V] float32 logits never exist at once."""
+                 temperature: float = 1.0, chunk_size: int | None = None) -> Float[Array, "B T K"]:
+    """The `terms` (Term or name, K of them) at every position from the final hidden states, [B, T, K]:
+    `student_unembed(hidden)` and `teacher_unembed(hidden)` give logits (any dtype; padded ids beyond
+    `num_real_tokens` sliced off), divided by `temperature`. Only the student side carries a gradient (to
+    its hidden states and whatever its unembed reads). The [B, chunk, V] logits of `chunk_size` positions
+    at a time (all T without) are made in the forward pass and made again in the backward pass, so [B, T, V]
+    float32 logits never exist at once; the backward pass of a chunk is one elementwise pass over them."""
+    terms = tuple((Term(t) if isinstance(t, str) else t).plain for t in terms)
+    needs_teacher = any(t.needs_teacher for t in terms)
+    if needs_teacher and (teacher_hidden is None or teacher_unembed is None):
+        raise ValueError(f"token_values: terms {[t.name for t in terms if t.needs_teacher]} need the teacher's "
+                         "hidden states and unembedding")
     B, T = student_hidden.shape[:2]
     labels = jnp.zeros((B, T), jnp.int32) if labels is None else labels
-
-    def values(s_hidden, t_hidden, chunk_labels):
-        log_q = log_probs(student_unembed(s_hidden), num_real_tokens, temperature)
-        log_p = None if t_hidden is None else jax.lax.stop_gradient(
-            log_probs(teacher_unembed(t_hidden), num_real_tokens, temperature))
-        return fn(log_q, log_p, chunk_labels)
-
-    if not chunk_size or chunk_size >= T:
-        return values(student_hidden, teacher_hidden, labels)
+    chunk_size = T if not chunk_size or chunk_size >= T else chunk_size
     chunks = -(-T // chunk_size)
     pad = chunks * chunk_size - T
 
@@ -197,13 +388,16 @@ def token_values(fn: Callable, student_hidden: Float[Array, "B T E"], student_un
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(B, chunks, chunk_size, *x.shape[2:]), 1, 0)
 
-    xs = (split(student_hidden), None if teacher_hidden is None else split(teacher_hidden), split(labels))
-    out = jax.lax.map(lambda x: jax.checkpoint(values)(*x), xs)  # [chunks, B, chunk, ...]
+    example = jax.ShapeDtypeStruct((B, chunk_size, student_hidden.shape[-1]), student_hidden.dtype)
+    s_fn, s_consts = jax.closure_convert(student_unembed, example)
+    t_fn, t_consts, t_hidden = None, (), jnp.zeros((chunks, 0), jnp.float32)
+    if needs_teacher:
+        teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+        t_example = jax.ShapeDtypeStruct((B, chunk_size, teacher_hidden.shape[-1]), teacher_hidden.dtype)
+        t_fn, t_consts = jax.closure_convert(teacher_unembed, t_example)
+        t_consts = jax.lax.stop_gradient(t_consts)
+        t_hidden = split(teacher_hidden)
+    out = _fused(terms, num_real_tokens, temperature, s_fn, t_fn, split(student_hidden), tuple(s_consts), t_hidden,
+                 tuple(t_consts), split(labels))  # [chunks, B, chunk, K]
     out = jnp.moveaxis(out, 0, 1)
-    return out.reshape(B, chunks * chunk_size, *out.shape[3:])[:, :T]
-
-
-DIVERGENCES: dict[str, Callable] = {
-    "forward_kl": forward_kl, "reverse_kl": reverse_kl, "tvd": tvd, "jsd": jsd, "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-}
+    return out.reshape(B, chunks * chunk_size, len(terms))[:, :T]

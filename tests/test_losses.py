@@ -1,5 +1,6 @@
 """Objectives against float64 numpy, and MiniLLM's gradient estimators against exact enumeration."""
 
+import functools
 import itertools
 
 import jax
@@ -340,34 +341,99 @@ def test_enumeration_is_complete():
     assert len(_responses()) == 15 and len(set(itertools.chain(_responses()))) == 15
 
 
-@pytest.mark.parametrize("name,params", [("ce", {}), ("soft_cross_entropy", {}), ("forward_kl", {}),
-                                         ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("jsd", {"beta": 1.0}),
-                                         ("skew_kl", {"alpha": 0.1}), ("skew_reverse_kl", {"alpha": 0.1}),
-                                         ("tvd", {})])
-def test_chunked_logits_equal_full_logits(name, params):
-    """Value and gradient through the chunked path equal the whole [B, T, V] computation (T = 11 is not a
-    multiple of the chunk, so padding is exercised)."""
-    rng = np.random.default_rng(4)
-    B, T, E, V = 2, 11, 6, 13
-    student_hidden = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)
-    teacher_hidden = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)
-    w_student = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
-    w_teacher = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
-    mask = jnp.asarray(rng.random((B, T)) > 0.3, jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 11, (B, T)), jnp.int32)
-    if name == "ce":
-        def fn(log_q, log_p, lab):
-            return losses.cross_entropy(log_q, lab)
-    else:
-        divergence = getattr(losses, name)
+_REFERENCES = {  # the logits-level functions (tested against float64 above), by term
+    "logprob": lambda log_q, log_p, labels, w: losses.token_logprobs(log_q, labels),
+    "cross_entropy": lambda log_q, log_p, labels, w: losses.cross_entropy(log_q, labels),
+    "entropy": lambda log_q, log_p, labels, w: losses.entropy(log_q),
+    "reverse_kl": lambda log_q, log_p, labels, w: losses.reverse_kl(log_q, log_p),
+    "forward_kl": lambda log_q, log_p, labels, w: losses.forward_kl(log_q, log_p),
+    "soft_cross_entropy": lambda log_q, log_p, labels, w: losses.soft_cross_entropy(log_q, log_p),
+    "tvd": lambda log_q, log_p, labels, w: losses.tvd(log_q, log_p),
+    "jsd": lambda log_q, log_p, labels, w: losses.jsd(log_q, log_p, w),
+    "skew_kl": lambda log_q, log_p, labels, w: losses.skew_kl(log_q, log_p, w),
+    "skew_reverse_kl": lambda log_q, log_p, labels, w: losses.skew_reverse_kl(log_q, log_p, w),
+}
+_TERMS = [("logprob", 0.0), ("cross_entropy", 0.0), ("entropy", 0.0), ("reverse_kl", 0.0), ("forward_kl", 0.0),
+          ("soft_cross_entropy", 0.0), ("tvd", 0.0), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0), ("skew_kl", 0.1),
+          ("skew_kl", 0.0), ("skew_reverse_kl", 0.1), ("skew_reverse_kl", 0.0)]
 
-        def fn(log_q, log_p, lab):
-            return divergence(log_q, log_p, *params.values())
 
-    def mean(w, chunk):
-        values = losses.token_values(fn, student_hidden, lambda h: h @ w, teacher_hidden, lambda h: h @ w_teacher,
-                                     labels, num_real_tokens=11, temperature=0.8, chunk_size=chunk)
-        return losses.masked_mean(values, mask)
+def _fused_case(seed=4, B=2, T=11, E=6, V=13):
+    rng = np.random.default_rng(seed)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return dict(student_hidden=f32(rng.normal(size=(B, T, E))), teacher_hidden=f32(rng.normal(size=(B, T, E))),
+                w_student=f32(rng.normal(size=(E, V))), w_teacher=f32(rng.normal(size=(E, V))),
+                labels=jnp.asarray(rng.integers(0, 11, (B, T)), jnp.int32))
 
-    np.testing.assert_allclose(mean(w_student, 4), mean(w_student, None), rtol=1e-5)
-    np.testing.assert_allclose(jax.grad(mean)(w_student, 4), jax.grad(mean)(w_student, None), rtol=1e-4, atol=1e-6)
+
+@pytest.mark.parametrize("terms", [[t] for t in _TERMS] + [[("logprob", 0.0), ("entropy", 0.0), ("reverse_kl", 0.0)],
+                                                           [("cross_entropy", 0.0), ("soft_cross_entropy", 0.0)]],
+                         ids=lambda terms: "+".join(f"{n}{w or ''}" for n, w in terms))
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_token_values_and_their_hand_written_gradient_match_autodiff_of_the_logits_level_functions(terms, chunk):
+    """Values and the gradients to the student's weights and hidden states (the closed-form backward pass) equal
+    JAX autodiff through the logits-level functions on full [B, T, V] logits; T = 11 is no multiple of the
+    chunk (padding), 11 real ids of V = 13 (padded vocabulary), temperature 0.8, a random weight per
+    position and term so every term's gradient counts."""
+    case = _fused_case()
+    n, temperature = 11, 0.8
+    cotangent = jnp.asarray(np.random.default_rng(5).normal(size=(2, 11, len(terms))), jnp.float32)
+
+    def fused(w, hidden):
+        values = losses.token_values([losses.Term(name, weight) for name, weight in terms], hidden,
+                                     lambda h: h @ w, case["teacher_hidden"], lambda h: h @ case["w_teacher"],
+                                     case["labels"], num_real_tokens=n, temperature=temperature, chunk_size=chunk)
+        return jnp.sum(values * cotangent), values
+
+    def reference(w, hidden):
+        log_q = losses.log_probs(hidden @ w, n, temperature)
+        log_p = losses.log_probs(case["teacher_hidden"] @ case["w_teacher"], n, temperature)
+        values = jnp.stack([_REFERENCES[name](log_q, log_p, case["labels"], weight) for name, weight in terms], -1)
+        return jnp.sum(values * cotangent), values
+
+    (_, got), got_grads = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(case["w_student"],
+                                                                                 case["student_hidden"])
+    (_, want), want_grads = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(case["w_student"],
+                                                                                       case["student_hidden"])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_token_values_under_jit_with_the_weights_closed_over():
+    """The unembedding may close over traced weights (a model's bound method under jit): gradients still reach
+    them, and jitted values equal eager ones."""
+    case = _fused_case(seed=7)
+
+    def loss(w, hidden):
+        values = losses.token_values(["cross_entropy", "reverse_kl"], hidden, lambda h: jnp.tanh(h) @ w,
+                                     case["teacher_hidden"], lambda h: h @ case["w_teacher"], case["labels"],
+                                     num_real_tokens=11, chunk_size=3)
+        return jnp.mean(values[..., 0]) + 0.5 * jnp.mean(values[..., 1])
+
+    def reference(w, hidden):
+        log_q = losses.log_probs(jnp.tanh(hidden) @ w, 11)
+        log_p = losses.log_probs(case["teacher_hidden"] @ case["w_teacher"], 11)
+        return jnp.mean(losses.cross_entropy(log_q, case["labels"])) + 0.5 * jnp.mean(losses.reverse_kl(log_q, log_p))
+
+    args = (case["w_student"], case["student_hidden"])
+    np.testing.assert_allclose(jax.jit(loss)(*args), reference(*args), rtol=1e-5)
+    for g, w in zip(jax.jit(jax.grad(loss, argnums=(0, 1)))(*args), jax.grad(reference, argnums=(0, 1))(*args)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_token_values_say_what_is_wrong():
+    case = _fused_case()
+    with pytest.raises(ValueError, match="reverse_kl.*teacher"):
+        losses.token_values(["logprob", "reverse_kl"], case["student_hidden"], lambda h: h @ case["w_student"])
+    with pytest.raises(ValueError, match="'kl'.*expected one of"):
+        losses.Term("kl")
+    with pytest.raises(ValueError, match="jsd.*1.5"):
+        losses.Term("jsd", 1.5)
+    with pytest.raises(ValueError, match="skew_kl.*alpha < 1"):
+        losses.Term("skew_kl", 1.0)
+    values = losses.token_values(["entropy"], case["student_hidden"], lambda h: h @ case["w_student"])
+    want = losses.entropy(losses.log_probs(case["student_hidden"] @ case["w_student"]))
+    np.testing.assert_allclose(values[..., 0], want, rtol=1e-5)
+
+

@@ -239,18 +239,18 @@ class Setup:
             jax.tree.map(lambda x: x.sharding, nnx.state(self.teacher))
 
 
-def paired_token_values(setup: Setup, params, teacher_params, batch: dict, fn: Callable, *, dropout_rng=None,
+def paired_token_values(setup: Setup, params, teacher_params, batch: dict, terms, *, dropout_rng=None,
                         temperature: float = 1.0, teacher_hidden=None):
-    """fn(log_q, log_p, labels) at every response position of `batch`: the student forward (with dropout
-    when a key is given) and the teacher's (no gradient; or its precomputed `teacher_hidden`)."""
+    """`losses.token_values(terms)` at every response position of `batch`, [B, T, K]: the student forward
+    (with dropout when a key is given) and the teacher's (no gradient; or its precomputed `teacher_hidden`)."""
     student = nnx.merge(setup.graphdef, params)
     teacher = nnx.merge(setup.teacher_graphdef, teacher_params)
     hidden = response_hidden(student, batch, dropout_rng=dropout_rng)
     if teacher_hidden is None:
         teacher_hidden = jax.lax.stop_gradient(response_hidden(teacher, batch))
-    return losses.token_values(fn, hidden, student.unembed, teacher_hidden, teacher.unembed, labels=batch["response"],
-                               num_real_tokens=student.config.num_real_tokens, temperature=temperature,
-                               chunk_size=setup.config.logits_chunk_size or None)
+    return losses.token_values(terms, hidden, student.unembed, teacher_hidden, teacher.unembed,
+                               labels=batch["response"], num_real_tokens=student.config.num_real_tokens,
+                               temperature=temperature, chunk_size=setup.config.logits_chunk_size or None)
 
 
 __all__ = ["Feed", "KEY_STREAMS", "Method", "Setup", "TrainState", "accumulated_gradients", "apply_gradients",

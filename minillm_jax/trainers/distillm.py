@@ -41,11 +41,10 @@ class DistiLLMConfig:
 
 
 def distillm_loss(params, teacher_params, batch, dropout_rng, *, setup, config: DistiLLMConfig):
-    divergence = losses.DIVERGENCES[config.divergence]
     values = paired_token_values(setup, params, teacher_params, batch,
-                                 lambda log_q, log_p, labels: divergence(log_q, log_p, config.skew_alpha),
+                                 [losses.Term(config.divergence, config.skew_alpha)],
                                  dropout_rng=dropout_rng, temperature=setup.sampling.temperature)
-    loss = losses.masked_mean(values, batch["response_mask"])
+    loss = losses.masked_mean(values[..., 0], batch["response_mask"])
     return loss, {"loss": loss, config.divergence: loss}
 
 

@@ -31,10 +31,9 @@ class GKDConfig:
 
 
 def gkd_loss(params, teacher_params, batch, dropout_rng, *, setup, beta: float):
-    values = paired_token_values(setup, params, teacher_params, batch,
-                                 lambda log_q, log_p, labels: losses.jsd(log_q, log_p, beta),
+    values = paired_token_values(setup, params, teacher_params, batch, [losses.Term("jsd", beta)],
                                  dropout_rng=dropout_rng, temperature=setup.sampling.temperature)
-    loss = losses.masked_mean(values, batch["response_mask"])
+    loss = losses.masked_mean(values[..., 0], batch["response_mask"])
     return loss, {"loss": loss, "jsd": loss}
 
 

@@ -19,12 +19,10 @@ class KDConfig:
 
 
 def kd_loss(params, teacher_params, batch, dropout_rng, *, setup, kd_ratio: float):
-    def per_token(log_q, log_p, labels):
-        return jax.numpy.stack([losses.cross_entropy(log_q, labels), losses.soft_cross_entropy(log_q, log_p),
-                                jax.lax.stop_gradient(losses.forward_kl(log_q, log_p))], axis=-1)
-
-    values = paired_token_values(setup, params, teacher_params, batch, per_token, dropout_rng=dropout_rng)
+    values = paired_token_values(setup, params, teacher_params, batch,
+                                 ["cross_entropy", "soft_cross_entropy", "forward_kl"], dropout_rng=dropout_rng)
     ce, soft, forward_kl = (losses.masked_mean(values[..., i], batch["response_mask"]) for i in range(3))
+    forward_kl = jax.lax.stop_gradient(forward_kl)  # reported only
     loss = (1.0 - kd_ratio) * ce + kd_ratio * soft
     return loss, {"loss": loss, "ce": ce, "soft_ce": soft, "forward_kl": forward_kl}
 

@@ -71,12 +71,6 @@ def steps_per_round(config: MiniLLMConfig, batch_size: int) -> int:
 # ------------------------------------------------------------------------------------------ the loss
 
 
-def _policy_values(log_q, log_p, tokens):
-    """Per response token: log q(y_t), the entropy of q, and KL(q || p) (0 without a teacher side)."""
-    kl = jnp.zeros(tokens.shape) if log_p is None else losses.reverse_kl(log_q, log_p)
-    return jnp.stack([losses.token_logprobs(log_q, tokens), losses.entropy(log_q), kl], axis=-1)
-
-
 def minillm_loss(params, teacher_params, batch: dict, *, setup, config: MiniLLMConfig):
     """The loss of one (micro-)batch of rollouts (with its `teacher_hidden`, `old_logprobs`, `weights`,
     whitened `advantages`) and, under key "pt", an L_PT batch."""
@@ -85,11 +79,12 @@ def minillm_loss(params, teacher_params, batch: dict, *, setup, config: MiniLLMC
     chunk, temperature = setup.config.logits_chunk_size or None, setup.sampling.temperature
     n = student.config.num_real_tokens
     mask = batch["response_mask"]
+    terms = ["logprob", "entropy"] + (["reverse_kl"] if config.single_step else [])
     values = losses.token_values(
-        _policy_values, response_hidden(student, batch), student.unembed,
+        terms, response_hidden(student, batch), student.unembed,
         batch["teacher_hidden"] if config.single_step else None, teacher.unembed, labels=batch["response"],
         num_real_tokens=n, temperature=temperature, chunk_size=chunk)
-    logprobs, entropy, reverse_kl = values[..., 0], values[..., 1], values[..., 2]
+    logprobs, entropy = values[..., 0], values[..., 1]
     ratio = jax.lax.stop_gradient(jnp.exp(logprobs - batch["old_logprobs"]))
     pg = losses.policy_gradient_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
                                      weights=batch["weights"], clip=config.clip)
@@ -100,18 +95,17 @@ def minillm_loss(params, teacher_params, batch: dict, *, setup, config: MiniLLMC
     total = pg
     if config.single_step:
         weights = jax.lax.stop_gradient(batch["weights"]) if config.single_step_weights else 1.0
-        metrics["single_step"] = losses.masked_mean(reverse_kl * weights, mask)
+        metrics["single_step"] = losses.masked_mean(values[..., 2] * weights, mask)
         total = total + metrics["single_step"]
     if "pt" in batch and config.pt_coef:
         pt = batch["pt"]
-
-        def pt_values(log_q, log_p, labels):
-            return jnp.stack([losses.cross_entropy(log_q, labels), losses.soft_cross_entropy(log_q, log_p)], -1)
-
-        teacher_hidden = jax.lax.stop_gradient(response_hidden(teacher, pt))
-        values = losses.token_values(pt_values, response_hidden(student, pt), student.unembed, teacher_hidden,
-                                     teacher.unembed, labels=pt["response"], num_real_tokens=n, chunk_size=chunk)
-        ce, soft = (losses.masked_mean(values[..., i], pt["response_mask"]) for i in range(2))
+        kd = bool(config.kd_ratio)  # the teacher's forward only when its soft term counts
+        values = losses.token_values(
+            ["cross_entropy"] + (["soft_cross_entropy"] if kd else []), response_hidden(student, pt),
+            student.unembed, jax.lax.stop_gradient(response_hidden(teacher, pt)) if kd else None, teacher.unembed,
+            labels=pt["response"], num_real_tokens=n, chunk_size=chunk)
+        ce = losses.masked_mean(values[..., 0], pt["response_mask"])
+        soft = losses.masked_mean(values[..., 1], pt["response_mask"]) if kd else 0.0
         metrics["pt"] = (1.0 - config.kd_ratio) * ce + config.kd_ratio * soft
         total = total + config.pt_coef * metrics["pt"]
     metrics["loss"] = total
@@ -132,10 +126,11 @@ def rescore(setup, params, teacher_params, rollouts: dict, order, rows: int) -> 
 
     def score(indices):
         chunk = jax.tree.map(lambda x: x[indices], rollouts)
-        log_q = losses.log_probs(student.unembed(response_hidden(student, chunk)), n, temperature)
         hidden = response_hidden(teacher, chunk)
-        log_p = losses.log_probs(teacher.unembed(hidden), n, temperature)
-        return losses.token_logprobs(log_q, chunk["response"]), losses.token_logprobs(log_p, chunk["response"]), hidden
+        common = dict(labels=chunk["response"], num_real_tokens=n, temperature=temperature,
+                      chunk_size=setup.config.logits_chunk_size or None)
+        old = losses.token_values(["logprob"], response_hidden(student, chunk), student.unembed, **common)
+        return old[..., 0], losses.token_values(["logprob"], hidden, teacher.unembed, **common)[..., 0], hidden
 
     old, teacher_logprobs, hidden = jax.lax.map(score, order.reshape(-1, rows))
     inverse = jnp.argsort(order)

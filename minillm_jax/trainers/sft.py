@@ -29,10 +29,10 @@ class SFTConfig:
 def sft_loss(params, graphdef, batch, dropout_rng=None, *, chunk_size: int | None = None):
     model = nnx.merge(graphdef, params)
     hidden = response_hidden(model, batch, dropout_rng=dropout_rng)
-    values = losses.token_values(lambda log_q, log_p, labels: losses.cross_entropy(log_q, labels), hidden,
+    values = losses.token_values(["cross_entropy"], hidden,
                                  model.unembed, labels=batch["response"], num_real_tokens=model.config.num_real_tokens,
                                  chunk_size=chunk_size)
-    ce = losses.masked_mean(values, batch["response_mask"])
+    ce = losses.masked_mean(values[..., 0], batch["response_mask"])
     return ce, {"loss": ce, "ce": ce}
 
 
