@@ -4,10 +4,11 @@ instruction set (minillm_jax/data/demo), on CPU.
 
     python -m minillm_jax.main --config configs/demo.py --workdir runs/demo
 
-Measured 2026-12-02 on the 2-core development machine (AMX bf16 units) with nothing else running, bfloat16
-compute over float32 parameters: 3:10-3:16 wall in three fresh processes, 288-293 s user CPU, 6.0 GB peak
-RSS; greedy Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.81 -> 34.11, reverse KL
-to the teacher per token on the student's samples 0.80 -> 0.61 (each run the same). In float32
+Measured 2026-12-02 (evening, one run) on the 2-core development machine (AMX bf16 units) with nothing else
+running, bfloat16 compute over float32 parameters: 2:42 wall, 248 s user CPU, 6.1 GB peak RSS; greedy
+Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.81 -> 39.12, reverse KL to the
+teacher per token on the student's samples 0.80 -> 0.65 (the afternoon's code, three runs: 3:10-3:16,
+24.81 -> 34.11, 0.80 -> 0.61). In float32
 (--config.compute_dtype=float32; 2026-12-01, another day, not a same-run anchor): 6:08-6:18 wall,
 26.3 -> 40.6, 0.88 -> 0.70. It prints those
 figures with the teacher's and the student's greedy answers side by side and exports the student to
@@ -60,7 +61,7 @@ def get_config(preset: str | None = None):
     c.batch_size = 8
     c.optimizer.learning_rate = 5e-5  # 1e-4 with L_PT on the demo answers: greedy Rouge-L 42.8, not 39.8, 1.4x CPU
     c.optimizer.warmup_steps = 1
-    c.logits_chunk_size = 16  # faster on CPU: a demo round 125.6 s, not 137.0 (bench/minillm_round.py)
+    c.logits_chunk_size = 64  # fused vocabulary terms: a bf16 round 40.1-41.8 s, 44.2-44.8 at 16 (bench/RESULTS.md)
     # float32 parameters and optimizer, bfloat16 compute: on CPUs with bfloat16 matrix units (AMX) a round's
     # optimizer steps take 0.6x the float32 time (bench/RESULTS.md); without them, --config.compute_dtype=float32
     c.compute_dtype = "bfloat16"
