@@ -180,8 +180,9 @@ def policy_gradient_loss(logprobs: Values, old_logprobs: Values, advantages: Val
 # pass over [rows, V] from the recomputed logits and a few per-row statistics kept from the forward pass
 # (autodiff through the log-softmax and each divergence makes XLA:CPU sweep the float32 logits a dozen
 # times). Each term is the logits-level function above, to float32 rounding (tests/test_losses.py checks
-# values and gradients against them and against float64). With q = softmax(z), the gradient of any f(q)
-# with respect to the logits z is q * (g - E_q[g]) with g = df/dq; the terms below write that out.
+# values and gradients against autodiff through them, themselves checked against float64). With
+# q = softmax(z), the gradient of any f(q) with respect to the logits z is q * (g - E_q[g]) with g = df/dq;
+# the terms below write that out.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +197,8 @@ class Term:
     def __post_init__(self):
         if self.name not in _TERMS:
             raise ValueError(f"Term {self.name!r}: expected one of {sorted(_TERMS)}")
-        if not 0.0 <= self.param <= 1.0 or (self.name == "skew_kl" or self.name == "skew_reverse_kl") \
-                and self.param == 1.0:
+        skew = self.name in ("skew_kl", "skew_reverse_kl")
+        if not 0.0 <= self.param <= 1.0 or (skew and self.param == 1.0):
             raise ValueError(f"Term {self.name!r} param={self.param}: expected in [0, 1] (alpha < 1 for skews)")
 
     @property
