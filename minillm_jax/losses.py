@@ -55,10 +55,14 @@ def token_logprobs(log_q: LogProbs, tokens: Int[Array, "*B"]) -> Values:
     return jnp.sum(jnp.where(hit, log_q, 0.0), axis=-1)
 
 
+def _xlogy(a, log_a, log_b):
+    """a (log a - log b) elementwise, 0 where a is 0."""
+    return jnp.where(a > 0, a * (log_a - log_b), 0.0)
+
+
 def _kl(log_a: LogProbs, log_b: LogProbs) -> Values:
     """KL(a || b) per position; 0 log 0 counts as 0."""
-    a = jnp.exp(log_a)
-    return jnp.sum(jnp.where(a > 0, a * (log_a - log_b), 0.0), axis=-1)
+    return jnp.sum(_xlogy(jnp.exp(log_a), log_a, log_b), axis=-1)
 
 
 def _mixture(log_a: LogProbs, log_b: LogProbs, weight_a: float) -> LogProbs:
@@ -215,7 +219,6 @@ class Term:
         return self.name not in ("logprob", "cross_entropy", "entropy")
 
 
-TermLike = Term | str
 _TERMS = ("logprob", "cross_entropy", "entropy", "reverse_kl", "forward_kl", "soft_cross_entropy", "tvd", "jsd",
           "skew_kl", "skew_reverse_kl")
 
@@ -231,9 +234,6 @@ class _Row:
         self.p = None if zp is None else jnp.exp(self.lp)
         self.hit = jnp.arange(z.shape[-1]) == labels[..., None]
 
-    def mixture(self, log_a, log_b, weight_a):
-        return jnp.logaddexp(jnp.log(weight_a) + log_a, jnp.log1p(-weight_a) + log_b)
-
 
 def _row_sums(*xs):
     """Sums over the last axis of several [..., V] expressions in one pass (one variadic reduction)."""
@@ -248,10 +248,6 @@ def _log_normalisers(*zs):
     maxes = [jnp.where(jnp.isfinite(m), m, 0.0) for m in maxes]
     sums = _row_sums(*(jnp.exp(z - m[..., None]) for z, m in zip(zs, maxes)))
     return [m + jnp.log(total) for m, total in zip(maxes, sums)]
-
-
-def _xlogy(a, log_a, log_b):
-    return jnp.where(a > 0, a * (log_a - log_b), 0.0)
 
 
 def _term_parts(term: Term, r: _Row):
@@ -273,12 +269,12 @@ def _term_parts(term: Term, r: _Row):
     if name == "tvd":
         return 0.5 * jnp.abs(r.p - r.q), 0.5 * r.q * jnp.sign(r.q - r.p)
     if name == "jsd":
-        lm = r.mixture(r.lp, r.lq, w)
+        lm = _mixture(r.lp, r.lq, w)
         return w * _xlogy(r.p, r.lp, lm) + (1 - w) * _xlogy(r.q, r.lq, lm), _xlogy(r.q, r.lq, lm)
     if name == "skew_kl":
-        lr = r.mixture(r.lp, r.lq, w)
+        lr = _mixture(r.lp, r.lq, w)
         return _xlogy(r.p, r.lp, lr), r.q * jnp.exp(r.lp - lr)
-    lr = r.mixture(r.lq, r.lp, w)  # skew_reverse_kl
+    lr = _mixture(r.lq, r.lp, w)  # skew_reverse_kl
     return _xlogy(r.q, r.lq, lr), r.q * jnp.exp(r.lq - lr)
 
 
@@ -300,10 +296,10 @@ def _term_dlogits(term: Term, r: _Row, value, stat):
     if name == "tvd":
         return r.q * (0.5 * jnp.sign(r.q - r.p) - stat)
     if name == "jsd":
-        return (1 - w) * r.q * (r.lq - r.mixture(r.lp, r.lq, w) - stat)
+        return (1 - w) * r.q * (r.lq - _mixture(r.lp, r.lq, w) - stat)
     if name == "skew_kl":
-        return -(1 - w) * r.q * (jnp.exp(r.lp - r.mixture(r.lp, r.lq, w)) - stat)
-    lr = r.mixture(r.lq, r.lp, w)  # skew_reverse_kl
+        return -(1 - w) * r.q * (jnp.exp(r.lp - _mixture(r.lp, r.lq, w)) - stat)
+    lr = _mixture(r.lq, r.lp, w)  # skew_reverse_kl
     return r.q * (r.lq - lr - w * jnp.exp(r.lq - lr) - value + w * stat)
 
 
