@@ -174,6 +174,40 @@ def test_bfloat16_models_decode_with_float32_activations_over_bfloat16_weights_o
     np.testing.assert_allclose(np.where(gen_mask, out.logprobs, 0), np.where(gen_mask, expected, 0), atol=3e-2)
 
 
+def test_bfloat16_twin_decode_step_slices_its_weights_without_widening_them():
+    """XLA:CPU widens a bfloat16 array to float32 before slicing it: a layer scan over the twin's stacked
+    bfloat16 weights would convert every layer's weights at every decode step. The compiled decode step
+    slices them as they are (as bit patterns), and its logits are those of the same step without the scan
+    trick's bitcasts (an unrolled reference below: the twin's layers one at a time)."""
+    from minillm_jax.models.transformer import decoding_twin
+
+    model = random_model("llama_gqa", seed=0)
+    model.config = model.config.replace(dtype="bfloat16")
+    twin = decoding_twin(model)
+    cache = twin.init_cache(2, 8)
+    _, cache = twin.prefill(jnp.asarray([[3, 4, 5], [6, 7, 8]]), None, cache)
+    graphdef, state = nnx.split(twin)
+    step = jax.jit(lambda state, tokens, cache: nnx.merge(graphdef, state).decode_step(tokens, cache))
+    tokens = jnp.asarray([9, 10])
+    hlo = step.lower(state, tokens, cache).compile().as_text()
+    widened = [line for line in hlo.splitlines() if "dynamic-slice(" in line and "f32[1," in line
+               and any(f"f32[1,{a},{b}]" in line for a, b in
+                       [w.shape[1:3] for w in (twin.layers["gate_proj"][...], twin.layers["down_proj"][...])])]
+    assert not widened, widened[:2]
+    logits, _ = step(state, tokens, cache)
+    rounded = nnx.merge(*nnx.split(model))  # float32 throughout, over the twin's rounded weights
+    rounded.config = model.config.replace(dtype="float32")
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        rounded.layers[name].set_value(twin.layers[name][...].astype(jnp.float32))
+    for name in ("embed_tokens", "lm_head"):
+        if hasattr(twin, name):
+            getattr(rounded, name).set_value(getattr(twin, name)[...].astype(jnp.float32))
+    ref_cache = rounded.init_cache(2, 8)
+    _, ref_cache = rounded.prefill(jnp.asarray([[3, 4, 5], [6, 7, 8]]), None, ref_cache)
+    expected, _ = rounded.decode_step(tokens, ref_cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=2e-2)
+
+
 def test_float16_compute_on_cpu_says_which_dtypes_work():
     model = random_model("gpt2", seed=0)
     model.config = model.config.replace(dtype="float16")
