@@ -236,9 +236,17 @@ class _Row:
 
 
 def _row_sums(*xs):
-    """Sums over the last axis of several [..., V] expressions in one pass (one variadic reduction)."""
-    return jax.lax.reduce(xs, (jnp.float32(0),) * len(xs), lambda a, b: tuple(x + y for x, y in zip(a, b)),
-                          (xs[0].ndim - 1,))
+    """Sums over the last axis of several [..., V] expressions: one variadic reduction, or on CPU one
+    matrix-vector product. XLA:CPU fuses the whole elementwise chain (the terms' logs and exps) into a
+    reduction and runs it on one thread, unvectorised; as the operand of a dot the chain becomes a parallel
+    loop fusion and the sum a matmul (GKD's JSD at 128 rows per chunk, value and gradient: 0.97 -> 0.64 s)."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.reduce(xs, (jnp.float32(0),) * len(xs), lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                              (xs[0].ndim - 1,))
+    stacked = jnp.stack(xs, axis=-2)  # [..., K, V]
+    sums = jnp.einsum("...kv,v->...k", stacked, jnp.ones(stacked.shape[-1], stacked.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+    return tuple(jnp.moveaxis(sums, -1, 0))
 
 
 def _log_normalisers(*zs):
