@@ -4,11 +4,11 @@ instruction set (minillm_jax/data/demo), on CPU.
 
     python -m minillm_jax.main --config configs/demo.py --workdir runs/demo
 
-Measured 2026-12-03 (three fresh processes; 2:42 in one run the evening before, in a faster mode of the machine)
-on the 2-core development machine (AMX bf16 units) with nothing else running, bfloat16 compute over float32
-parameters: 2:55-2:59 wall, 262-268 s user CPU, 5.9-6.1 GB peak RSS; greedy
-Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.81 -> 39.12, reverse KL to the
-teacher per token on the student's samples 0.80 -> 0.65 (the afternoon's code, three runs: 3:10-3:16,
+Measured 2026-12-03 at 63db4d9 (three fresh processes; 2:42 in one run on 12-02 evening, in a faster mode of the
+machine) on the 2-core development machine (AMX bf16 units) with nothing else running, bfloat16 compute over
+float32 parameters: 2:51-3:02 wall, 255-271 s user CPU, 6.1-6.3 GB peak RSS; greedy
+Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.81 -> 37.67, reverse KL to the
+teacher per token on the student's samples 0.80 -> 0.64 (12-02 afternoon's code, three runs: 3:10-3:16,
 24.81 -> 34.11, 0.80 -> 0.61). In float32
 (--config.compute_dtype=float32; 2026-12-01, another day, not a same-run anchor): 6:08-6:18 wall,
 26.3 -> 40.6, 0.88 -> 0.70. It prints those
