@@ -438,8 +438,6 @@ def test_token_values_say_what_is_wrong():
     np.testing.assert_allclose(values[..., 0], want, rtol=1e-5)
 
 
-
-
 def test_row_sums_match_float64_and_run_as_a_matmul_on_cpu():
     """The fused terms' row sums: several [..., V] expressions summed over V, against float64 numpy. On CPU
     they must compile to a dot (XLA:CPU runs a reduction with the terms' elementwise chain fused into it on one
@@ -450,12 +448,13 @@ def test_row_sums_match_float64_and_run_as_a_matmul_on_cpu():
     def sums(a, b, c):
         return losses._row_sums(jnp.exp(a), a * b, jnp.log1p(c * c))
 
-    got = jax.jit(sums)(*xs)
+    jitted = jax.jit(sums)
+    got = jitted(*xs)
     a, b, c = (x.astype(np.float64) for x in xs)
     for g, w in zip(got, (np.exp(a).sum(-1), (a * b).sum(-1), np.log1p(c * c).sum(-1))):
         np.testing.assert_allclose(g, w, rtol=2e-6, atol=1e-4)
     if jax.default_backend() == "cpu":
-        hlo = jax.jit(sums).lower(*xs).compile().as_text()
+        hlo = jitted.lower(*xs).compile().as_text()
         assert " dot(" in hlo or "dot_general" in hlo, "expected the row sums as a matmul on CPU"
         vocab_reductions = [line for line in hlo.splitlines() if re.search(r" reduce\(.*dimensions=\{2\}", line)]
         assert not vocab_reductions, vocab_reductions
