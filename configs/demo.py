@@ -4,14 +4,12 @@ instruction set (minillm_jax/data/demo), on CPU.
 
     python -m minillm_jax.main --config configs/demo.py --workdir runs/demo
 
-Measured 2026-12-03 at 63db4d9 (three fresh processes; 2:42 in one run on 12-02 evening, in a faster mode of the
-machine) on the 2-core development machine (AMX bf16 units) with nothing else running, bfloat16 compute over
-float32 parameters: 2:51-3:02 wall, 255-271 s user CPU, 6.1-6.3 GB peak RSS; greedy
-Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.81 -> 37.67, reverse KL to the
-teacher per token on the student's samples 0.80 -> 0.64 (12-02 afternoon's code, three runs: 3:10-3:16,
-24.81 -> 34.11, 0.80 -> 0.61). In float32
-(--config.compute_dtype=float32; 2026-12-01, another day, not a same-run anchor): 6:08-6:18 wall,
-26.3 -> 40.6, 0.88 -> 0.70. It prints those
+Measured on the 2-core development machines with nothing else running, three fresh processes each,
+bfloat16 compute over float32 parameters: Intel Xeon with AMX (2026-12-03, 63db4d9) 2:51-3:02 wall, 6.1-6.3 GB
+peak RSS, greedy Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.81 -> 37.67; AMD EPYC
+Zen 4 with AVX512-BF16, no AMX (2026-12-04, fcad4d4) 3:39-4:00, 6.2-6.3 GB, 24.93 -> 36.12 (the CPUs' bf16
+kernels round differently). float32 (--config.compute_dtype=float32, for CPUs with neither amx_bf16 nor
+avx512_bf16): 6:08-6:18 on the Xeon, 6:21 on the AMD (one run). It prints those
 figures with the teacher's and the student's greedy answers side by side and exports the student to
 runs/demo/hf (an HF directory transformers loads).
 
@@ -63,8 +61,8 @@ def get_config(preset: str | None = None):
     c.optimizer.learning_rate = 5e-5  # 1e-4 with L_PT on the demo answers: greedy Rouge-L 42.8, not 39.8, 1.4x CPU
     c.optimizer.warmup_steps = 1
     c.logits_chunk_size = 64  # fused vocabulary terms: a bf16 round 40.1-41.8 s, 44.2-44.8 at 16 (bench/RESULTS.md)
-    # float32 parameters and optimizer, bfloat16 compute: on CPUs with bfloat16 matrix units (AMX) a round's
-    # optimizer steps take 0.6x the float32 time (bench/RESULTS.md); without them, --config.compute_dtype=float32
+    # float32 parameters and optimizer, bfloat16 compute: on CPUs with bfloat16 matrix units (AMX, AVX512-BF16)
+    # the demo takes 0.5-0.6x the float32 time (bench/RESULTS.md); without them, --config.compute_dtype=float32
     c.compute_dtype = "bfloat16"
     c.minillm.num_rollouts = 32
     c.minillm.ppo_epochs = 2

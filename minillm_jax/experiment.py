@@ -65,6 +65,33 @@ def load_models(config: RunConfig, mesh: jax.sharding.Mesh, tokenizer=None) -> M
     return Models(tokenizer=tokenizer, student=student, teacher=teacher, mesh=mesh)
 
 
+# CPU feature flags (x86 `flags`, Arm `Features` in /proc/cpuinfo) that give XLA:CPU fast bfloat16 matmuls
+_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def cpu_compute_note(compute_dtype: str, cpuinfo: str | None = None) -> str | None:
+    """A start-up note when a run computes in bfloat16 on a CPU whose flags show no bfloat16 matrix units:
+    the demo took about half float32's time with AMX and 0.6x with AVX512-BF16 alone (bench/RESULTS.md); without
+    either XLA:CPU converts to float32 around every bf16 op (not measured on such a CPU). None when the compute
+    dtype, the backend or the flags give no reason (or /proc/cpuinfo cannot be read)."""
+    if compute_dtype != "bfloat16" or jax.default_backend() != "cpu":
+        return None
+    if cpuinfo is None:
+        try:
+            cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags or flags & _BF16_FLAGS:
+        return None
+    return ("note: compute_dtype=bfloat16 on a CPU without bfloat16 matrix units (/proc/cpuinfo shows none of "
+            f"{', '.join(sorted(_BF16_FLAGS))}): --config.compute_dtype=float32 is likely faster here")
+
+
 def teacher_rules(config: RunConfig) -> sharding.Rules:
     """The teacher's placement: sampling rules (weights whole along fsdp) where it generates, training
     rules (fsdp-sharded, the least memory) where it only scores teacher-forced batches."""

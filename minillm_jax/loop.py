@@ -31,7 +31,14 @@ from flax import nnx
 from minillm_jax import checkpoint, inference, report, sharding
 from minillm_jax.config import ADDED_KEYS, RESUMABLE_CHANGES, ConfigError, RunConfig
 from minillm_jax.data import InstructionData, RecordError, load_records
-from minillm_jax.experiment import build_mesh, load_models, load_run_tokenizer, sampling_config, workdir_path
+from minillm_jax.experiment import (
+    build_mesh,
+    cpu_compute_note,
+    load_models,
+    load_run_tokenizer,
+    sampling_config,
+    workdir_path,
+)
 from minillm_jax.models.hf import save_config
 from minillm_jax.tracking import MetricWriter
 from minillm_jax.trainers import METHODS
@@ -230,6 +237,9 @@ def train(config: RunConfig, workdir: pathlib.Path) -> dict:
         if moved:
             print(f"moved the earlier run in {workdir} aside to {moved}")
     print(data.description, flush=True)
+    note = cpu_compute_note(config.compute_dtype) if primary else None
+    if note:
+        print(note, flush=True)
 
     o = config.optimizer
     tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=config.steps,

@@ -140,3 +140,24 @@ def test_paper_presets_follow_the_recipe():
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="preset"):
         config_from("gpt2.py", "minillm-9b")
+
+
+# /proc/cpuinfo excerpts: the AMD Zen 4 development machine (avx512_bf16, no AMX), an AVX2-only x86 CPU, an Arm
+# Neoverse V1 (bf16 in Features) and an Arm Cortex-A72 (none)
+_ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\nprocessor\t: 1\n"
+_AVX2 = "processor\t: 0\nmodel name\t: Intel(R) Core(TM) i7-8700\nflags\t\t: fpu sse2 avx avx2 fma\n"
+_NEOVERSE_V1 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve asimdbf16 bf16 i8mm\n"
+_A72 = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+
+
+def test_cpu_compute_note_only_for_bfloat16_on_a_cpu_without_bf16_units():
+    from minillm_jax.experiment import cpu_compute_note
+
+    assert cpu_compute_note("bfloat16", _ZEN4) is None
+    assert cpu_compute_note("bfloat16", _NEOVERSE_V1) is None
+    assert cpu_compute_note("float32", _AVX2) is None  # nothing to suggest
+    assert cpu_compute_note("bfloat16", "") is None  # flags unknown: no claim
+    for cpuinfo in (_AVX2, _A72):
+        note = cpu_compute_note("bfloat16", cpuinfo)
+        assert note and "--config.compute_dtype=float32" in note and "avx512_bf16" in note
+    assert cpu_compute_note("bfloat16") in (None, cpu_compute_note("bfloat16", open("/proc/cpuinfo").read()))
