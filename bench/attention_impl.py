@@ -1,7 +1,8 @@
 """`jax.nn.dot_product_attention` as the model calls it (one boolean mask for left padding, causality and
-windows; GQA), with `implementation=None` (what the model uses: XLA as of jax 0.11) against
-`implementation="cudnn"` where a GPU is present: forward and forward+backward time, the largest
-difference, and whether fully masked (left-padding) query rows stay finite. One Markdown table.
+windows; GQA), with `implementation=None` (what the model uses off CPU: XLA as of jax 0.11), against
+`implementation="cudnn"` where a GPU is present, and the explicit softmax attention the model uses on CPU:
+forward and forward+backward time, the largest difference, and whether fully masked (left-padding) query
+rows stay finite. One Markdown table.
 
     python bench/attention_impl.py              # GPT-2 124M / SmolLM2-like shapes in bf16
     python bench/attention_impl.py --smoke      # tiny shapes (on CPU only the XLA rows run)
@@ -10,6 +11,7 @@ difference, and whether fully masked (left-padding) query rows stay finite. One 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -38,24 +40,33 @@ def _inputs(shape, dtype):
     return q, k, v, jnp.asarray(key_real[:, None, :] & causal[None])[:, None]  # [B 1 T S]
 
 
+def _explicit(q, k, v, mask):
+    """The model's attention without a cache on CPU (models.transformer._softmax_attention), same arguments."""
+    from minillm_jax.models import transformer
+
+    return transformer._softmax_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask[:, 0],
+                                          transformer._Dropout(None), 0.0)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
-    impls = [None] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    impls = {str(impl): functools.partial(jax.nn.dot_product_attention, implementation=impl)
+             for impl in [None] + (["cudnn"] if jax.default_backend() == "gpu" else [])}
+    impls["explicit (the model's on CPU)"] = _explicit
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {dtype}")
     print("| shape | implementation | fwd ms | fwd+bwd ms | max diff vs None | padded rows finite |")
     print("|---|---|---|---|---|---|")
     for name, shape in (SMOKE if args.smoke else SHAPES).items():
         q, k, v, mask = _inputs(shape, dtype)
         reference = None
-        for impl in impls:
-            forward = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                                                                     implementation=impl))
-            grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(jax.nn.dot_product_attention(
-                q, k, v, mask=mask, implementation=impl).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+        for impl, attend in impls.items():
+            forward = jax.jit(lambda q, k, v, attend=attend: attend(q, k, v, mask=mask))
+            grad = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v, mask=mask).astype(
+                jnp.float32) ** 2), argnums=(0, 1, 2)))
             try:
                 out = np.asarray(forward(q, k, v), np.float32)
                 fwd = median_seconds(lambda: forward(q, k, v).block_until_ready(), 10)
