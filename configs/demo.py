@@ -60,7 +60,9 @@ def get_config(preset: str | None = None):
     c.batch_size = 8
     c.optimizer.learning_rate = 5e-5  # 1e-4 with L_PT on the demo answers: greedy Rouge-L 42.8, not 39.8, 1.4x CPU
     c.optimizer.warmup_steps = 1
-    c.logits_chunk_size = 64  # fused vocabulary terms: a bf16 round 40.1-41.8 s, 44.2-44.8 at 16 (bench/RESULTS.md)
+    # fused vocabulary terms in one chunk (responses and L_PT sequences alike): their logits are made once and
+    # kept for the backward pass (memory ~ B T V, fine on CPU; chunks bound it elsewhere: bench/RESULTS.md)
+    c.logits_chunk_size = 0
     # float32 parameters and optimizer, bfloat16 compute: on CPUs with bfloat16 matrix units (AMX, AVX512-BF16)
     # the demo takes 0.5-0.6x the float32 time (bench/RESULTS.md); without them, --config.compute_dtype=float32
     c.compute_dtype = "bfloat16"
@@ -88,7 +90,6 @@ def tiny(c):
     c.data.max_prompt_length = 256
     c.data.max_length = 320
     c.data.pretrain = "@train"  # the tests cover L_PT through this preset
-    c.logits_chunk_size = 0  # the tests' code paths as before the demo's chunking (chunks: tests/test_losses.py)
     c.compute_dtype = ""  # float32, as the tests' expectations were written (bf16: tests/test_main.py, parity)
     c.data.pretrain_length = 32
     c.sampling.max_new_tokens = 8

@@ -318,13 +318,14 @@ def _scaled(logits, num_real_tokens, temperature):
     return logits / temperature if temperature != 1.0 else logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _fused(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts, labels):
-    return _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _fused(terms, num_real_tokens, temperature, keep, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts, labels):
+    return _fused_fwd(terms, num_real_tokens, temperature, keep, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts,
                       labels)[0]
 
 
-def _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts, labels):
+def _fused_fwd(terms, num_real_tokens, temperature, keep, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts,
+               labels):
     def chunk(x):
         hidden, t_chunk, chunk_labels = x
         z = _scaled(s_fn(hidden, *s_consts), num_real_tokens, temperature)
@@ -335,20 +336,22 @@ def _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_cons
         sums = _row_sums(*[v for v, _ in parts], *[s for _, s in parts if s is not None])
         values, extra = sums[:len(terms)], iter(sums[len(terms):])
         stats = [values[i] if s is None else next(extra) for i, (_, s) in enumerate(parts)]
-        return jnp.stack(values, -1), jnp.stack(stats, -1), jnp.stack([lse_q, lse_p], -1)
+        kept = (z, zp) if keep else (None, None)
+        return jnp.stack(values, -1), jnp.stack(stats, -1), jnp.stack([lse_q, lse_p], -1), kept
 
-    values, stats, normalisers = jax.lax.map(chunk, (s_hidden, t_hidden, labels))
-    return values, (s_hidden, s_consts, t_hidden, t_consts, labels, values, stats, normalisers)
+    values, stats, normalisers, kept = jax.lax.map(chunk, (s_hidden, t_hidden, labels))
+    return values, (s_hidden, s_consts, t_hidden, t_consts, labels, values, stats, normalisers, kept)
 
 
-def _fused_bwd(terms, num_real_tokens, temperature, s_fn, t_fn, residuals, d_values):
-    s_hidden, s_consts, t_hidden, t_consts, labels, values, stats, normalisers = residuals
+def _fused_bwd(terms, num_real_tokens, temperature, keep, s_fn, t_fn, residuals, d_values):
+    s_hidden, s_consts, t_hidden, t_consts, labels, values, stats, normalisers, kept = residuals
 
     def chunk(d_consts, x):
-        hidden, t_chunk, chunk_labels, chunk_values, chunk_stats, chunk_normalisers, d_chunk = x
-        logits, vjp = jax.vjp(s_fn, hidden, *s_consts)
-        z = _scaled(logits, num_real_tokens, temperature)
-        zp = None if t_fn is None else _scaled(t_fn(t_chunk, *t_consts), num_real_tokens, temperature)
+        hidden, t_chunk, chunk_labels, chunk_values, chunk_stats, chunk_normalisers, (z, zp), d_chunk = x
+        logits, vjp = jax.vjp(s_fn, hidden, *s_consts)  # unused when kept: XLA drops the product
+        if z is None:
+            z = _scaled(logits, num_real_tokens, temperature)
+            zp = None if t_fn is None else _scaled(t_fn(t_chunk, *t_consts), num_real_tokens, temperature)
         row = _Row(z, chunk_normalisers[..., 0], zp, chunk_normalisers[..., 1], chunk_labels)
         dz = sum(d_chunk[..., i, None] * _term_dlogits(t, row, chunk_values[..., i], chunk_stats[..., i])
                  for i, t in enumerate(terms))
@@ -360,7 +363,7 @@ def _fused_bwd(terms, num_real_tokens, temperature, s_fn, t_fn, residuals, d_val
         return jax.tree.map(jnp.add, d_consts, tuple(d_c)), d_hidden
 
     zeros = tuple(jnp.zeros_like(c) for c in s_consts)
-    d_consts, d_hidden = jax.lax.scan(chunk, zeros, (s_hidden, t_hidden, labels, values, stats, normalisers,
+    d_consts, d_hidden = jax.lax.scan(chunk, zeros, (s_hidden, t_hidden, labels, values, stats, normalisers, kept,
                                                      d_values))
     return d_hidden, d_consts, None, None, None
 
@@ -376,8 +379,11 @@ def token_values(terms, student_hidden: Float[Array, "B T E"], student_unembed,
     `student_unembed(hidden)` and `teacher_unembed(hidden)` give logits (any dtype; padded ids beyond
     `num_real_tokens` sliced off), divided by `temperature`. Only the student side carries a gradient (to
     its hidden states and whatever its unembed reads). The [B, chunk, V] logits of `chunk_size` positions
-    at a time (all T without) are made in the forward pass and made again in the backward pass, so [B, T, V]
-    float32 logits never exist at once; the backward pass of a chunk is one elementwise pass over them."""
+    at a time are made in the forward pass and made again in the backward pass, so [B, T, V] float32 logits
+    never exist at once; the backward pass of a chunk is one elementwise pass over them. In one chunk (no
+    `chunk_size`, or one of at least T), where all [B, T, V] exist at once anyway, the forward pass's logits
+    are kept for the backward pass instead of made again (alive until then; one or two vocabulary products
+    fewer: XLA merges a single chunk's two products only sometimes)."""
     terms = tuple((Term(t) if isinstance(t, str) else t).plain for t in terms)
     needs_teacher = any(t.needs_teacher for t in terms)
     if needs_teacher and (teacher_hidden is None or teacher_unembed is None):
@@ -402,7 +408,7 @@ def token_values(terms, student_hidden: Float[Array, "B T E"], student_unembed,
         t_fn, t_consts = jax.closure_convert(teacher_unembed, t_example)
         t_consts = jax.lax.stop_gradient(t_consts)
         t_hidden = split(teacher_hidden)
-    out = _fused(terms, num_real_tokens, temperature, s_fn, t_fn, split(student_hidden), tuple(s_consts), t_hidden,
-                 tuple(t_consts), split(labels))  # [chunks, B, chunk, K]
+    out = _fused(terms, num_real_tokens, temperature, chunks == 1, s_fn, t_fn, split(student_hidden), tuple(s_consts),
+                 t_hidden, tuple(t_consts), split(labels))  # [chunks, B, chunk, K]
     out = jnp.moveaxis(out, 0, 1)
     return out.reshape(B, chunks * chunk_size, len(terms))[:, :T]
