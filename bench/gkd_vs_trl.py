@@ -80,7 +80,7 @@ OUR_OVERRIDES = {
     "dtype": "float32",
     "compute_dtype": "",
     "remat": "none",
-    # logits a chunk of 16 positions at a time (the demo's MiniLLM config has 64): on this workload as fast as
+    # logits a chunk of 16 positions at a time (the demo config had 64 then): on this workload as fast as
     # 64 within 4% and ~0.45 GB less peak RSS (bench/RESULTS.md, 2026-12-03)
     "logits_chunk_size": 16,
     "data.train": "{train}",
