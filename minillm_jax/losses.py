@@ -318,14 +318,15 @@ def _scaled(logits, num_real_tokens, temperature):
     return logits / temperature if temperature != 1.0 else logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-def _fused(terms, num_real_tokens, temperature, keep, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts, labels):
-    return _fused_fwd(terms, num_real_tokens, temperature, keep, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _fused(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts, labels):
+    return _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts,
                       labels)[0]
 
 
-def _fused_fwd(terms, num_real_tokens, temperature, keep, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts,
-               labels):
+def _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_consts, t_hidden, t_consts, labels):
+    keep = s_hidden.shape[0] == 1  # one chunk: its logits stay for the backward pass (see token_values)
+
     def chunk(x):
         hidden, t_chunk, chunk_labels = x
         z = _scaled(s_fn(hidden, *s_consts), num_real_tokens, temperature)
@@ -343,7 +344,7 @@ def _fused_fwd(terms, num_real_tokens, temperature, keep, s_fn, t_fn, s_hidden, 
     return values, (s_hidden, s_consts, t_hidden, t_consts, labels, values, stats, normalisers, kept)
 
 
-def _fused_bwd(terms, num_real_tokens, temperature, keep, s_fn, t_fn, residuals, d_values):
+def _fused_bwd(terms, num_real_tokens, temperature, s_fn, t_fn, residuals, d_values):
     s_hidden, s_consts, t_hidden, t_consts, labels, values, stats, normalisers, kept = residuals
 
     def chunk(d_consts, x):
@@ -408,7 +409,7 @@ def token_values(terms, student_hidden: Float[Array, "B T E"], student_unembed,
         t_fn, t_consts = jax.closure_convert(teacher_unembed, t_example)
         t_consts = jax.lax.stop_gradient(t_consts)
         t_hidden = split(teacher_hidden)
-    out = _fused(terms, num_real_tokens, temperature, chunks == 1, s_fn, t_fn, split(student_hidden), tuple(s_consts),
-                 t_hidden, tuple(t_consts), split(labels))  # [chunks, B, chunk, K]
+    out = _fused(terms, num_real_tokens, temperature, s_fn, t_fn, split(student_hidden), tuple(s_consts), t_hidden,
+                 tuple(t_consts), split(labels))  # [chunks, B, chunk, K]
     out = jnp.moveaxis(out, 0, 1)
     return out.reshape(B, chunks * chunk_size, len(terms))[:, :T]
