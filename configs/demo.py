@@ -7,7 +7,7 @@ instruction set (minillm_jax/data/demo), on CPU.
 Measured on the 2-core development machines with nothing else running, three fresh processes each,
 bfloat16 compute over float32 parameters: Intel Xeon with AMX (2026-12-03, 63db4d9) 2:51-3:02 wall, 6.1-6.3 GB
 peak RSS, greedy Rouge-L against the teacher's greedy answers on the 16 held-out prompts 24.81 -> 37.67; AMD EPYC
-Zen 4 with AVX512-BF16, no AMX (2026-12-04, fcad4d4) 3:39-4:00, 6.2-6.3 GB, 24.93 -> 36.12 (the CPUs' bf16
+Zen 4 with AVX512-BF16, no AMX (2026-12-04, cbebc2d) 3:13-3:30, 6.1-6.2 GB, 24.93 -> 38.14 (the CPUs' bf16
 kernels round differently). float32 (--config.compute_dtype=float32, for CPUs with neither amx_bf16 nor
 avx512_bf16): 6:08-6:18 on the Xeon, 6:21 on the AMD (one run). It prints those
 figures with the teacher's and the student's greedy answers side by side and exports the student to
