@@ -129,6 +129,38 @@ def test_iter_streams(smollm2_gguf):
     stream.close()
 
 
+def _assert_same_as_the_package_reader(path):
+    """Our reader (a plain view of the map) against the `gguf` package's own: every field and tensor."""
+    from minillm_jax.models.gguf import _reader
+
+    ours, reference = _reader(path), gguf.GGUFReader(path)
+    assert type(reference.data) is np.memmap and type(ours.data) is np.ndarray and not ours.data.flags.writeable
+    assert list(ours.fields) == list(reference.fields)
+    for key, field in reference.fields.items():
+        assert ours.fields[key].types == field.types, key
+        assert ours.fields[key].contents() == field.contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    for mine, theirs in zip(ours.tensors, reference.tensors):
+        assert (mine.tensor_type, mine.shape.tolist(), mine.data_offset) == \
+            (theirs.tensor_type, theirs.shape.tolist(), theirs.data_offset), mine.name
+        assert mine.data.dtype == theirs.data.dtype and np.array_equal(mine.data, theirs.data), mine.name
+
+
+def test_reader_reads_what_the_gguf_package_reads(smollm2_gguf):
+    _assert_same_as_the_package_reader(smollm2_gguf)
+
+
+def test_loading_a_model_parses_its_file_once(smollm2_gguf, monkeypatch):
+    from minillm_jax.models import gguf as ours
+    from minillm_jax.models import load_pretrained
+
+    parsed = []
+    reader = ours._reader
+    monkeypatch.setattr(ours, "_reader", lambda path: parsed.append(path) or reader(path))
+    model = load_pretrained(smollm2_gguf)
+    assert model.config.num_layers == 30 and len(parsed) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Small synthetic files: qwen2 (biases, no permutation), llama (permutation round trip), llama3 rope
 
@@ -244,6 +276,7 @@ QUANTIZED = ("embed_tokens", "gate_proj", "layers.1.self_attn.k_proj")
 def test_tiny_weights_round_trip_and_match_transformers(tmp_path, arch, tied):
     path = tmp_path / f"tiny-{arch}.gguf"
     original = _write_tiny(path, arch, tied=tied)
+    _assert_same_as_the_package_reader(path)
     ours = dict(iter_gguf_tensors(path))
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     reference = reference.state_dict()

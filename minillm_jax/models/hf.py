@@ -51,11 +51,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", mesh: ja
     """
     path = resolve_path(path)
     if path.suffix == ".gguf":
-        from minillm_jax.models import gguf
-
-        hf_dict = gguf.read_gguf_config(path)
+        source = _GGUFSource(path)  # one parse of the file's metadata, for the config and the weights
+        hf_dict = source.tensors.config
         config = _config_from_dict(hf_dict, path)
-        source: _TensorSource = _GGUFSource(path)
         tokenizer_size = hf_dict["vocab_size"]
     else:
         config = _config_from_dict(_read_config_json(path), path / "config.json")
