@@ -96,8 +96,11 @@ def load_eval_set(name: str, path: str | os.PathLike, tokenizer, *, template: st
     pairs = tokenize_pairs(tokenizer, texts, [refs[0] for refs in references]) if texts else []
     full = [prompt for prompt, _ in pairs]
     truncated = sum(len(ids) > max_prompt_length for ids in full)
-    logger.info("%s: %d prompts from %s, %d cut to their first %d tokens", name, len(full), path, truncated,
-                max_prompt_length)
+    logger.info("%s: %d prompts from %s", name, len(full), path)
+    if truncated:  # the paper's rule; the cut also drops the template's end ("### Response:", the chat header)
+        logger.warning("%s: %d of %d prompts are longer than max_prompt_length=%d and are cut to their first %d "
+                       "tokens, which drops the end of their template (the paper's rule, with 256)", name,
+                       truncated, len(full), max_prompt_length, max_prompt_length)
     return EvalSet(name, [list(ids[:max_prompt_length]) for ids in full], references, records,
                    gold=[response[:-1] for _, response in pairs])  # the project's tokenisation rule, EOS dropped
 
@@ -417,35 +420,63 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def write_report(results: dict, workdir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
-    """results.json (everything) and results.md (one row per model and set). `results` maps model names to
+    """results.json (everything) and results.md: one row per model and set with every per-set figure
+    (Rouge-L mean ± std over seeds, exact match, Dist-4, mean answer length, the gold answers' LM loss per
+    token, and with a teacher the reverse KL per token and per answer), Rouge-L by gold length, and the
+    exposure-bias and calibration figures where a model has them. `results` maps model names to
     `evaluate_model` outputs, or is one `evaluate_model` output (reported as model "model")."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = workdir / "results.json", workdir / "results.md"
     atomic_write_text(json_path, json.dumps(results, indent=2, default=_to_json))
-    lines = ["| model | set | n | Rouge-L | exact match | length | reverse KL |", "|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict, key: str, digits: int) -> str:
+        return "–" if r.get(key) is None else f"{r[key]:.{digits}f}"
+
+    lines = ["| model | set | n | Rouge-L | exact match | Dist-4 | length | LM loss / token | reverse KL / token "
+             "| reverse KL / answer |", "|---|---|---|---|---|---|---|---|---|---|"]
     buckets = ["", "Rouge-L by gold-response length (tokens), mean (count):", "",
                "| model | set | buckets |", "|---|---|---|"]
     for model_name, set_name, r in _set_rows(results):
-        kl = f"{r['reverse_kl']:.3f}" if "reverse_kl" in r else "–"
         lines.append(f"| {model_name} | {set_name} | {r['n']} | {r['rouge_l_mean']:.2f} ± {r['rouge_l_std']:.2f} | "
-                     f"{r['exact_match_mean']:.2f} | {r['length_mean']:.1f} | {kl} |")
+                     f"{r['exact_match_mean']:.2f} | {cell(r, 'dist_4_mean', 2)} | {r['length_mean']:.1f} | "
+                     f"{cell(r, 'lm_loss_per_token', 3)} | {cell(r, 'reverse_kl_per_token', 3)} | "
+                     f"{cell(r, 'reverse_kl', 3)} |")
         cells = [f"{b['bucket']}: {'–' if b['mean'] is None else format(b['mean'], '.1f')} ({b['count']})"
                  for b in r.get("rouge_l_by_length", [])]
         buckets.append(f"| {model_name} | {set_name} | {'; '.join(cells)} |")
-    atomic_write_text(md_path, "\n".join(lines + buckets) + "\n")
+    extras = []
+    for model_name, r in _model_rows(results):
+        if isinstance(r.get("exposure_bias"), dict):
+            e = r["exposure_bias"]
+            extras += ["", f"Exposure bias of {model_name} over {e['num_prompts']} prompts (ExAccErr, %, after l "
+                       "generated tokens):", "", "| l | R(l) | epsilon(l) | ExAccErr |", "|---|---|---|---|"]
+            extras += [f"| {n} | {v['R']:.3f} | {v['epsilon']:.3f} | {cell(v, 'exacc_err', 1)} |"
+                       for n, v in e["summary"].items()]
+    calibrated = [(m, r["calibration"]) for m, r in _model_rows(results) if isinstance(r.get("calibration"), dict)]
+    if calibrated:
+        extras += ["", "Calibration (zero-shot label words):", "", "| model | n | ECE | accuracy | mean confidence |",
+                   "|---|---|---|---|---|"]
+        extras += [f"| {m} | {c['n']} | {c['ece']:.4f} | {c['accuracy']:.4f} | {c['mean_confidence']:.4f} |"
+                   for m, c in calibrated]
+    atomic_write_text(md_path, "\n".join(lines + buckets + extras) + "\n")
     return json_path, md_path
 
 
-def _set_rows(results: dict) -> Iterator[tuple[str, str, dict]]:
-    def is_set(value):
-        return isinstance(value, dict) and "rouge_l_mean" in value
+def _is_set(value) -> bool:
+    return isinstance(value, dict) and "rouge_l_mean" in value
 
-    if any(is_set(v) for v in results.values()):
+
+def _model_rows(results: dict) -> Iterator[tuple[str, dict]]:
+    """(model name, its results); one model's bare results are model "model"."""
+    if any(_is_set(v) for v in results.values()):
         results = {"model": results}
-    for model_name, sets in results.items():
-        if isinstance(sets, dict):
-            yield from ((model_name, name, r) for name, r in sets.items() if is_set(r))
+    yield from ((name, r) for name, r in results.items() if isinstance(r, dict))
+
+
+def _set_rows(results: dict) -> Iterator[tuple[str, str, dict]]:
+    for model_name, sets in _model_rows(results):
+        yield from ((model_name, name, r) for name, r in sets.items() if _is_set(r))
 
 
 def _to_json(value):

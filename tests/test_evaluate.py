@@ -299,16 +299,19 @@ def test_gold_answers_follow_the_tokenisation_rule(smollm2_tokenizer):
 # ------------------------------------------------------------------------------------ data
 
 
-def test_load_dolly_truncates_to_first_256_tokens(smollm2_tokenizer):
+def test_load_dolly_truncates_to_first_256_tokens(smollm2_tokenizer, caplog):
     from conftest import SHARED_DATA
 
     records = [json.loads(line) for line in (SHARED_DATA / DOLLY).read_text().splitlines()]
-    eval_set = load_eval_set("dolly", SHARED_DATA / DOLLY, smollm2_tokenizer)
+    with caplog.at_level("WARNING", logger="minillm_jax.evaluate"):
+        eval_set = load_eval_set("dolly", SHARED_DATA / DOLLY, smollm2_tokenizer)
     assert len(eval_set) == len(eval_set.records) == 500
     assert eval_set.references == [[r["output"]] for r in records]
     full = [smollm2_tokenizer(format_prompt(r), add_special_tokens=True)["input_ids"] for r in records]
     assert eval_set.prompts == [ids[:256] for ids in full]
-    assert sum(len(ids) > 256 for ids in full) > 0  # some prompts were cut, none dropped
+    cut = sum(len(ids) > 256 for ids in full)
+    assert cut > 0  # some prompts were cut, none dropped, and the user is told how many
+    assert f"dolly: {cut} of 500 prompts are longer than max_prompt_length=256" in caplog.text
     assert len(load_eval_set("dolly", SHARED_DATA / DOLLY, smollm2_tokenizer, limit=7)) == 7
 
 
@@ -396,13 +399,28 @@ def test_evaluate_model_end_to_end(words, tmp_path):
 def test_write_report_and_plot_curves(tmp_path):
     per_set = {"n": 3, "rouge_l_mean": 24.56, "rouge_l_std": 0.31, "exact_match_mean": 1.0, "exact_match_std": 0.0,
                "length_mean": 41.2, "rouge_l_by_length": bucket_means([10, 20, 30], [1, 7, 60])}
-    results = {"minillm-120M": {"dolly": per_set, "self_inst": {**per_set, "reverse_kl": np.float32(1.5)}}}
+    scored = {**per_set, "dist_4_mean": 97.126, "lm_loss_per_token": 2.25, "lm_loss": None,
+              "reverse_kl": np.float32(1.5), "reverse_kl_per_token": 0.041}
+    exposure = {"num_prompts": 4, "summary": {"1": {"R": 0.25, "epsilon": 0.5, "exacc_err": -50.0},
+                                              "10": {"R": 2.0, "epsilon": 0.0, "exacc_err": None}}}
+    calibrated = {"ece": 0.125, "accuracy": 0.75, "mean_confidence": 0.875, "n": 8}
+    results = {"minillm-120M": {"dolly": per_set, "self_inst": scored, "exposure_bias": exposure,
+                                "calibration": calibrated},
+               "teacher": {"dolly": per_set, "calibration": {**calibrated, "ece": 0.0625}}}
     json_path, md_path = write_report(results, tmp_path / "report")
     assert json.loads(json_path.read_text())["minillm-120M"]["self_inst"]["reverse_kl"] == 1.5
     table = md_path.read_text()
-    assert "| minillm-120M | dolly | 3 | 24.56 ± 0.31 | 1.00 | 41.2 | – |" in table
-    assert "| minillm-120M | self_inst | 3 | 24.56 ± 0.31 | 1.00 | 41.2 | 1.500 |" in table
+    assert "| minillm-120M | dolly | 3 | 24.56 ± 0.31 | 1.00 | – | 41.2 | – | – | – |" in table
+    assert "| minillm-120M | self_inst | 3 | 24.56 ± 0.31 | 1.00 | 97.13 | 41.2 | 2.250 | 0.041 | 1.500 |" in table
+    assert "| teacher | dolly | 3 |" in table
     assert "[5, 10): 20.0 (1)" in table
+    assert "Exposure bias of minillm-120M over 4 prompts" in table
+    assert "| 1 | 0.250 | 0.500 | -50.0 |\n| 10 | 2.000 | 0.000 | – |" in table
+    assert "| minillm-120M | 8 | 0.1250 | 0.7500 | 0.8750 |\n| teacher | 8 | 0.0625 |" in table
+    assert "Exposure bias of teacher" not in table
+
+    _, bare = write_report({"dolly": per_set}, tmp_path / "bare")
+    assert "| model | dolly | 3 | 24.56 ± 0.31 |" in bare.read_text()
 
     log = tmp_path / "metrics.jsonl"
     lines = [{"step": s, "loss": 3.0 / (s + 1), "lr": 1e-4} for s in range(5)] + [{"step": 4, "val_rouge_l": 20.5}]
