@@ -53,6 +53,21 @@ _ARRAY_ITEMS = ("params", "opt_state")
 _SHOWN = 3  # paths named in a message
 
 
+def quiet_orbax_logs() -> None:
+    """For the command-line tools: Orbax's own log lines (through absl, and its `orbax` loggers) below
+    CRITICAL are dropped: a warning on every read-only open, and its background threads' errors, which reach
+    the caller again as the exception the call raises. Other absl warnings (skipped records, ...) still show."""
+    for name in ("orbax", "jax._src.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    absl = logging.getLogger("absl")
+    if _not_orbax not in absl.filters:
+        absl.addFilter(_not_orbax)
+
+
+def _not_orbax(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.CRITICAL or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 class CheckpointCorrupt(RuntimeError):
     """A checkpoint step whose files cannot be read or whose arrays differ from what was saved."""
 

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="tensor type of the matrices (norms and biases stay f32)")
     to_gguf.add_argument("--force", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
+    from minillm_jax.checkpoint import quiet_orbax_logs
 
+    quiet_orbax_logs()
     if args.command == "gguf-to-hf":
         if not args.gguf.endswith(".gguf") or not pathlib.Path(args.gguf).is_file():
             parser.error(f"--gguf {args.gguf!r}: expected an existing .gguf file")

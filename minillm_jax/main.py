@@ -18,7 +18,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, results and the export")
 
-QUIET_LOGGERS = ("orbax", "jax._src.distributed")  # Orbax warns about every read-only open
 NO_SPACE = ("No space left on device", "os_error_code='28'")  # how TensorStore (Orbax's writer) reports ENOSPC
 
 
@@ -47,12 +46,6 @@ def _no_space(error: BaseException) -> OSError | None:
     return None
 
 
-def _quiet_orbax(record: logging.LogRecord) -> bool:
-    """Orbax logs through absl (logger "absl"): its warnings on every read-only open, and its background
-    threads' errors, which reach the run again as the exception it raises."""
-    return record.levelno >= logging.CRITICAL or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with ml_collections' errors for a bad override (an unknown key surfaces as an
     AttributeError deep in its parser) turned into one line naming the flag, and exit code 2."""
@@ -76,13 +69,12 @@ def main(argv) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # warnings (e.g. skipped records) show; infos do not
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("absl").addFilter(_quiet_orbax)
     import jax
 
     from minillm_jax import loop
-    from minillm_jax.checkpoint import CheckpointIncompatible
+    from minillm_jax.checkpoint import CheckpointIncompatible, quiet_orbax_logs
+
+    quiet_orbax_logs()
     from minillm_jax.config import ConfigError, RunConfig
     from minillm_jax.workdir import WorkdirBusy
 
