@@ -442,8 +442,7 @@ def write_report(results: dict, workdir: str | os.PathLike) -> tuple[pathlib.Pat
                      f"{r['exact_match_mean']:.2f} | {cell(r, 'dist_4_mean', 2)} | {r['length_mean']:.1f} | "
                      f"{cell(r, 'lm_loss_per_token', 3)} | {cell(r, 'reverse_kl_per_token', 3)} | "
                      f"{cell(r, 'reverse_kl', 3)} |")
-        cells = [f"{b['bucket']}: {'–' if b['mean'] is None else format(b['mean'], '.1f')} ({b['count']})"
-                 for b in r.get("rouge_l_by_length", [])]
+        cells = [f"{b['bucket']}: {cell(b, 'mean', 1)} ({b['count']})" for b in r.get("rouge_l_by_length", [])]
         buckets.append(f"| {model_name} | {set_name} | {'; '.join(cells)} |")
     extras = []
     for model_name, r in _model_rows(results):

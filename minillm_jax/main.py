@@ -73,11 +73,10 @@ def main(argv) -> None:
 
     from minillm_jax import loop
     from minillm_jax.checkpoint import CheckpointIncompatible, quiet_orbax_logs
-
-    quiet_orbax_logs()
     from minillm_jax.config import ConfigError, RunConfig
     from minillm_jax.workdir import WorkdirBusy
 
+    quiet_orbax_logs()
     initialize_distributed(jax)
     try:
         loop.run(RunConfig.from_dict(_CONFIG.value), _WORKDIR.value)
