@@ -5,7 +5,12 @@
 #            suspect for the train step's 12.6% MFU on the H200 (2026-12-01)
 #   issue 3: sampling throughput vs transformers.generate (GPT-2 124M, B in {32, 128}; teacher-mixed
 #            124M + GPT-2 XL with the fraction of the memory-bandwidth bound)
-#   issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512
+#   decode layout: the sampler as it is against bench/decode_unrolled.patch (each layer's KV cache in its own
+#            buffer, the decode step unrolled over layers) at B 128, and what each compiled decode step copies
+#            (bench/decode_hlo.py): on XLA:CPU the layer scan copies every layer's cache slice per step
+#            (bench/RESULTS.md, "Evaluation-length decoding"), which on a GPU would add the cache's traffic again
+#   issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on the
+#            H200 on 2026-12-01; last, so that a run out of time loses it first)
 # Prepare here first: ../shared/tools/offline_wheels.sh (wheels the GPU image lacks, into .whl/), then
 # carry .whl to the device and run: bash bench/gpu_suite.sh
 # Sized for a 15-minute device budget: one fresh process per side (a GPU is not bimodal the way the
@@ -33,6 +38,13 @@ python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__,
 section "attention: XLA vs cuDNN (bench/attention_impl.py)" 90 python3 bench/attention_impl.py
 section "train step and scoring (issue 4)" 200 python3 bench/train_mfu.py --repeats 10
 section "sampling (issue 3)" 260 python3 bench/sampling.py --suite gpu --repeats 3 --processes 1
+rm -rf /tmp/unrolled && mkdir /tmp/unrolled && cp -r minillm_jax bench tests /tmp/unrolled/ &&
+  (cd /tmp/unrolled && { git apply bench/decode_unrolled.patch 2>/dev/null || patch -p1 -s < bench/decode_unrolled.patch; }) ||
+  echo "bench/decode_unrolled.patch no longer applies: refresh it (see bench/RESULTS.md)"
+section "decode layout: layer scan (ours) vs unrolled per-layer cache (/tmp/unrolled)" 150 \
+  python3 bench/sampling.py --suite gpu --batches 128 --ours-only --also /tmp/unrolled --repeats 3 --processes 1
+section "what a decode step copies: layer scan, then unrolled (bench/decode_hlo.py)" 90 bash -c \
+  "python3 bench/decode_hlo.py --name decode_hlo_scan | awk 'NR <= 8 || /deepest/'; python3 /tmp/unrolled/bench/decode_hlo.py --name decode_hlo_unrolled | awk 'NR <= 8 || /deepest/'"
 for remat in none full; do
   section "memory of the GPT-2 XL -> 124M KD step, batch 64 x 512, remat $remat (issue 6)" 90 \
     env JAX_PLATFORMS=cuda python3 bench/memory_plan.py --setup gpt2xl-124m --remat "$remat" --cpu-hoisting

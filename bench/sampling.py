@@ -6,6 +6,8 @@ Prints one Markdown table.
                                                 # teacher-mixed 124M + GPT-2 XL 1.5B at B=128, with the
                                                 # fraction of the memory-bandwidth bound
     python bench/sampling.py --suite gpu --smoke    # the GPU suite's code path at tiny shapes
+    python bench/sampling.py --suite gpu --batches 128 --ours-only --also /tmp/other   # ours against another
+                                                # checkout of ours (its own bench/sampling.py), no HF side
 
 Random weights are written once as an HF checkpoint; each side then runs in its own process on the same
 files (torch's OpenMP workers spin after each op and would slow JAX in the same process, and JAX
@@ -124,12 +126,14 @@ def _copy_bandwidth() -> float:
     return 2 * x.nbytes / median_seconds(lambda: copy(x).block_until_ready(), 10)
 
 
-def _spawn(which: str, case: dict, processes: int = 1) -> dict:
+def _spawn(which: str, case: dict, processes: int = 1, checkout: str | None = None) -> dict:
     """Run a worker in `processes` fresh processes; keep the fastest (thread placement at process start
-    makes a small machine bimodal, the same for both sides)."""
+    makes a small machine bimodal, the same for both sides). `checkout`: another checkout's copy of this
+    script runs the worker (its package, the same case)."""
+    script = str(Path(checkout, "bench", "sampling.py")) if checkout else __file__
     results = []
     for _ in range(processes):
-        out = subprocess.run([sys.executable, __file__, "--worker", which, "--case", json.dumps(case)],
+        out = subprocess.run([sys.executable, script, "--worker", which, "--case", json.dumps(case)],
                              capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(f"{which} worker failed:\n{out.stderr[-4000:]}")
@@ -146,6 +150,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--processes", type=int, default=3, help="fresh processes per side; the fastest counts")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to test the script itself")
+    parser.add_argument("--batches", help="comma-separated batch sizes instead of the suite's")
+    parser.add_argument("--ours-only", action="store_true", help="no HF generate side, no teacher-mixed table")
+    parser.add_argument("--also", help="another checkout whose sampler runs each case too (one more column)")
     parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,19 +171,28 @@ def main():
         else:
             kind, dims, dtype, batches, prompt, new = "gpt2", GPT2_124M, "bfloat16", (32, 128), 256, 256
             teacher_dims, mixed_batch = GPT2_XL, 128
+        if args.batches:
+            batches = tuple(int(b) for b in args.batches.split(","))
         params = write_checkpoint(kind, dims, dtype, tmp / "student")
         base = dict(student=str(tmp / "student"), dtype=dtype, vocab=dims["vocab_size"], prompt=prompt, new=new,
                     repeats=args.repeats)
         label = f"{kind} {params / 1e6:.1f}M {dtype}"
-        print("| model | device | batch | prompt | new | HF generate tok/s | ours tok/s | ours / HF |")
-        print("|---|---|---|---|---|---|---|---|")
+        also = f" | {args.also} tok/s | it / ours" if args.also else ""
+        print(f"| model | device | batch | prompt | new | HF generate tok/s | ours tok/s | ours / HF{also} |")
+        print("|---|---|---|---|---|---|---|---|" + "---|---|" * bool(also))
         for batch in batches:
             case = dict(base, batch=batch)
-            hf, ours = _spawn("hf", case, args.processes), _spawn("ours", case, args.processes)
-            hf_tps, our_tps = batch * new / hf["seconds"], batch * new / ours["seconds"]
-            print(f"| {label} | {ours['device']} | {batch} | {prompt} | {new} | {hf_tps:,.0f} | {our_tps:,.0f} | "
-                  f"{our_tps / hf_tps:.1f}x |", flush=True)
-        if teacher_dims is None:
+            ours = _spawn("ours", case, args.processes)
+            our_tps = batch * new / ours["seconds"]
+            hf_tps = None if args.ours_only else batch * new / _spawn("hf", case, args.processes)["seconds"]
+            row = (f"| {label} | {ours['device']} | {batch} | {prompt} | {new} | "
+                   + (f"- | {our_tps:,.0f} | - |" if hf_tps is None else
+                      f"{hf_tps:,.0f} | {our_tps:,.0f} | {our_tps / hf_tps:.1f}x |"))
+            if args.also:
+                other_tps = batch * new / _spawn("ours", case, args.processes, checkout=args.also)["seconds"]
+                row += f" {other_tps:,.0f} | {other_tps / our_tps:.2f}x |"
+            print(row, flush=True)
+        if teacher_dims is None or args.ours_only:
             return
         teacher_params = write_checkpoint(kind, teacher_dims, dtype, tmp / "teacher")
         mixed = _spawn("ours", dict(base, batch=mixed_batch, teacher=str(tmp / "teacher"), alpha=0.2))

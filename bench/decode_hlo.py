@@ -1,0 +1,132 @@
+"""What a sampling call moves besides its reads: compiles `generate` (abstract weights: nothing is allocated
+or run) and lists the large copies and slices in XLA's optimized program, the ones a decode step makes on top
+of reading the weights and the KV cache once (a layer scan over stacked weights and a stacked cache may slice
+each layer out as a copy before a library matmul: on XLA:CPU it does, and on this CPU it costs nothing
+measurable, bench/RESULTS.md "Evaluation-length decoding"; on a GPU, where decode is bandwidth-bound, it
+would cost up to the cache's size again per step).
+
+    python bench/decode_hlo.py                 # GPT-2 124M, bf16, B 128, prompt 256, 256 new: the GPU suite's case
+    python bench/decode_hlo.py --smoke         # tiny shapes, to test the script
+    python bench/decode_hlo.py --teacher       # teacher-mixed with the GPT-2 XL teacher
+
+Prints the instructions that copy or slice >= 1 MiB with the computation they sit in (the decode step's ones
+run once per layer per step), and, with $OUT set, writes the whole optimized program to $OUT/decode_hlo.txt
+(--name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {
+    "gpu": dict(student=dict(n_embd=768, n_layer=12, n_head=12), teacher=dict(n_embd=1600, n_layer=48, n_head=25),
+                vocab=50257, batch=128, prompt=256, new=256, dtype="bfloat16"),
+    "smoke": dict(student=dict(n_embd=64, n_layer=2, n_head=4), teacher=dict(n_embd=128, n_layer=3, n_head=4),
+                  vocab=512, batch=4, prompt=16, new=16, dtype="float32"),
+}
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u16": 2, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+# `%name = type[dims]{layout} op(` with the op or the fusion's name saying copy/slice (XLA names a fusion
+# after the instructions it holds, e.g. dynamic-slice_bitcast_fusion.7 or wrapped_dynamic-slice)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (\w+)\[([\d,]*)\]\S* ([\w-]+)\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) ")
+_CALLEE = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation)=%([\w.-]+)")
+
+
+def moves(hlo: str, min_bytes: int = 1 << 20) -> list[tuple[int, str, str, str, int]]:
+    """(loop depth, computation, instruction, op, bytes) of every copy, slice or transpose (not an in-place
+    update) writing at least `min_bytes` in an optimized HLO module. Fusion bodies are skipped (a fusion
+    counts once, by its own name, which XLA builds from what it holds: dynamic-slice_bitcast_fusion.7,
+    wrapped_dynamic-slice); the depth counts the while loops around the computation (a decode step's
+    layer body sits three deep: chunks, steps in a chunk, layers)."""
+    found, parent, computation = [], {}, ""
+    for line in hlo.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            computation = head.group(1)
+            continue
+        for kind, callee in re.findall(_CALLEE, line):
+            parent.setdefault(callee, (computation, kind == "body"))
+        for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            for callee in re.findall(r"%([\w.-]+)", branches):
+                parent.setdefault(callee, (computation, False))
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, dtype, dims, op = match.groups()
+        what = f"{op} {name}"
+        if "update" in what or not any(word in what for word in ("copy", "slice", "transpose")):
+            continue
+        size = _BYTES.get(dtype, 4)
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        if size >= min_bytes:
+            found.append((computation, name, op, size))
+
+    def depth(name: str) -> int:
+        n = 0
+        while name in parent:
+            name, is_body = parent[name]
+            n += is_body
+        return n
+
+    fusions = {callee for callee, (_, is_body) in parent.items() if not is_body}
+    return [(depth(c), c, name, op, size) for c, name, op, size in found
+            if not (c.startswith(("fused_", "wrapped_")) and c in fusions)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--teacher", action="store_true", help="teacher-mixed sampling (the GPT-2 XL teacher)")
+    parser.add_argument("--name", default="decode_hlo", help="the file written under $OUT: NAME.txt")
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import transformers
+    from flax import nnx
+
+    from minillm_jax.models import Transformer
+    from minillm_jax.models.families import config_from_hf
+    from minillm_jax.sampling import SamplingConfig, _compiled_generate
+
+    shapes = SHAPES["smoke" if args.smoke else "gpu"]
+
+    def abstract(dims):
+        config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
+        config = config.replace(param_dtype=shapes["dtype"], dtype=shapes["dtype"])
+        return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+
+    student_def, student_state = abstract(shapes["student"])
+    teacher_def, teacher_state = abstract(shapes["teacher"]) if args.teacher else (None, None)
+    B, P = shapes["batch"], shapes["prompt"]
+    config = SamplingConfig(max_new_tokens=shapes["new"], prompt_buckets=(P,))
+    run = _compiled_generate(student_def, teacher_def, config, shapes["vocab"], None, B)
+    ids = jax.ShapeDtypeStruct((B, P), jnp.int32)
+    mask = jax.ShapeDtypeStruct((B, P), jnp.bool_)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    hlo = run.lower(student_state, teacher_state, ids, mask, rng, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    text = hlo.as_text()
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"{args.name}.txt").write_text(text)
+    found = moves(text, 1 << 10 if args.smoke else 1 << 20)
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: generate B {B} x prompt {P} + {shapes['new']} new, "
+          f"{shapes['dtype']}{', teacher-mixed' if args.teacher else ''}; {len(text.splitlines())} HLO lines")
+    print("| loop depth | computation | instruction | op | MiB |")
+    print("|---|---|---|---|---|")
+    for d, computation, name, op, size in sorted(found, key=lambda f: (-f[0], -f[4])):
+        print(f"| {d} | {computation} | {name} | {op} | {size / 2**20:.2f} |")
+    if not found:
+        print("| (none) | | | | |")
+    deepest = max((f[0] for f in found), default=0)
+    inner = sum(f[4] for f in found if f[0] == deepest)
+    print(f"at the deepest loop ({deepest}): {inner / 2**20:.1f} MiB copied or sliced per iteration")
+
+if __name__ == "__main__":
+    main()
