@@ -1,9 +1,9 @@
 """What a sampling call moves besides its reads: compiles `generate` (abstract weights: nothing is allocated
 or run) and lists the large copies and slices in XLA's optimized program, the ones a decode step makes on top
 of reading the weights and the KV cache once (a layer scan over stacked weights and a stacked cache may slice
-each layer out as a copy before a library matmul: on XLA:CPU it does, and on this CPU it costs nothing
-measurable, bench/RESULTS.md "Evaluation-length decoding"; on a GPU, where decode is bandwidth-bound, it
-would cost up to the cache's size again per step).
+each layer out as a copy before a library matmul: on XLA:CPU it does, which at long answers costs this CPU
+~16-20% of a step, bench/RESULTS.md "Evaluation-length decoding"; on a GPU, where decode is bandwidth-bound,
+it would cost up to the cache's size again per step).
 
     python bench/decode_hlo.py                 # GPT-2 124M, bf16, B 128, prompt 256, 256 new: the GPU suite's case
     python bench/decode_hlo.py --smoke         # tiny shapes, to test the script
@@ -50,7 +50,7 @@ def moves(hlo: str, min_bytes: int = 1 << 20) -> list[tuple[int, str, str, str, 
         if head:
             computation = head.group(1)
             continue
-        for kind, callee in re.findall(_CALLEE, line):
+        for kind, callee in _CALLEE.findall(line):
             parent.setdefault(callee, (computation, kind == "body"))
         for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
             for callee in re.findall(r"%([\w.-]+)", branches):
@@ -127,6 +127,7 @@ def main() -> None:
     deepest = max((f[0] for f in found), default=0)
     inner = sum(f[4] for f in found if f[0] == deepest)
     print(f"at the deepest loop ({deepest}): {inner / 2**20:.1f} MiB copied or sliced per iteration")
+
 
 if __name__ == "__main__":
     main()
