@@ -4,6 +4,13 @@ windows; GQA), with `implementation=None` (what the model uses off CPU: XLA as o
 forward and forward+backward time, the largest difference, and whether fully masked (left-padding) query
 rows stay finite. One Markdown table.
 
+On a GPU, two more ways to hand the model's attention to cuDNN at the training shapes (T = S), so that one
+run decides the design: "cudnn causal+mask" (cuDNN's causal mask type, so it may skip the blocks above the
+diagonal, with the boolean mask still passed: cuDNN turns it into a bias it also differentiates), and "cudnn
+rolled" (each row's real tokens, one contiguous block after the left padding, rolled to the front so that
+cuDNN's causal padding mask type with per-row lengths expresses the whole mask with no [B, 1, T, S] array;
+the output rolled back; the two gathers are counted in its times).
+
     python bench/attention_impl.py              # GPT-2 124M / SmolLM2-like shapes in bf16
     python bench/attention_impl.py --smoke      # tiny shapes (on CPU only the XLA rows run)
 """
@@ -48,14 +55,45 @@ def _explicit(q, k, v, mask):
                                           transformer._Dropout(None), 0.0)
 
 
+_DPA = jax.nn.dot_product_attention  # bench/train_mfu.py --attention puts these variants in its place
+
+
+def _cudnn_masked(q, k, v, mask):
+    return _DPA(q, k, v, mask=mask, implementation="cudnn")
+
+
+def _cudnn_causal_masked(q, k, v, mask):
+    return _DPA(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+def _cudnn_rolled(q, k, v, mask):
+    """Self-attention (T = S) whose real keys per row are one contiguous block: the block rolled to the front,
+    cuDNN with causal masking and per-row lengths, the output rolled back (padded query rows come back 0)."""
+    attended = mask[:, 0].any(axis=1)  # [B S] keys some query may read: the real ones
+    start, length = jnp.argmax(attended, axis=1), attended.sum(axis=1, dtype=jnp.int32)
+    T = q.shape[1]
+
+    def roll(x, shift):  # row t of x[b] <- row (t + shift[b]) mod T
+        order = (jnp.arange(T)[None, :] + shift[:, None]) % T
+        return jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+
+    out = _DPA(roll(q, start), roll(k, start), roll(v, start), is_causal=True, query_seq_lengths=length,
+               key_value_seq_lengths=length, implementation="cudnn")
+    return roll(out, -start)
+
+
+VARIANTS = {"cudnn": _cudnn_masked, "cudnn causal+mask": _cudnn_causal_masked, "cudnn rolled": _cudnn_rolled}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
-    impls = {str(impl): functools.partial(jax.nn.dot_product_attention, implementation=impl)
-             for impl in [None] + (["cudnn"] if jax.default_backend() == "gpu" else [])}
+    impls = {"None": functools.partial(_DPA, implementation=None)}
+    if jax.default_backend() == "gpu":
+        impls.update(VARIANTS)
     impls["explicit (the model's on CPU)"] = _explicit
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {dtype}")
     print("| shape | implementation | fwd ms | fwd+bwd ms | max diff vs None | padded rows finite |")
@@ -64,6 +102,8 @@ def main():
         q, k, v, mask = _inputs(shape, dtype)
         reference = None
         for impl, attend in impls.items():
+            if impl in ("cudnn causal+mask", "cudnn rolled") and shape[1] != shape[2]:
+                continue  # training-shape designs (causal over the same T positions)
             forward = jax.jit(lambda q, k, v, attend=attend: attend(q, k, v, mask=mask))
             grad = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v, mask=mask).astype(
                 jnp.float32) ** 2), argnums=(0, 1, 2)))

@@ -4,6 +4,9 @@ Prints one Markdown table.
 
     python bench/train_mfu.py              # GPU: student GPT-2 124M, teacher GPT-2 XL, bf16, B=16 x 512
     python bench/train_mfu.py --smoke      # the same code path at tiny shapes (CPU)
+    python bench/train_mfu.py --ours-only --attention "cudnn rolled"   # GPU: the model's attention through
+        # one of bench/attention_impl.py's cuDNN designs instead of jax.nn.dot_product_attention's default
+        # (a probe: the call is replaced in the measuring process only), no anchor
 
 Each side runs in its own process (JAX preallocates GPU memory; torch's OpenMP workers slow JAX on CPU).
 Random weights, random tokens, every position counts. Timings are medians over --repeats steps after two
@@ -41,7 +44,7 @@ def median(fn, repeats: int) -> float:
     return median_seconds(fn, repeats, warmup=2)
 
 
-def run_jax(shapes: dict, repeats: int) -> dict:
+def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -54,6 +57,16 @@ def run_jax(shapes: dict, repeats: int) -> dict:
     from minillm_jax.models.families import config_from_hf
     from minillm_jax.trainers import sft
     from minillm_jax.trainers.common import apply_gradients, create_train_state, make_optimizer
+
+    if attention != "model":  # the model calls jax.nn.dot_product_attention(q, k, v, mask=..., implementation=None)
+        from bench.attention_impl import VARIANTS
+
+        variant, traced = VARIANTS[attention], []
+
+        def probe(q, k, v, mask, implementation=None):
+            traced.append(q.shape)
+            return variant(q, k, v, mask)
+        jax.nn.dot_product_attention = probe
 
     def model(dims):
         config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
@@ -79,6 +92,9 @@ def run_jax(shapes: dict, repeats: int) -> dict:
         jax.block_until_ready(metrics["loss"])
 
     train_seconds = median(train, repeats)
+    if attention != "model" and not traced:
+        raise RuntimeError(f"--attention {attention!r}: the model never called jax.nn.dot_product_attention on "
+                           f"{jax.default_backend()} (on CPU it takes its explicit softmax attention)")
     teacher = model(shapes["teacher"])
     teacher_def, teacher_state = nnx.split(teacher)
 
@@ -137,9 +153,9 @@ def run_torch(shapes: dict, repeats: int) -> dict:
             "score_seconds": median(score, repeats)}
 
 
-def side(name: str, shapes: str, repeats: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--side", name, "--shapes", shapes, "--repeats", str(repeats)],
-                          capture_output=True, text=True)
+def side(name: str, shapes: str, repeats: int, attention: str = "model") -> dict:
+    done = subprocess.run([sys.executable, __file__, "--side", name, "--shapes", shapes, "--repeats", str(repeats),
+                           "--attention", attention], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{name} side failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -149,29 +165,38 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--attention", default="model", choices=("model", "cudnn", "cudnn causal+mask", "cudnn rolled"),
+                        help="our side's attention: the model's, or a cuDNN design of bench/attention_impl.py (GPU)")
+    parser.add_argument("--ours-only", action="store_true", help="no HF/torch anchor")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default="gpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         shapes = SHAPES[args.shapes]
-        print(json.dumps((run_jax if args.side == "jax" else run_torch)(shapes, args.repeats)))
+        out = run_jax(shapes, args.repeats, args.attention) if args.side == "jax" else run_torch(shapes, args.repeats)
+        print(json.dumps(out))
         return
     key = "smoke" if args.smoke else "gpu"
     shapes = SHAPES[key]
-    ours, anchor = side("jax", key, args.repeats), side("torch", key, args.repeats)
+    ours = side("jax", key, args.repeats, args.attention)
+    anchor = None if args.ours_only else side("torch", key, args.repeats)
     tokens = shapes["batch"] * shapes["length"]
     peak = next((v for k, v in PEAK_BF16.items() if k in ours["device"]), None)
-    print(f"device: {ours['device']} (torch: {anchor['device']}); batch {shapes['batch']} x {shapes['length']}, "
-          f"{shapes['dtype']}; median of {args.repeats}")
+    print(f"device: {ours['device']} (torch: {anchor['device'] if anchor else 'not run'}); batch {shapes['batch']} x "
+          f"{shapes['length']}, {shapes['dtype']}; median of {args.repeats}; our attention: {args.attention}")
     print("| work | HF/torch eager tok/s | ours tok/s | ours / HF | our MFU |")
     print("|---|---|---|---|---|")
     for work, key_seconds, params, dims, train in (
             ("student fwd+bwd+AdamW", "train_seconds", ours["student_params"], shapes["student"], True),
             ("teacher scoring (forward)", "score_seconds", ours["teacher_params"], shapes["teacher"], False)):
-        theirs_rate, ours_rate = tokens / anchor[key_seconds], tokens / ours[key_seconds]
+        ours_rate = tokens / ours[key_seconds]
         flops = flops_per_token(params, dims["n_layer"], dims["n_embd"], shapes["length"], train)
         mfu = f"{100 * ours_rate * flops / peak:.1f}%" if peak else "n/a (no known peak)"
-        print(f"| {work} | {theirs_rate:,.0f} | {ours_rate:,.0f} | {ours_rate / theirs_rate:.2f}x | {mfu} |")
+        if anchor:
+            theirs_rate = tokens / anchor[key_seconds]
+            print(f"| {work} | {theirs_rate:,.0f} | {ours_rate:,.0f} | {ours_rate / theirs_rate:.2f}x | {mfu} |")
+        else:
+            print(f"| {work} | not run | {ours_rate:,.0f} | | {mfu} |")
 
 
 if __name__ == "__main__":
