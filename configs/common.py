@@ -46,6 +46,12 @@ def base() -> ml_collections.ConfigDict:
     # that never completes on a pod): it prints its threads' stacks and exits with code 75 so a scheduler can
     # restart it from the last checkpoint; 0 = never
     c.hang_timeout_s = 3600.0
+    # compiled XLA programs kept on disk, so that a rerun, a resume after preemption or the next stage of a
+    # pipeline loads them instead of compiling again: "auto" = <workdir>/compilation_cache (a pipeline gives
+    # its stages one folder under its own workdir), a path = that folder (trusted: it holds executable code,
+    # keep it private), "" = off. JAX_COMPILATION_CACHE_DIR, when set, takes the place of "auto". An entry cut
+    # short by a kill is reported (a warning) and compiled again; deleting the folder clears it.
+    c.compilation_cache_dir = "auto"
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=5e-6, warmup_steps=100, schedule="constant", end_learning_rate=1e-7, weight_decay=1e-6,

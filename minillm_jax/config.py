@@ -29,7 +29,8 @@ DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 
 # Keys a resumed run may change; any other difference from the checkpointed config refuses the resume.
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
-                     "overwrite", "hang_timeout_s", "logging.", "eval.", "export.", "data.valid_examples", "mesh.")
+                     "overwrite", "hang_timeout_s", "compilation_cache_dir", "logging.", "eval.", "export.",
+                     "data.valid_examples", "mesh.")
 # Keys added to the config after runs were saved without them, each with the value that behaves as those runs
 # did: a saved run that lacks the key resumes while the key keeps that value (any other value is a difference).
 ADDED_KEYS = {"student_layers_source": ""}  # 3eb9688: until then the cut came from the teacher
@@ -146,6 +147,7 @@ class RunConfig:
     resume: bool
     overwrite: bool
     hang_timeout_s: float
+    compilation_cache_dir: str  # "auto", a folder, or "" (off)
     mesh: MeshConfig
     optimizer: OptimizerConfig
     data: DataConfig
@@ -366,7 +368,8 @@ def _build(c) -> RunConfig:
         batch_size=batch, accumulate_steps=accumulate, logits_chunk_size=_int(c, "logits_chunk_size", 0),
         checkpoint_every=checkpoint_every, keep_checkpoints=keep, eval_every=eval_every,
         best_metric=best_metric, best_mode=best_mode, resume=bool(c["resume"]),
-        overwrite=bool(c["overwrite"]), hang_timeout_s=_hang_timeout(c), mesh=mesh, optimizer=optimizer, data=data,
+        overwrite=bool(c["overwrite"]), hang_timeout_s=_hang_timeout(c),
+        compilation_cache_dir=_compilation_cache_dir(c), mesh=mesh, optimizer=optimizer, data=data,
         sampling=sampling, method=method,
         eval=eval_config, export=export, logging=logging_config, raw=_plain(c))
 
@@ -376,6 +379,15 @@ def _hang_timeout(c) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         _fail("hang_timeout_s", f"{value!r}: expected seconds >= 0 (0 turns the hang watchdog off)")
     return float(value)
+
+
+def _compilation_cache_dir(c) -> str:
+    value = c.get("compilation_cache_dir", "")
+    if not isinstance(value, str):
+        _fail("compilation_cache_dir", f"{value!r}: expected 'auto', a folder, or '' (off)")
+    if value not in ("", "auto") and pathlib.Path(value).exists() and not pathlib.Path(value).is_dir():
+        _fail("compilation_cache_dir", f"{value!r} exists and is not a folder")
+    return value
 
 
 def _resolve(root: str, path: str) -> str:

@@ -180,7 +180,7 @@ def check_workdir(config: RunConfig, workdir: pathlib.Path) -> None:
 RESULT_FILES = {"eval": ("results.json", "results.md", "eval_config.json"),
                 "generate": ("generations.jsonl", "generate_config.json")}
 # Keys that do not change what an evaluation or generation writes.
-RESULT_NEUTRAL = ("overwrite", "resume", "hang_timeout_s", "logging.")
+RESULT_NEUTRAL = ("overwrite", "resume", "hang_timeout_s", "compilation_cache_dir", "logging.")
 
 
 def check_results(config: RunConfig, workdir: pathlib.Path) -> None:

@@ -33,6 +33,24 @@ def initialize_distributed(jax) -> None:
         jax.distributed.initialize()
 
 
+def enable_compilation_cache(jax, setting: str, workdir: str) -> pathlib.Path | None:
+    """Keep compiled XLA programs in a folder on disk (`compilation_cache_dir`: "auto" = <workdir>/compilation_cache
+    unless JAX_COMPILATION_CACHE_DIR names one, a folder, or "" = off), before the first compile: a rerun, a
+    resume or the next stage of a pipeline loads each program compiled in at least
+    jax_persistent_cache_min_compile_time_secs (1 s by default) instead of compiling it again. Process 0 writes;
+    every process reads. The folder holds executable code: it is created private to the user."""
+    if not setting:
+        return None
+    if setting == "auto" and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])  # jax has read it already
+    from minillm_jax.experiment import workdir_path
+
+    folder = workdir_path(workdir) / "compilation_cache" if setting == "auto" else pathlib.Path(setting).expanduser()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder
+
+
 def _no_space(error: BaseException) -> OSError | None:
     """The disk-full error behind `error` (Orbax and others wrap it), if any."""
     seen = set()
@@ -79,7 +97,9 @@ def main(argv) -> None:
     quiet_orbax_logs()
     initialize_distributed(jax)
     try:
-        loop.run(RunConfig.from_dict(_CONFIG.value), _WORKDIR.value)
+        config = RunConfig.from_dict(_CONFIG.value)
+        enable_compilation_cache(jax, config.compilation_cache_dir, _WORKDIR.value)
+        loop.run(config, _WORKDIR.value)
     except (ConfigError, WorkdirBusy, CheckpointIncompatible) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -248,8 +248,8 @@ def _eval_stage(options: Options, method: str, seed: int | None, student: pathli
 # workdir.config_differences takes them.
 TRAINING_ONLY = ("minillm.", "gkd.", "distillm.", "kd.", "optimizer.", "steps", "batch_size", "accumulate_steps",
                  "eval_every", "checkpoint_every", "keep_checkpoints", "best_metric", "best_mode", "resume",
-                 "overwrite", "hang_timeout_s", "logging.", "export.", "data.pretrain", "data.pretrain_field",
-                 "data.pretrain_length", "data.pretrain_shuffle", "data.max_train_examples")
+                 "overwrite", "hang_timeout_s", "compilation_cache_dir", "logging.", "export.", "data.pretrain",
+                 "data.pretrain_field", "data.pretrain_length", "data.pretrain_shuffle", "data.max_train_examples")
 
 
 def resolved_config(args: tuple[str, ...]) -> dict:

@@ -27,6 +27,7 @@ from minillm_jax.config import ConfigError, RunConfig
     (dict(best_mode="lowest"), "--config.best_mode"),
     (dict(hang_timeout_s=-1), "--config.hang_timeout_s"),
     (dict(hang_timeout_s=float("nan")), "--config.hang_timeout_s"),
+    (dict(compilation_cache_dir=__file__), "--config.compilation_cache_dir"),  # a file, not a folder
     (dict(**{"optimizer.learning_rate": float("nan")}), "--config.optimizer.learning_rate"),
     (dict(**{"optimizer.learning_rate": 0.0}), "--config.optimizer.learning_rate"),
     (dict(**{"sampling.temperature": 0.0}), "--config.sampling.temperature"),

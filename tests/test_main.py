@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -42,9 +43,12 @@ def metrics_rows(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_cli(*args, cwd=ROOT, timeout=600):
+def run_cli(*args, cwd=ROOT, timeout=600, env=None):
+    """The CLI in a subprocess; `env` adds variables to this process's environment (None removes one)."""
+    env = {key: value for key, value in {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}.items()
+           if value is not None}
     return subprocess.run([sys.executable, "-m", "minillm_jax.main", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("task", ["minillm"] + [pytest.param(task, marks=pytest.mark.slow)  # the rest >= 12 s each
@@ -154,11 +158,47 @@ def test_resume_is_exact(task, overrides, tmp_path):
 
 
 @pytest.mark.slow  # >= 12 s on the 2-core machine; CI's second step
-def test_cli_runs_the_tiny_preset(tmp_path):
-    done = run_cli("--config", "configs/demo.py:tiny", "--workdir", str(tmp_path), "--config.task=sft",
-                   "--config.steps=2", "--config.export.enabled=false")
+def test_cli_runs_the_tiny_preset_and_a_rerun_loads_its_compiled_programs(tmp_path):
+    """The CLI keeps compiled programs in <workdir>/compilation_cache (private to the user); a run in another
+    workdir pointed at that folder loads the train step from it instead of compiling it, with the same losses.
+    (Without the suite's own cache, which conftest.py names through JAX_COMPILATION_CACHE_DIR.)"""
+    args = ("--config", "configs/demo.py:tiny", "--config.task=sft", "--config.steps=2",
+            "--config.export.enabled=false")
+    done = run_cli(*args, "--workdir", str(tmp_path / "first"), env={"JAX_COMPILATION_CACHE_DIR": None})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len([r for r in metrics_rows(tmp_path) if "loss" in r]) == 2
+    first = [r["loss"] for r in metrics_rows(tmp_path / "first") if "loss" in r]
+    assert len(first) == 2
+    cache = tmp_path / "first" / "compilation_cache"
+    assert any(p.name.startswith("jit_counted-") for p in cache.iterdir()), sorted(p.name for p in cache.iterdir())
+    assert cache.stat().st_mode & 0o777 == 0o700
+
+    done = run_cli(*args, "--workdir", str(tmp_path / "second"), f"--config.compilation_cache_dir={cache}",
+                   env={"JAX_COMPILATION_CACHE_DIR": None, "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Persistent compilation cache hit for 'jit_counted'" in done.stderr, done.stderr[-3000:]
+    assert [r["loss"] for r in metrics_rows(tmp_path / "second") if "loss" in r] == first
+    assert not (tmp_path / "second" / "compilation_cache").exists()
+
+
+def test_the_compilation_cache_setting(tmp_path, monkeypatch):
+    """"" leaves JAX's cache off; "auto" is <workdir>/compilation_cache, created private, unless
+    JAX_COMPILATION_CACHE_DIR names one (JAX reads that itself); a folder is used as given, ~ expanded."""
+    from minillm_jax.main import enable_compilation_cache
+
+    updates = []
+    fake_jax = types.SimpleNamespace(config=types.SimpleNamespace(update=lambda *a: updates.append(a)))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert enable_compilation_cache(fake_jax, "", str(tmp_path / "run")) is None and updates == []
+    folder = enable_compilation_cache(fake_jax, "auto", str(tmp_path / "run"))
+    assert folder == tmp_path / "run" / "compilation_cache" and folder.stat().st_mode & 0o777 == 0o700
+    assert updates == [("jax_compilation_cache_dir", str(folder))]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home_folder = tmp_path / "home" / "xla"
+    assert enable_compilation_cache(fake_jax, "~/xla", str(tmp_path / "run")) == home_folder
+    assert home_folder.is_dir() and updates[-1] == ("jax_compilation_cache_dir", str(home_folder))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+    assert enable_compilation_cache(fake_jax, "auto", str(tmp_path / "other")) == tmp_path / "env"
+    assert len(updates) == 2 and not (tmp_path / "other" / "compilation_cache").exists()
 
 
 @pytest.mark.parametrize("flag, message", [
