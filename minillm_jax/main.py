@@ -43,10 +43,15 @@ def enable_compilation_cache(jax, setting: str, workdir: str) -> pathlib.Path | 
         return None
     if setting == "auto" and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])  # jax has read it already
+    from minillm_jax.config import ConfigError
     from minillm_jax.experiment import workdir_path
 
     folder = workdir_path(workdir) / "compilation_cache" if setting == "auto" else pathlib.Path(setting).expanduser()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ConfigError(f"--config.compilation_cache_dir: cannot create {folder} ({e.strerror or e}); give a "
+                          "writable folder, or '' to compile without a cache") from None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     return folder
 

@@ -196,6 +196,9 @@ def test_the_compilation_cache_setting(tmp_path, monkeypatch):
     home_folder = tmp_path / "home" / "xla"
     assert enable_compilation_cache(fake_jax, "~/xla", str(tmp_path / "run")) == home_folder
     assert home_folder.is_dir() and updates[-1] == ("jax_compilation_cache_dir", str(home_folder))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"--config\.compilation_cache_dir: cannot create .*file/xla"):
+        enable_compilation_cache(fake_jax, str(tmp_path / "file" / "xla"), str(tmp_path / "run"))
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
     assert enable_compilation_cache(fake_jax, "auto", str(tmp_path / "other")) == tmp_path / "env"
     assert len(updates) == 2 and not (tmp_path / "other" / "compilation_cache").exists()
