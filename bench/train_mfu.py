@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.attention_impl import VARIANTS  # noqa: E402  (imports jax, starts no backend)
 from bench.timing import median_seconds  # noqa: E402
 
 SHAPES = {
@@ -59,8 +60,6 @@ def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
     from minillm_jax.trainers.common import apply_gradients, create_train_state, make_optimizer
 
     if attention != "model":  # the model calls jax.nn.dot_product_attention(q, k, v, mask=..., implementation=None)
-        from bench.attention_impl import VARIANTS
-
         variant, traced = VARIANTS[attention], []
 
         def probe(q, k, v, mask, implementation=None):
@@ -165,7 +164,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--attention", default="model", choices=("model", "cudnn", "cudnn causal+mask", "cudnn rolled"),
+    parser.add_argument("--attention", default="model", choices=("model", *VARIANTS),
                         help="our side's attention: the model's, or a cuDNN design of bench/attention_impl.py (GPU)")
     parser.add_argument("--ours-only", action="store_true", help="no HF/torch anchor")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)

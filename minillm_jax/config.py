@@ -385,8 +385,8 @@ def _compilation_cache_dir(c) -> str:
     value = c.get("compilation_cache_dir", "")
     if not isinstance(value, str):
         _fail("compilation_cache_dir", f"{value!r}: expected 'auto', a folder, or '' (off)")
-    if value not in ("", "auto") and pathlib.Path(value).expanduser().exists() and \
-            not pathlib.Path(value).expanduser().is_dir():
+    folder = pathlib.Path(value).expanduser()
+    if value not in ("", "auto") and folder.exists() and not folder.is_dir():
         _fail("compilation_cache_dir", f"{value!r} exists and is not a folder")
     return value
 
