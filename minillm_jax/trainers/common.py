@@ -136,12 +136,17 @@ def accumulated_gradients(loss_fn: Callable, params, micro_batches, key=None) ->
 
 def response_hidden(model, batch: dict, *, dropout_rng=None):
     """Teacher-forced final hidden states aligned with the response tokens [B, R, E]: position t holds the
-    state that predicts response token t (left-padded prompt, then the response)."""
-    prompt = batch["prompt"]
-    tokens = jnp.concatenate([prompt, batch["response"]], axis=1)
+    state that predicts response token t (left-padded prompt, then the response).
+
+    The model runs over all P + R positions although the last one predicts nothing: P and R are bucket
+    widths (multiples of 8), and P + R - 1 positions would give every matmul and attention an odd length,
+    which costs a GPU padding copies around each batched matmul and rules out cuDNN's fused attention in
+    training (it wants even lengths). Causal attention keeps the other positions' states unchanged."""
+    P, R = batch["prompt"].shape[-1], batch["response"].shape[-1]
+    tokens = jnp.concatenate([batch["prompt"], batch["response"]], axis=1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1)
     kwargs = {} if dropout_rng is None else {"dropout_rng": dropout_rng}
-    return model.hidden_states(tokens[:, :-1], mask[:, :-1], **kwargs)[:, prompt.shape[1] - 1:]
+    return model.hidden_states(tokens, mask, **kwargs)[:, P - 1:P + R - 1]
 
 
 def batch_tokens(batch: dict):
