@@ -343,3 +343,29 @@ def test_updates_never_touch_the_teacher_and_compile_once(task, tmp_path):
     assert TRACE_COUNTS[task] - traced == len(shapes)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(teacher))):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_response_hidden_runs_the_model_over_whole_bucket_widths(monkeypatch):
+    """The teacher-forced states of the response come from a forward pass over all P + R tokens (bucket widths,
+    multiples of 8: even lengths, which cuDNN's fused attention needs in training and a GPU's batched matmuls
+    take without padding copies), and equal the states a pass without the last token gives (causal)."""
+    from minillm_jax.data.batches import sequence_batch
+    from minillm_jax.trainers.common import response_hidden
+
+    model = kit.student_model()
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(1, 50, n)) for n in (3, 8, 5)]
+    responses = [list(rng.integers(1, 50, n)) for n in (8, 2, 6)]
+    batch = {k: jnp.asarray(v) for k, v in sequence_batch(prompts, responses, 8, 8, pad_id=0).items()}
+    widths, real = [], model.hidden_states
+
+    def hidden_states(ids, mask, **kwargs):
+        widths.append(ids.shape[1])
+        return real(ids, mask, **kwargs)
+    monkeypatch.setattr(model, "hidden_states", hidden_states)
+    hidden = np.asarray(response_hidden(model, batch))
+    assert widths == [16]
+    tokens = jnp.concatenate([batch["prompt"], batch["response"]], axis=1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1)
+    shorter = np.asarray(real(tokens[:, :-1], mask[:, :-1]))[:, 7:]  # position t predicts response token t
+    np.testing.assert_allclose(hidden, shorter, rtol=1e-5, atol=1e-5)
