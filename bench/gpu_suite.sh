@@ -3,18 +3,17 @@
 # order of what is most worth the device time:
 #   [1] attention: XLA (what the model uses off CPU) against cuDNN's fused kernel at the train/decode shapes,
 #       with three ways of giving the model's mask to cuDNN (bench/attention_impl.py); attention is the first
-#       suspect for the train step's 12.6% MFU on the H200 (2026-12-01)
+#       suspect for the train step's 12.6% MFU on the H200 (2026-12-01), and bench/gpu_hlo.py's estimate agrees
 #   [2] issue 4: student train step and teacher scoring tok/s and MFU vs the HF eager anchors
-#   [3] the same, ours only, with the model's attention through cuDNN's "rolled" design (each row's real
-#       tokens rolled to the front, causal + per-row lengths: no mask array; bench/train_mfu.py --attention)
+#   [3] the same, ours only, with the models' attention option "cudnn" (cuDNN's flash attention given the
+#       model's boolean mask; compiled for an H200 from the CPU machine, bench/gpu_hlo.py estimates the train
+#       step 1.7x and the scoring forward 1.5x faster than with XLA's attention: this measures it)
 #   [4] issue 3: sampling throughput vs transformers.generate (GPT-2 124M, B in {32, 128}; teacher-mixed
 #       124M + GPT-2 XL with the fraction of the memory-bandwidth bound)
-#   [5] decode layout: the sampler as it is against bench/decode_unrolled.patch (each layer's KV cache in its
-#       own buffer, the decode step unrolled over layers) at B 128; [6] what each compiled decode step copies
-#       (bench/decode_hlo.py): on XLA:CPU the layer scan copies every layer's cache slice per step
-#       (bench/RESULTS.md, "Evaluation-length decoding"), which on a GPU would add the cache's traffic again
-#   [7, 8] issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on
+#   [5, 6] issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on
 #       the H200 on 2026-12-01; last, so that a run out of time loses it first)
+# (The decode-layout A/B that stood here is decided without a GPU: compiled for an H200, the layer scan copies
+# no KV cache, only each layer's weights, and the unrolled layout is estimated slower; bench/RESULTS.md.)
 # Prepare here first: ../shared/tools/offline_wheels.sh (wheels the GPU image lacks, into .whl/), then
 # carry .whl to the device and run: bash bench/gpu_suite.sh. The section limits add up to more than one
 # device call allows (600 s): a run cut short is continued on the same (warm) machine with
@@ -47,27 +46,14 @@ section() {  # title, time limit in s, command...
   local rc=$?
   echo "(section $number: rc $rc, $((SECONDS - start)) s)"
 }
-unrolled_tree() {  # the tree with bench/decode_unrolled.patch applied, in /tmp/unrolled
-  rm -rf /tmp/unrolled && mkdir /tmp/unrolled && cp -r minillm_jax bench tests /tmp/unrolled/ || return 1
-  if ! (cd /tmp/unrolled && { git apply bench/decode_unrolled.patch 2>/dev/null ||
-                              patch -p1 -s < bench/decode_unrolled.patch; }); then
-    echo "bench/decode_unrolled.patch no longer applies: refresh it (see bench/RESULTS.md)"
-    return 1
-  fi
-}
-export -f unrolled_tree
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, 'flax', flax.__version__, \
 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())"
 section "attention: XLA vs cuDNN (bench/attention_impl.py)" 90 python3 bench/attention_impl.py
 section "train step and scoring (issue 4)" 200 python3 bench/train_mfu.py --repeats 10
-section "train step and scoring, ours with cuDNN attention, rolled (a probe)" 120 \
-  python3 bench/train_mfu.py --repeats 10 --ours-only --attention "cudnn rolled"
+section "train step and scoring, ours with --config.attention=cudnn (ModelConfig.attention)" 120 \
+  python3 bench/train_mfu.py --repeats 10 --ours-only --attention cudnn
 section "sampling (issue 3)" 260 python3 bench/sampling.py --suite gpu --repeats 3 --processes 1
-section "decode layout: layer scan (ours) vs unrolled per-layer cache (/tmp/unrolled)" 150 bash -c "unrolled_tree &&
-  python3 bench/sampling.py --suite gpu --batches 128 --ours-only --also /tmp/unrolled --repeats 3 --processes 1"
-section "what a decode step copies: layer scan, then unrolled (bench/decode_hlo.py)" 90 bash -c \
-  "unrolled_tree; python3 bench/decode_hlo.py --name decode_hlo_scan | awk 'NR <= 8 || /deepest/'; python3 /tmp/unrolled/bench/decode_hlo.py --name decode_hlo_unrolled | awk 'NR <= 8 || /deepest/'"
 for remat in none full; do
   section "memory of the GPT-2 XL -> 124M KD step, batch 64 x 512, remat $remat (issue 6)" 90 \
     env JAX_PLATFORMS=cuda python3 bench/memory_plan.py --setup gpt2xl-124m --remat "$remat" --cpu-hoisting

@@ -4,9 +4,10 @@ Prints one Markdown table.
 
     python bench/train_mfu.py              # GPU: student GPT-2 124M, teacher GPT-2 XL, bf16, B=16 x 512
     python bench/train_mfu.py --smoke      # the same code path at tiny shapes (CPU)
-    python bench/train_mfu.py --ours-only --attention "cudnn rolled"   # GPU: the model's attention through
-        # one of bench/attention_impl.py's cuDNN designs instead of jax.nn.dot_product_attention's default
-        # (a probe: the call is replaced in the measuring process only), no anchor
+    python bench/train_mfu.py --ours-only --attention cudnn   # GPU: the models with ModelConfig.attention
+        # "cudnn" (--config.attention=cudnn in a run); refuses to report if cuDNN refused and XLA ran instead
+    python bench/train_mfu.py --ours-only --attention "probe cudnn rolled"   # GPU: the model's attention call
+        # replaced by one of bench/attention_impl.py's cuDNN designs in the measuring process, no anchor
 
 Each side runs in its own process (JAX preallocates GPU memory; torch's OpenMP workers slow JAX on CPU).
 Random weights, random tokens, every position counts. Timings are medians over --repeats steps after two
@@ -59,18 +60,32 @@ def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
     from minillm_jax.trainers import sft
     from minillm_jax.trainers.common import apply_gradients, create_train_state, make_optimizer
 
-    if attention != "model":  # the model calls jax.nn.dot_product_attention(q, k, v, mask=..., implementation=None)
-        variant, traced = VARIANTS[attention], []
+    traced, real = [], jax.nn.dot_product_attention
+    if attention.startswith("probe "):  # the model calls jax.nn.dot_product_attention(q, k, v, mask=..., ...)
+        variant = VARIANTS[attention.removeprefix("probe ")]
 
         def probe(q, k, v, mask, implementation=None):
-            traced.append(q.shape)
+            traced.append(implementation)
             return variant(q, k, v, mask)
         jax.nn.dot_product_attention = probe
+    else:  # what the model asks for, and whether it fell back to XLA's
+        def record(*args, implementation=None, **kwargs):
+            traced.append(implementation)
+            return real(*args, implementation=implementation, **kwargs)
+        jax.nn.dot_product_attention = record
 
     def model(dims):
         config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
-        config = config.replace(param_dtype=shapes["dtype"], dtype=shapes["dtype"])
+        config = config.replace(param_dtype=shapes["dtype"], dtype=shapes["dtype"],
+                                attention="cudnn" if attention == "cudnn" else "xla")
         return Transformer(config, rngs=nnx.Rngs(0))
+
+    def check_attention():
+        if attention != "model" and not traced:
+            raise RuntimeError(f"--attention {attention!r}: the model never called jax.nn.dot_product_attention on "
+                               f"{jax.default_backend()} (on CPU it takes its explicit softmax attention)")
+        if attention == "cudnn" and "xla" in traced:
+            raise RuntimeError("--attention cudnn: cuDNN refused (see the warning above) and XLA's attention ran")
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, shapes["vocab"], (shapes["batch"], shapes["length"]), dtype=np.int32)
@@ -91,20 +106,19 @@ def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
         jax.block_until_ready(metrics["loss"])
 
     train_seconds = median(train, repeats)
-    if attention != "model" and not traced:
-        raise RuntimeError(f"--attention {attention!r}: the model never called jax.nn.dot_product_attention on "
-                           f"{jax.default_backend()} (on CPU it takes its explicit softmax attention)")
+    check_attention()
     teacher = model(shapes["teacher"])
     teacher_def, teacher_state = nnx.split(teacher)
 
     @jax.jit
     def score(state, ids, mask):
-        logits = nnx.merge(teacher_def, state)(ids[:, :-1], mask[:, :-1])
+        logits = nnx.merge(teacher_def, state)(ids, mask)[:, :-1]  # all T positions, as response_hidden runs
         logp = losses.log_probs(logits, teacher.config.num_real_tokens)
         return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 
     ids, mask = jnp.asarray(tokens), jnp.ones(tokens.shape, bool)
     score_seconds = median(lambda: jax.block_until_ready(score(teacher_state, ids, mask)), repeats)
+    check_attention()
     count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
     return {"device": jax.devices()[0].device_kind, "train_seconds": train_seconds, "score_seconds": score_seconds,
             "student_params": count(student), "teacher_params": count(teacher)}
@@ -144,7 +158,7 @@ def run_torch(shapes: dict, repeats: int) -> dict:
 
     def score():
         with torch.no_grad():
-            logits = teacher(input_ids=tokens[:, :-1]).logits.float()
+            logits = teacher(input_ids=tokens).logits[:, :-1].float()
             logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])
         sync()
 
@@ -164,8 +178,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--attention", default="model", choices=("model", *VARIANTS),
-                        help="our side's attention: the model's, or a cuDNN design of bench/attention_impl.py (GPU)")
+    parser.add_argument("--attention", default="model", choices=("model", "cudnn", *(f"probe {v}" for v in VARIANTS)),
+                        help="our side's attention: the model's default (XLA), its cuDNN option, or a cuDNN design "
+                             "of bench/attention_impl.py in its place (GPU)")
     parser.add_argument("--ours-only", action="store_true", help="no HF/torch anchor")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default="gpu", help=argparse.SUPPRESS)

@@ -25,6 +25,9 @@ def base() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # parameter dtype; compute dtype below ("" = the same)
     c.compute_dtype = ""
     c.remat = "none"
+    # attention off CPU: "xla", or "cudnn" (cuDNN's fused flash attention on NVIDIA GPUs in bf16/fp16; XLA's
+    # where cuDNN refuses a shape, with a warning). CPU runs always take their own explicit attention.
+    c.attention = "xla"
     c.seed = 0
     c.steps = 5000  # optimizer steps
     c.batch_size = 8  # rows per optimizer step (MiniLLM: rollouts per PPO mini-batch)

@@ -30,10 +30,11 @@ DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 # Keys a resumed run may change; any other difference from the checkpointed config refuses the resume.
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
                      "overwrite", "hang_timeout_s", "compilation_cache_dir", "logging.", "eval.", "export.",
-                     "data.valid_examples", "mesh.")
+                     "data.valid_examples", "mesh.", "attention")
 # Keys added to the config after runs were saved without them, each with the value that behaves as those runs
 # did: a saved run that lacks the key resumes while the key keeps that value (any other value is a difference).
-ADDED_KEYS = {"student_layers_source": ""}  # 3eb9688: until then the cut came from the teacher
+ADDED_KEYS = {"student_layers_source": "",  # 3eb9688: until then the cut came from the teacher
+              "attention": "xla"}  # until then XLA's attention everywhere
 
 
 class ConfigError(ValueError):
@@ -134,6 +135,7 @@ class RunConfig:
     dtype: str
     compute_dtype: str
     remat: str
+    attention: str  # "xla" or "cudnn": ModelConfig.attention of every model the run loads
     seed: int
     steps: int
     batch_size: int
@@ -270,6 +272,7 @@ def _build(c) -> RunConfig:
     if c["compute_dtype"]:
         _choice(c, "compute_dtype", DTYPES)
     _choice(c, "remat", ("none", "full", "dots"))
+    _choice(c, "attention", ("xla", "cudnn"))
     steps, batch, accumulate = _int(c, "steps", 1), _int(c, "batch_size", 1), _int(c, "accumulate_steps", 1)
     if batch % accumulate:
         _fail("accumulate_steps", f"{accumulate} does not divide batch_size={batch} (each update splits its batch "
@@ -364,7 +367,8 @@ def _build(c) -> RunConfig:
     return RunConfig(
         task=task, teacher=teacher, student=student, student_layers=layers, student_layers_source=layers_source,
         tokenizer=c["tokenizer"], dtype=c["dtype"],
-        compute_dtype=c["compute_dtype"] or c["dtype"], remat=c["remat"], seed=_int(c, "seed"), steps=steps,
+        compute_dtype=c["compute_dtype"] or c["dtype"], remat=c["remat"], attention=c["attention"],
+        seed=_int(c, "seed"), steps=steps,
         batch_size=batch, accumulate_steps=accumulate, logits_chunk_size=_int(c, "logits_chunk_size", 0),
         checkpoint_every=checkpoint_every, keep_checkpoints=keep, eval_every=eval_every,
         best_metric=best_metric, best_mode=best_mode, resume=bool(c["resume"]),

@@ -37,7 +37,10 @@ def build_mesh(config: RunConfig) -> jax.sharding.Mesh:
 def load_models(config: RunConfig, mesh: jax.sharding.Mesh, tokenizer=None) -> Models:
     """The tokenizer, the teacher (placed by `teacher_rules`) and the student (training rules), each created or
     loaded straight into its shardings. Teacher and student must share a tokenizer; vocabularies that
-    differ only by padding are fine."""
+    differ only by padding are fine. Every model computes attention as `config.attention` says."""
+    if config.attention == "cudnn" and jax.default_backend() not in ("gpu", "cpu"):
+        raise ConfigError(f"--config.attention=cudnn: cuDNN runs on NVIDIA GPUs, this run's backend is "
+                          f"{jax.default_backend()} (use 'xla')")
     tokenizer = tokenizer if tokenizer is not None else load_run_tokenizer(config)
     check_same_tokenizer(config, tokenizer)
     dtype, compute = config.dtype, config.compute_dtype
@@ -60,6 +63,8 @@ def load_models(config: RunConfig, mesh: jax.sharding.Mesh, tokenizer=None) -> M
     else:
         student = None
     for name, model in (("teacher", teacher), ("student", student)):
+        if model is not None:  # weights unchanged; a static config field, read where attention is traced
+            model.config = model.config.replace(attention=config.attention)
         if model is not None and model.config.num_real_tokens > len(tokenizer):
             logger.info("%s vocabulary %d > tokenizer %d", name, model.config.num_real_tokens, len(tokenizer))
     return Models(tokenizer=tokenizer, student=student, teacher=teacher, mesh=mesh)

@@ -23,6 +23,7 @@ from minillm_jax.config import ConfigError, RunConfig
     (dict(keep_checkpoints=0), "--config.keep_checkpoints"),
     (dict(checkpoint_every=-1), "--config.checkpoint_every"),
     (dict(dtype="fp8"), "--config.dtype"),
+    (dict(attention="flash"), "--config.attention"),
     (dict(best_metric="loss"), "--config.best_metric"),
     (dict(best_mode="lowest"), "--config.best_mode"),
     (dict(hang_timeout_s=-1), "--config.hang_timeout_s"),
@@ -92,6 +93,23 @@ def test_student_layers_cut_from_another_model_than_the_teacher(tmp_path):
     with pytest.raises(ConfigError, match=r"--config\.student_layers_source: .* is set but --config\.student_layers "
                                           r"is empty"):
         tiny(student_layers_source=base_spec)
+
+
+def test_the_attention_setting_reaches_every_model(monkeypatch):
+    """--config.attention is the ModelConfig.attention of the teacher and the student; "cudnn" is refused
+    by name where there is no NVIDIA GPU to run it (CPU runs take their explicit attention whatever it says)."""
+    import jax
+
+    from minillm_jax import experiment
+
+    config = tiny(task="kd", attention="cudnn")
+    models = experiment.load_models(config, experiment.build_mesh(config))
+    assert models.student.config.attention == "cudnn" and models.teacher.config.attention == "cudnn"
+    assert tiny(task="kd").attention == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ConfigError, match=r"--config\.attention=cudnn: cuDNN runs on NVIDIA GPUs, this run's "
+                                          r"backend is tpu"):
+        experiment.load_models(config, experiment.build_mesh(config))
 
 
 def test_student_layers_beyond_the_teacher_are_named(tmp_path):

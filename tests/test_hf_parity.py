@@ -119,23 +119,41 @@ def test_bfloat16_compute_gradients_follow_torch_through_bfloat16_dots(variant, 
     assert types and not slow, slow
 
 
+@pytest.mark.parametrize("attention", ["xla", "cudnn"])
 @pytest.mark.parametrize("variant", ["mistral_sliding_window", "gpt2"])
-def test_dot_product_attention_path_matches_transformers(variant, tmp_path, monkeypatch):
+def test_dot_product_attention_path_matches_transformers(variant, attention, tmp_path, monkeypatch):
     """Attention off CPU goes through jax.nn.dot_product_attention (on CPU through the explicit softmax
     attention the other parity tests cover): forced here, the logits still match transformers (GQA with
-    sliding windows and left padding; GPT-2's multi-head attention)."""
+    sliding windows and left padding; GPT-2's multi-head attention). With ModelConfig.attention "cudnn" the
+    model asks for cuDNN first; a refusal at trace time (what jax raises for shapes or dtypes cuDNN lacks,
+    stood in for here: this CPU has no cuDNN) is a warning and XLA's attention, with the same logits."""
+    import warnings
+
     from minillm_jax.models import transformer
 
-    calls = []
+    asked = []
     real = jax.nn.dot_product_attention
+
+    def dot_product_attention(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        if implementation == "cudnn":
+            raise NotImplementedError("stand-in: cuDNN refuses")
+        return real(*args, implementation=implementation, **kwargs)
+
     monkeypatch.setattr(transformer, "_explicit_attention", lambda: False)
-    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", dot_product_attention)
     hf_model = build_hf_model(variant)
     hf_model.save_pretrained(tmp_path / "hf")
     ids, mask = left_padded_batch(hf_model.config.vocab_size, length=12)
     expected = hf_logits(hf_model, ids, mask)
-    ours = np.asarray(load_pretrained(tmp_path / "hf")(ids, mask))
-    assert calls  # the path under test ran (traced once per layer scan)
+    model = load_pretrained(tmp_path / "hf")
+    model.config = model.config.replace(attention=attention)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = np.asarray(model(ids, mask))
+    refusals = [w for w in caught if "cuDNN refuses" in str(w.message)]
+    assert asked == (["cudnn", "xla"] if attention == "cudnn" else ["xla"])  # traced once, in the layer scan
+    assert len(refusals) == (attention == "cudnn")
     assert max_diff_on_real(ours, expected, mask) <= 1e-4
 
 

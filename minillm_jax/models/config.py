@@ -48,6 +48,9 @@ class ModelConfig:
     # float32 (transformer.decoding_twin: float32 activations over bfloat16 weight copies on CPU)
     matmul_dtype: str = ""
     remat: Literal["none", "full", "dots"] = "none"
+    # attention without a KV cache off CPU: "xla" (jax.nn.dot_product_attention's XLA softmax attention) or
+    # "cudnn" (cuDNN's fused flash attention on NVIDIA GPUs, bf16/fp16; XLA's where cuDNN refuses the shape)
+    attention: Literal["xla", "cudnn"] = "xla"
     # Training-time dropout rates (HF's): used only when a forward pass is given a `dropout_rng`.
     embed_dropout: float = 0.0  # on the input embeddings (GPT-2 embd_pdrop)
     residual_dropout: float = 0.0  # on each sublayer's output before its residual add (resid_pdrop, OPT dropout)
@@ -79,6 +82,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)}: expected in [0, 1)")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"ModelConfig.remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: expected 'xla' or 'cudnn'")
 
     @property
     def num_real_tokens(self) -> int:

@@ -7,13 +7,15 @@ F mlp, V vocab (as stored, padding included), L layers, P learned positions.
 Layers are stacked on a leading `layers` axis and applied with `lax.scan`, so compile time does not grow
 with depth. Positions count real tokens only (left padding is free), as HF does with
 `position_ids = cumsum(mask) - 1`. Attention goes through `jax.nn.dot_product_attention` with one boolean
-mask (padding, causality, sliding windows), except on CPU, over a KV cache and with attention dropout (an
-explicit XLA softmax attention: faster on CPU, and the only one with dropout).
+mask (padding, causality, sliding windows), with XLA's implementation or cuDNN's (`ModelConfig.attention`),
+except on CPU, over a KV cache and with attention dropout (an explicit XLA softmax attention: faster on CPU,
+and the only one with dropout).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import flax.struct
 import jax
@@ -405,12 +407,28 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     elif (dropout.key is not None and c.attention_dropout > 0) or _explicit_attention():  # dropout: dpa has none
         out = _softmax_attention(q, jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2), allowed, dropout,
                                  c.attention_dropout)
-    else:  # implementation=None: jax's choice (XLA on every backend as of jax 0.11; cuDNN once jax selects it)
-        out = jax.nn.dot_product_attention(q, keys, values, mask=allowed[:, None], implementation=None)
+    else:
+        out = _fused_attention(q, keys, values, allowed, c.attention)
     out = _dot("bthk,hkd->btd", out, p["o_proj"], operands=c.matmul_dtype)
     if c.out_bias:
         out = out + w("o_bias")
     return out, kv
+
+
+def _fused_attention(q, k, v, allowed, implementation: str):
+    """jax.nn.dot_product_attention with the model's one boolean mask: q [B T H Dh], k/v [B S K Dh], allowed
+    [B T S]. "cudnn": cuDNN's flash attention, which never holds the [B H T S] scores (on an H200, compiled
+    for it from a CPU machine: an estimated 1.7x faster GPT-2 124M train step, bench/gpu_hlo.py; not yet
+    timed on a GPU); where cuDNN refuses the shapes or dtype at trace time (float32, an odd training length,
+    head dim not a multiple of 8) XLA's, with a warning naming the reason. Rows whose keys are all masked
+    (left padding) get finite outputs either way (cuDNN turns the mask into a large negative bias)."""
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
+        except NotImplementedError as e:
+            warnings.warn(f"model attention 'cudnn': cuDNN refuses q {q.shape} {q.dtype}, k {k.shape} ({e}); "
+                          "this attention uses XLA's", stacklevel=2)
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="xla")
 
 
 def _explicit_attention() -> bool:
