@@ -27,9 +27,10 @@ The estimate: each kernel (fusion, library call, copy) of the entry computation 
 (times its trip count) costs max(FLOPs / matmul ceiling, bytes / copy bandwidth) plus a launch; bytes are
 what it reads and writes, an in-place dynamic-update-slice counting only its update and a fused dynamic-slice
 only its slice. Defaults are figures measured on H200/H100 cards (bench/RESULTS.md, architecture.md): 2.53e12
-bytes/s read+written (jnp copy, H200), 783e12 bf16 FLOP/s (JAX matmul, H100; the H200 has the same cores),
-3 us per kernel (no CUDA-graph capture assumed). It ignores overlap, caches and kernel efficiency; it ranks
-designs by the traffic and launches they cause, which is what separates them at these shapes.
+bytes/s read+written (jnp copy, H200), 783e12 bf16 FLOP/s (JAX matmul, H100; the H200 has the same cores;
+half that for float32 operands, which XLA gives cuBLAS as TF32), 3 us per kernel (no CUDA-graph capture
+assumed). It ignores overlap, caches and kernel efficiency; it ranks designs by the traffic and launches they
+cause, which is what separates them at these shapes.
 """
 
 from __future__ import annotations
@@ -197,11 +198,13 @@ def roofline(hlo: str, *, bandwidth: float = 2.53e12, matmul: float = 783e12, la
                 kind = re.sub(r"[.\d]+$", "", i.name)
             else:
                 read, write = sum(operand_bytes), i.bytes
+            rate = matmul
             if i.op == "custom-call":
                 kind = re.search(r'custom_call_target="([^"]+)"', i.rest).group(1)
                 if "matmul" in kind or "gemm" in kind:
-                    flops, write = _gemm(i, comps[name])
-            seconds = max(flops / matmul, (read + write) / bandwidth) + launch
+                    flops, write, wide = _gemm(i, comps[name])
+                    rate = matmul / 2 if wide else matmul  # float32 operands: TF32, half the bf16 rate
+            seconds = max(flops / rate, (read + write) / bandwidth) + launch
             for cost in (rows[(loop or "entry", kind)], total):
                 cost.add(seconds * times, times, (read + write) * times, flops * times)
 
@@ -209,8 +212,9 @@ def roofline(hlo: str, *, bandwidth: float = 2.53e12, matmul: float = 783e12, la
     return total, dict(rows)
 
 
-def _gemm(call: Instruction, scope: list[Instruction]) -> tuple[int, int]:
-    """(FLOPs, bytes written) of a cuBLAS matmul custom call: 2 x output elements x contracted size."""
+def _gemm(call: Instruction, scope: list[Instruction]) -> tuple[int, int, bool]:
+    """(FLOPs, bytes written, float32 operands?) of a cuBLAS matmul custom call: FLOPs = 2 x output elements x
+    contracted size."""
     out = re.search(r"\b([a-z]+\d*)\[([\d,]*)\]", call.shape)  # the first tuple element is the product
     elements = 1
     for d in filter(None, out.group(2).split(",")):
@@ -219,7 +223,7 @@ def _gemm(call: Instruction, scope: list[Instruction]) -> tuple[int, int]:
     dims = [int(d) for d in re.search(r"\[([\d,]*)\]", lhs.shape).group(1).split(",") if d]
     contracting = re.search(r'"lhs_contracting_dimensions":\["(\d+)"', call.rest)
     k = dims[int(contracting.group(1))] if contracting else 1
-    return 2 * elements * k, BYTES[out.group(1)] * elements
+    return 2 * elements * k, BYTES[out.group(1)] * elements, lhs.shape.startswith("f32")
 
 
 def _deviceless_mesh():

@@ -119,6 +119,43 @@ def test_bfloat16_compute_gradients_follow_torch_through_bfloat16_dots(variant, 
     assert types and not slow, slow
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "smollm2_tied"])
+def test_bfloat16_gradients_off_cpu_keep_the_unembedding_backward_in_bfloat16(variant, tmp_path, monkeypatch):
+    """The GPU/TPU path of the same mixed-precision model (XLA's bf16 dots, jax.nn.dot_product_attention;
+    forced here): gradients still follow torch to bfloat16 accuracy, and no dot by a weight in the gradient
+    program takes float32 operands. The unembedding's float32 logits would otherwise hand their float32
+    cotangent to both backward products ([rows, V] x [V, E] and its transpose: on a GPU TF32 matmuls over a
+    float32 [rows, V] array; bench/gpu_hlo.py)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from minillm_jax.models import transformer
+
+    monkeypatch.setattr(transformer, "_cpu_low_precision", lambda dtype: False)
+    monkeypatch.setattr(transformer, "_explicit_attention", lambda: False)
+    ids, mask, weights, expected = _torch_gradients(variant, tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf", compute_dtype="bfloat16")
+
+    def loss(m):
+        return jnp.sum(m(ids, mask) * weights)
+
+    grads = nnx.grad(loss)(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    save_pretrained(nnx.merge(graphdef, grads), tmp_path / "grads")
+    ours = load_file(tmp_path / "grads" / "model.safetensors")
+    overall = max(float(np.linalg.norm(g)) for g in expected.values())
+    for name, value in ours.items():
+        reference = expected.get(name, expected.get("model.embed_tokens.weight"))
+        error = float(np.linalg.norm(value - reference))
+        assert error <= 0.06 * float(np.linalg.norm(reference)) + 1e-3 * overall, (name, error)
+    program = jax.jit(jax.grad(lambda p: loss(nnx.merge(graphdef, p)))).lower(params).as_text()
+    dots = [line for line in program.splitlines() if "stablehlo.dot_general" in line and "batching_dims" not in line]
+    wide = [line.split(":")[-1] for line in dots if line.split(":")[-1].split("->")[0].count("f32>") == 2]
+    assert dots and not wide, wide
+
+
 @pytest.mark.parametrize("attention", ["xla", "cudnn"])
 @pytest.mark.parametrize("variant", ["mistral_sliding_window", "gpt2"])
 def test_dot_product_attention_path_matches_transformers(variant, attention, tmp_path, monkeypatch):

@@ -499,21 +499,27 @@ def _dot(spec: str, x, w, out_dtype=None, operands: str = ""):
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if operands:
         x = x.astype(operands)
-    if not _cpu_low_precision(x.dtype):
-        return _mm(spec, x, w.astype(x.dtype), out_dtype)
-    return _cpu_dot(spec, out_dtype, x, w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _cpu_dot(spec, out_dtype, x, w):
+    low = jnp.dtype(x.dtype).itemsize < 4
+    if low and (_cpu_low_precision(x.dtype) or out_dtype.itemsize > x.dtype.itemsize):
+        return _low_precision_dot(spec, out_dtype, x, w)
     return _mm(spec, x, w.astype(x.dtype), out_dtype)
 
 
-def _cpu_dot_fwd(spec, out_dtype, x, w):
-    return _cpu_dot(spec, out_dtype, x, w), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_dot(spec, out_dtype, x, w):
+    """bf16/f16 operands whose backward products take the cotangent in the operands' dtype too (accumulated
+    in float32), wherever the result is wider: the unembedding's float32 logits would otherwise give their
+    float32 cotangent to both backward products, which then run in float32 (on a GPU: TF32 at best, with the
+    [rows, V] cotangent written in float32 first; bench/gpu_hlo.py). On CPU every low-precision dot takes it
+    (XLA:CPU's own transposes of a bf16 dot are slower)."""
+    return _mm(spec, x, w.astype(x.dtype), out_dtype)
 
 
-def _cpu_dot_bwd(spec, out_dtype, residuals, d_out):
+def _low_precision_dot_fwd(spec, out_dtype, x, w):
+    return _low_precision_dot(spec, out_dtype, x, w), (x, w)
+
+
+def _low_precision_dot_bwd(spec, out_dtype, residuals, d_out):
     x, w = residuals
     x_spec, rest = spec.split(",")
     w_spec, out_spec = rest.split("->")
@@ -522,7 +528,7 @@ def _cpu_dot_bwd(spec, out_dtype, residuals, d_out):
             _mm(f"{x_spec},{out_spec}->{w_spec}", x, d_out, w.dtype))
 
 
-_cpu_dot.defvjp(_cpu_dot_fwd, _cpu_dot_bwd)
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
 
 
 # The MLPs with hand-written backward passes. The math is autodiff's; what differs is the program XLA:CPU
