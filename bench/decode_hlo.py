@@ -2,8 +2,8 @@
 or run) and lists the large copies and slices in XLA's optimized program, the ones a decode step makes on top
 of reading the weights and the KV cache once (a layer scan over stacked weights and a stacked cache may slice
 each layer out as a copy before a library matmul: on XLA:CPU it does, which at long answers costs this CPU
-~16-20% of a step, bench/RESULTS.md "Evaluation-length decoding"; on a GPU, where decode is bandwidth-bound,
-it would cost up to the cache's size again per step).
+~16-20% of a step, bench/RESULTS.md "Evaluation-length decoding"; XLA:GPU does not copy the cache, only each
+layer's weights, as `bench/gpu_hlo.py decode` shows by compiling for an H200 from a CPU machine).
 
     python bench/decode_hlo.py                 # GPT-2 124M, bf16, B 128, prompt 256, 256 new: the GPU suite's case
     python bench/decode_hlo.py --smoke         # tiny shapes, to test the script
