@@ -190,6 +190,8 @@ def roofline(hlo: str, *, bandwidth: float = 2.53e12, matmul: float = 783e12, la
                 trips = int(known.group(1)) if known else unknown_trips
                 walk(body, times * trips, f"{loop}/{body}x{trips}" if loop else f"{body}x{trips}")
                 continue
+            if i.op in ("conditional", "call", "async-start"):
+                raise ValueError(f"{i.op} {i.name}: not modelled (which branch runs, or what runs async)")
             operand_bytes = [shapes.get(o, 0) for o in i.operands]
             flops, kind = 0, i.op
             if i.op == "fusion":
