@@ -24,13 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_hlo import array_bytes  # noqa: E402  (imports no jax)
+
 SHAPES = {
     "gpu": dict(student=dict(n_embd=768, n_layer=12, n_head=12), teacher=dict(n_embd=1600, n_layer=48, n_head=25),
                 vocab=50257, batch=128, prompt=256, new=256, dtype="bfloat16"),
     "smoke": dict(student=dict(n_embd=64, n_layer=2, n_head=4), teacher=dict(n_embd=128, n_layer=3, n_head=4),
                   vocab=512, batch=4, prompt=16, new=16, dtype="float32"),
 }
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u16": 2, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 # `%name = type[dims]{layout} op(` with the op or the fusion's name saying copy/slice (XLA names a fusion
 # after the instructions it holds, e.g. dynamic-slice_bitcast_fusion.7 or wrapped_dynamic-slice)
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (\w+)\[([\d,]*)\]\S* ([\w-]+)\(")
@@ -62,9 +63,7 @@ def moves(hlo: str, min_bytes: int = 1 << 20) -> list[tuple[int, str, str, str, 
         what = f"{op} {name}"
         if "update" in what or not any(word in what for word in ("copy", "slice", "transpose")):
             continue
-        size = _BYTES.get(dtype, 4)
-        for d in filter(None, dims.split(",")):
-            size *= int(d)
+        size = array_bytes(f"{dtype}[{dims}]")
         if size >= min_bytes:
             found.append((computation, name, op, size))
 
@@ -80,6 +79,30 @@ def moves(hlo: str, min_bytes: int = 1 << 20) -> list[tuple[int, str, str, str, 
             if not (c.startswith(("fused_", "wrapped_")) and c in fusions)]
 
 
+def generate_program(shapes: dict, teacher: bool, batch: int):
+    """(the jitted `generate` of the GPU suite's sampling case at `shapes`, its abstract arguments, its
+    SamplingConfig): random GPT-2 student (and GPT-2 XL teacher), nothing allocated."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench.train_mfu import gpt2_builder
+    from minillm_jax.sampling import SamplingConfig, _compiled_generate
+
+    def abstract(dims):
+        return nnx.split(nnx.eval_shape(gpt2_builder(dims, shapes)))
+
+    student_def, student_state = abstract(shapes["student"])
+    teacher_def, teacher_state = abstract(shapes["teacher"]) if teacher else (None, None)
+    P = shapes["prompt"]
+    config = SamplingConfig(max_new_tokens=shapes["new"], prompt_buckets=(P,))
+    run = _compiled_generate(student_def, teacher_def, config, shapes["vocab"], None, batch)
+    args = (student_state, teacher_state, jax.ShapeDtypeStruct((batch, P), jnp.int32),
+            jax.ShapeDtypeStruct((batch, P), jnp.bool_), jax.eval_shape(lambda: jax.random.key(0)),
+            jax.ShapeDtypeStruct((), jnp.float32))
+    return run, args, config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true")
@@ -88,31 +111,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
-    import jax.numpy as jnp
-    import transformers
-    from flax import nnx
-
-    from minillm_jax.models import Transformer
-    from minillm_jax.models.families import config_from_hf
-    from minillm_jax.sampling import SamplingConfig, _compiled_generate
 
     shapes = SHAPES["smoke" if args.smoke else "gpu"]
-
-    def abstract(dims):
-        config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
-        config = config.replace(param_dtype=shapes["dtype"], dtype=shapes["dtype"])
-        return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-
-    student_def, student_state = abstract(shapes["student"])
-    teacher_def, teacher_state = abstract(shapes["teacher"]) if args.teacher else (None, None)
     B, P = shapes["batch"], shapes["prompt"]
-    config = SamplingConfig(max_new_tokens=shapes["new"], prompt_buckets=(P,))
-    run = _compiled_generate(student_def, teacher_def, config, shapes["vocab"], None, B)
-    ids = jax.ShapeDtypeStruct((B, P), jnp.int32)
-    mask = jax.ShapeDtypeStruct((B, P), jnp.bool_)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    hlo = run.lower(student_state, teacher_state, ids, mask, rng, jax.ShapeDtypeStruct((), jnp.float32)).compile()
-    text = hlo.as_text()
+    run, program_args, _ = generate_program(shapes, args.teacher, B)
+    text = run.lower(*program_args).compile().as_text()
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"{args.name}.txt").write_text(text)
     found = moves(text, 1 << 10 if args.smoke else 1 << 20)

@@ -15,7 +15,8 @@ Needs jax's CUDA plugin beside the CPU jax (about 3.7 GB; no GPU or driver neede
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode [--teacher] [--batch 32] [--tree DIR]  # generate, B 128
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py check                    # the accounting on programs of known cost
 
-`--tree DIR` compiles another checkout's minillm_jax (e.g. one with bench/decode_unrolled.patch applied).
+`--tree DIR` compiles another checkout's minillm_jax (e.g. one with bench/decode_unrolled.patch applied) with
+this checkout's bench/.
 With $OUT set, the optimized program is written to $OUT/<case>.hlo.txt.
 
 How: jax's deviceless compilation (jax.experimental.topologies with an H200 target description), the
@@ -243,55 +244,25 @@ def _placed(tree, mesh):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=everywhere), tree)
 
 
-def _gpt2(dims: dict, vocab: int, dtype: str, attention: str = "model"):
-    import transformers
-    from flax import nnx
-
-    from minillm_jax.models import Transformer
-    from minillm_jax.models.families import config_from_hf
-
-    config = config_from_hf(transformers.GPT2Config(vocab_size=vocab, n_positions=1024, **dims))
-    option = {"attention": "cudnn"} if attention == "cudnn" else {}  # (checkouts before the option: --tree)
-    config = config.replace(param_dtype=dtype, dtype=dtype, **option)
-    return lambda: Transformer(config, rngs=nnx.Rngs(0))
-
-
-def _probe(attention: str) -> None:
-    """`--attention "probe NAME"`: the model's jax.nn.dot_product_attention call replaced by that design."""
-    if attention.startswith("probe "):
-        import jax
-
-        from bench.attention_impl import VARIANTS
-
-        variant = VARIANTS[attention.removeprefix("probe ")]
-        jax.nn.dot_product_attention = lambda q, k, v, mask, implementation=None: variant(q, k, v, mask)
-
-
 def compile_train(mesh, attention: str, batch: int, length: int) -> str:
     """The GPU suite's student step (bench/train_mfu.py: SFT loss, AdamW), compiled for the H200."""
     import jax
     import numpy as np
     from flax import nnx
 
-    from bench.train_mfu import SHAPES
+    from bench.train_mfu import SHAPES, gpt2_builder, hook_attention, sft_step
     from minillm_jax.data.batches import text_batch
-    from minillm_jax.trainers import sft
-    from minillm_jax.trainers.common import apply_gradients, create_train_state, make_optimizer
+    from minillm_jax.trainers.common import create_train_state, make_optimizer
 
     shapes = SHAPES["gpu"]
-    _probe(attention)
-    build = _gpt2(shapes["student"], shapes["vocab"], shapes["dtype"], attention)
+    hook_attention(attention)
+    build = gpt2_builder(shapes["student"], shapes, attention)
     tx, schedule = make_optimizer(learning_rate=1e-5)
     graphdef = nnx.graphdef(nnx.eval_shape(build))
     state = jax.eval_shape(lambda: create_train_state(build(), tx)[1])
     inputs = jax.eval_shape(lambda: text_batch(np.zeros((batch, length), np.int32)))
-
-    def step(state, inputs):
-        (_, metrics), grads = jax.value_and_grad(sft.sft_loss, has_aux=True)(state.params, graphdef, inputs)
-        state, opt_metrics = apply_gradients(state, grads, tx, schedule)
-        return state, {**metrics, **opt_metrics}
-
-    return jax.jit(step, donate_argnums=0).lower(_placed(state, mesh), _placed(inputs, mesh)).compile().as_text()
+    step = jax.jit(sft_step(graphdef, tx, schedule), donate_argnums=0)
+    return step.lower(_placed(state, mesh), _placed(inputs, mesh)).compile().as_text()
 
 
 def compile_score(mesh, attention: str, batch: int, length: int) -> str:
@@ -300,46 +271,25 @@ def compile_score(mesh, attention: str, batch: int, length: int) -> str:
     import jax.numpy as jnp
     from flax import nnx
 
-    from bench.train_mfu import SHAPES
-    from minillm_jax import losses
+    from bench.train_mfu import SHAPES, gpt2_builder, hook_attention, score_fn
 
     shapes = SHAPES["gpu"]
-    _probe(attention)
-    graphdef, state = nnx.split(nnx.eval_shape(_gpt2(shapes["teacher"], shapes["vocab"], shapes["dtype"],
-                                                     attention)))
-    num_real = shapes["vocab"]
-
-    def score(state, ids, mask):
-        logits = nnx.merge(graphdef, state)(ids, mask)[:, :-1]
-        logp = losses.log_probs(logits, num_real)
-        return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-
+    hook_attention(attention)
+    graphdef, state = nnx.split(nnx.eval_shape(gpt2_builder(shapes["teacher"], shapes, attention)))
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
-    return jax.jit(score).lower(*_placed((state, ids, mask), mesh)).compile().as_text()
+    return jax.jit(score_fn(graphdef, shapes["vocab"])).lower(*_placed((state, ids, mask), mesh)).compile().as_text()
 
 
-def compile_decode(mesh, teacher: bool, batch: int) -> str:
-    """`generate` at the GPU suite's sampling case (bench/decode_hlo.py), for the H200."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from bench.decode_hlo import SHAPES
-    from minillm_jax.sampling import SamplingConfig, _compiled_generate
+def compile_decode(mesh, teacher: bool, batch: int) -> tuple[str, int, int]:
+    """`generate` at the GPU suite's sampling case (bench/decode_hlo.py), for the H200: (the program, decode
+    steps per chunk, new tokens per row)."""
+    from bench.decode_hlo import SHAPES, generate_program
 
     shapes = SHAPES["gpu"]
-    student_def, student = nnx.split(nnx.eval_shape(_gpt2(shapes["student"], shapes["vocab"], shapes["dtype"])))
-    teacher_def, teacher_state = (nnx.split(nnx.eval_shape(_gpt2(shapes["teacher"], shapes["vocab"],
-                                                                  shapes["dtype"]))) if teacher else (None, None))
-    P = shapes["prompt"]
-    run = _compiled_generate(student_def, teacher_def, SamplingConfig(max_new_tokens=shapes["new"],
-                                                                      prompt_buckets=(P,)), shapes["vocab"], None,
-                             batch)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (student, teacher_state, jax.ShapeDtypeStruct((batch, P), jnp.int32),
-            jax.ShapeDtypeStruct((batch, P), jnp.bool_), key, jax.ShapeDtypeStruct((), jnp.float32))
-    return run.lower(*_placed(args, mesh)).compile().as_text()
+    run, args, config = generate_program(shapes, teacher, batch)
+    new = config.max_new_tokens
+    return run.lower(*_placed(args, mesh)).compile().as_text(), min(config.decode_chunk, new), new
 
 
 def check(mesh) -> None:
@@ -389,7 +339,7 @@ def main() -> None:
     parser.add_argument("--teacher", action="store_true", help="decode: teacher-mixed (GPT-2 XL)")
     parser.add_argument("--batch", type=int, help="rows (default: 16 train/score, 128 decode)")
     parser.add_argument("--length", type=int, default=512, help="train/score: tokens per row")
-    parser.add_argument("--tree", help="decode: compile this checkout's minillm_jax instead")
+    parser.add_argument("--tree", help="compile this checkout's minillm_jax instead (this checkout's bench/)")
     parser.add_argument("--top", type=int, default=12, help="rows of the breakdown")
     args = parser.parse_args()
 
@@ -397,10 +347,14 @@ def main() -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_triton_gemm=false".strip()  # autotuning needs a GPU
-    sys.path[:0] = [str(Path(args.tree).resolve())] if args.tree else []
-    sys.path.insert(1 if args.tree else 0, str(ROOT))
+    sys.path.insert(0, str(ROOT))
     import jax
 
+    import bench.decode_hlo  # noqa: F401  (this checkout's bench, whatever --tree says)
+    import bench.train_mfu  # noqa: F401
+
+    if args.tree:  # only the package comes from there
+        sys.path.insert(0, str(Path(args.tree).resolve()))
     try:
         mesh = _deviceless_mesh()
     except Exception as e:  # no CUDA plugin: say how to get it
@@ -415,15 +369,11 @@ def main() -> None:
         return check(mesh)
     if args.case == "decode":
         batch = args.batch or 128
-        name = f"decode B {batch}{' teacher-mixed' if args.teacher else ''}{f' ({args.tree})' if args.tree else ''}"
-        hlo = compile_decode(mesh, args.teacher, batch)
-        from bench.decode_hlo import SHAPES
-        from minillm_jax.sampling import SamplingConfig
-
-        new = SHAPES["gpu"]["new"]
-        chunk = min(SamplingConfig(max_new_tokens=new).decode_chunk, new)
-        name += f": every row to the end ({-(-new // chunk)} chunks of {chunk} steps)"
-        estimate = dict(unknown_trips=-(-new // chunk), tokens=batch * new)
+        hlo, chunk, new = compile_decode(mesh, args.teacher, batch)
+        chunks = -(-new // chunk)
+        name = (f"decode B {batch}{' teacher-mixed' if args.teacher else ''}{f' ({args.tree})' if args.tree else ''}"
+                f": every row to the end ({chunks} chunks of {chunk} steps)")
+        estimate = dict(unknown_trips=chunks, tokens=batch * new)
     else:
         estimate = {}
         batch = args.batch or 16

@@ -18,7 +18,6 @@ attention term 12·L·d·T (train) or 4·L·d·T (forward), over the card's dens
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import subprocess
 import sys
@@ -46,19 +45,11 @@ def median(fn, repeats: int) -> float:
     return median_seconds(fn, repeats, warmup=2)
 
 
-def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
+def hook_attention(attention: str) -> list:
+    """Puts a recorder in place of jax.nn.dot_product_attention (for "probe NAME": that design of
+    bench/attention_impl.py instead of the call) and returns the list it fills with the `implementation` the
+    model asks for, once per trace."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import transformers
-    from flax import nnx
-
-    from minillm_jax import losses
-    from minillm_jax.data.batches import text_batch
-    from minillm_jax.models import Transformer
-    from minillm_jax.models.families import config_from_hf
-    from minillm_jax.trainers import sft
-    from minillm_jax.trainers.common import apply_gradients, create_train_state, make_optimizer
 
     traced, real = [], jax.nn.dot_product_attention
     if attention.startswith("probe "):  # the model calls jax.nn.dot_product_attention(q, k, v, mask=..., ...)
@@ -73,12 +64,66 @@ def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
             traced.append(implementation)
             return real(*args, implementation=implementation, **kwargs)
         jax.nn.dot_product_attention = record
+    return traced
+
+
+def gpt2_builder(dims: dict, shapes: dict, attention: str = "model"):
+    """A function that builds a random GPT-2 of `dims` in the shapes' dtype (ModelConfig.attention "cudnn" for
+    --attention cudnn; the key is left out otherwise, so checkouts from before it build too)."""
+    import transformers
+    from flax import nnx
+
+    from minillm_jax.models import Transformer
+    from minillm_jax.models.families import config_from_hf
+
+    config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
+    option = {"attention": "cudnn"} if attention == "cudnn" else {}
+    config = config.replace(param_dtype=shapes["dtype"], dtype=shapes["dtype"], **option)
+    return lambda: Transformer(config, rngs=nnx.Rngs(0))
+
+
+def sft_step(graphdef, tx, schedule):
+    """The SFT update of trainers/sft.py with one micro-batch (not jitted)."""
+    import jax
+
+    from minillm_jax.trainers import sft
+    from minillm_jax.trainers.common import apply_gradients
+
+    def step(state, batch):
+        (_, metrics), grads = jax.value_and_grad(sft.sft_loss, has_aux=True)(state.params, graphdef, batch)
+        state, opt_metrics = apply_gradients(state, grads, tx, schedule)
+        return state, {**metrics, **opt_metrics}
+    return step
+
+
+def score_fn(teacher_def, num_real: int):
+    """Teacher scoring (not jitted): log-probabilities of each next token, the model over all T positions as
+    response_hidden runs it."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from minillm_jax import losses
+
+    def score(state, ids, mask):
+        logits = nnx.merge(teacher_def, state)(ids, mask)[:, :-1]
+        logp = losses.log_probs(logits, num_real)
+        return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return score
+
+
+def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from minillm_jax.data.batches import text_batch
+    from minillm_jax.trainers.common import create_train_state, make_optimizer
+
+    traced = hook_attention(attention)
 
     def model(dims):
-        config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
-        config = config.replace(param_dtype=shapes["dtype"], dtype=shapes["dtype"],
-                                attention="cudnn" if attention == "cudnn" else "xla")
-        return Transformer(config, rngs=nnx.Rngs(0))
+        return gpt2_builder(dims, shapes, attention)()
 
     def check_attention():
         if attention != "model" and not traced:
@@ -94,11 +139,7 @@ def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
     tx, schedule = make_optimizer(learning_rate=1e-5)
     graphdef, state = create_train_state(student, tx)
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(state, batch):  # the SFT update of trainers/sft.py with one micro-batch
-        (_, metrics), grads = jax.value_and_grad(sft.sft_loss, has_aux=True)(state.params, graphdef, batch)
-        state, opt_metrics = apply_gradients(state, grads, tx, schedule)
-        return state, {**metrics, **opt_metrics}
+    step = jax.jit(sft_step(graphdef, tx, schedule), donate_argnums=0)
     holder = {"state": state}
 
     def train():
@@ -109,12 +150,7 @@ def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
     check_attention()
     teacher = model(shapes["teacher"])
     teacher_def, teacher_state = nnx.split(teacher)
-
-    @jax.jit
-    def score(state, ids, mask):
-        logits = nnx.merge(teacher_def, state)(ids, mask)[:, :-1]  # all T positions, as response_hidden runs
-        logp = losses.log_probs(logits, teacher.config.num_real_tokens)
-        return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    score = jax.jit(score_fn(teacher_def, teacher.config.num_real_tokens))
 
     ids, mask = jnp.asarray(tokens), jnp.ones(tokens.shape, bool)
     score_seconds = median(lambda: jax.block_until_ready(score(teacher_state, ids, mask)), repeats)
