@@ -63,9 +63,10 @@ def load_models(config: RunConfig, mesh: jax.sharding.Mesh, tokenizer=None) -> M
     else:
         student = None
     for name, model in (("teacher", teacher), ("student", student)):
-        if model is not None:  # weights unchanged; a static config field, read where attention is traced
-            model.config = model.config.replace(attention=config.attention)
-        if model is not None and model.config.num_real_tokens > len(tokenizer):
+        if model is None:
+            continue
+        model.config = model.config.replace(attention=config.attention)  # a static field, read where traced
+        if model.config.num_real_tokens > len(tokenizer):
             logger.info("%s vocabulary %d > tokenizer %d", name, model.config.num_real_tokens, len(tokenizer))
     return Models(tokenizer=tokenizer, student=student, teacher=teacher, mesh=mesh)
 

@@ -83,6 +83,31 @@ def test_bfloat16_compute_gradients_follow_torch_through_bfloat16_dots(variant, 
     in float32: XLA:CPU runs that on its bfloat16 kernels, ~3x faster than the float32 dot it makes of a
     bf16 -> bf16 dot or that autodiff makes of a float32-accumulated one (transformer._dot). Families: plain
     MLP with biases (GPT-2), the projected post-norm OPT, a gated MLP with biases, tied embeddings (SmolLM2)."""
+    types = _bfloat16_gradients_and_weight_dots(variant, tmp_path)
+    slow = [t for t in types if t.split("->")[0].count("bf16>") != 2 or not t.split("->")[1].strip().endswith("f32>")]
+    assert types and not slow, slow
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "smollm2_tied"])
+def test_bfloat16_gradients_off_cpu_keep_the_unembedding_backward_in_bfloat16(variant, tmp_path, monkeypatch):
+    """The GPU/TPU path of the same mixed-precision model (XLA's bf16 dots, jax.nn.dot_product_attention;
+    forced here): gradients still follow torch to bfloat16 accuracy, and no dot by a weight in the gradient
+    program takes float32 operands. The unembedding's float32 logits would otherwise hand their float32
+    cotangent to both backward products ([rows, V] x [V, E] and its transpose: on a GPU TF32 matmuls over a
+    float32 [rows, V] array; bench/gpu_hlo.py)."""
+    from minillm_jax.models import transformer
+
+    monkeypatch.setattr(transformer, "_cpu_low_precision", lambda dtype: False)
+    monkeypatch.setattr(transformer, "_explicit_attention", lambda: False)
+    types = _bfloat16_gradients_and_weight_dots(variant, tmp_path)
+    wide = [t for t in types if t.split("->")[0].count("f32>") == 2]
+    assert types and not wide, wide
+
+
+def _bfloat16_gradients_and_weight_dots(variant: str, tmp_path) -> list[str]:
+    """Mixed precision (float32 parameters, bfloat16 compute): asserts every parameter's gradient is torch
+    autograd's float32 one to bfloat16 accuracy, and returns the types of the dots by a weight (no batch
+    dimensions) in the gradient program, e.g. " (tensor<..xbf16>, tensor<..xbf16>) -> tensor<..xf32>"."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -109,51 +134,9 @@ def test_bfloat16_compute_gradients_follow_torch_through_bfloat16_dots(variant, 
         # bf16 accuracy: autodiff of plain bf16 einsums is off by as much (up to 4.7%, OPT's post-norm fc1)
         assert error <= 0.06 * float(np.linalg.norm(reference)) + 1e-3 * overall, (name, error)
 
-    def loss_of(p):
-        return loss(nnx.merge(graphdef, p))
-
-    program = jax.jit(jax.grad(loss_of)).lower(params).as_text()
-    dots = [line for line in program.splitlines() if "stablehlo.dot_general" in line and "batching_dims" not in line]
-    types = [line.split(":")[-1] for line in dots]  # " (tensor<..xbf16>, tensor<..xbf16>) -> tensor<..xf32>"
-    slow = [t for t in types if t.split("->")[0].count("bf16>") != 2 or not t.split("->")[1].strip().endswith("f32>")]
-    assert types and not slow, slow
-
-
-@pytest.mark.parametrize("variant", ["gpt2", "smollm2_tied"])
-def test_bfloat16_gradients_off_cpu_keep_the_unembedding_backward_in_bfloat16(variant, tmp_path, monkeypatch):
-    """The GPU/TPU path of the same mixed-precision model (XLA's bf16 dots, jax.nn.dot_product_attention;
-    forced here): gradients still follow torch to bfloat16 accuracy, and no dot by a weight in the gradient
-    program takes float32 operands. The unembedding's float32 logits would otherwise hand their float32
-    cotangent to both backward products ([rows, V] x [V, E] and its transpose: on a GPU TF32 matmuls over a
-    float32 [rows, V] array; bench/gpu_hlo.py)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from safetensors.numpy import load_file
-
-    from minillm_jax.models import transformer
-
-    monkeypatch.setattr(transformer, "_cpu_low_precision", lambda dtype: False)
-    monkeypatch.setattr(transformer, "_explicit_attention", lambda: False)
-    ids, mask, weights, expected = _torch_gradients(variant, tmp_path / "hf")
-    model = load_pretrained(tmp_path / "hf", compute_dtype="bfloat16")
-
-    def loss(m):
-        return jnp.sum(m(ids, mask) * weights)
-
-    grads = nnx.grad(loss)(model)
-    graphdef, params = nnx.split(model, nnx.Param)
-    save_pretrained(nnx.merge(graphdef, grads), tmp_path / "grads")
-    ours = load_file(tmp_path / "grads" / "model.safetensors")
-    overall = max(float(np.linalg.norm(g)) for g in expected.values())
-    for name, value in ours.items():
-        reference = expected.get(name, expected.get("model.embed_tokens.weight"))
-        error = float(np.linalg.norm(value - reference))
-        assert error <= 0.06 * float(np.linalg.norm(reference)) + 1e-3 * overall, (name, error)
     program = jax.jit(jax.grad(lambda p: loss(nnx.merge(graphdef, p)))).lower(params).as_text()
     dots = [line for line in program.splitlines() if "stablehlo.dot_general" in line and "batching_dims" not in line]
-    wide = [line.split(":")[-1] for line in dots if line.split(":")[-1].split("->")[0].count("f32>") == 2]
-    assert dots and not wide, wide
+    return [line.split(":")[-1] for line in dots]
 
 
 @pytest.mark.parametrize("attention", ["xla", "cudnn"])
