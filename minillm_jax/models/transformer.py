@@ -321,17 +321,59 @@ _DROPOUT_STREAMS = {"embed": 0, "layers": 1, "attention": 2, "attention_out": 3,
 
 
 def _norm(x, scale, bias, c: ModelConfig):
-    """LayerNorm or RMSNorm in float32, cast back to the compute dtype."""
+    """LayerNorm or RMSNorm in float32, cast back to the compute dtype (bias may be None)."""
+    return _normalise(c.norm == "rmsnorm", c.norm_eps, x, scale, bias)
+
+
+# The norms have a hand-written backward pass for what they keep, not for their math (autodiff's, to float32
+# rounding): autodiff keeps the float32 centred input and normalised values, two [tokens, E] float32 arrays a
+# norm, two layers' worth of the step's saved activations; here a norm keeps its input as it came (the compute
+# dtype) and two float32 numbers a row, and the backward pass normalises again, inside the fusion that reduces
+# the gradient. Compiled for an H200, the GPT-2 124M train step (B 16 x 512, bf16, cuDNN attention) reads and
+# writes 5.4 GB less, an estimated 10% faster (bench/gpu_hlo.py train --attention cudnn: 27.6 -> 24.9 ms); on
+# CPU a MiniLLM round at the demo's shapes is no slower (bench/minillm_round.py).
+
+
+def _norm_statistics(x32, rms: bool, eps: float):
+    """(mean or None, 1 / standard deviation), each [..., 1] float32."""
+    mean = None if rms else jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 if rms else x32 - mean
+    return mean, jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+
+
+def _normalised(x, mean, rstd):
     x32 = x.astype(jnp.float32)
-    if c.norm == "rmsnorm":
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps)
-    else:
-        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        y = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + c.norm_eps)
-    y = y * scale.astype(jnp.float32)
+    return (x32 if mean is None else x32 - mean) * rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _normalise(rms: bool, eps: float, x, scale, bias):
+    return _normalise_fwd(rms, eps, x, scale, bias)[0]
+
+
+def _normalise_fwd(rms, eps, x, scale, bias):
+    mean, rstd = _norm_statistics(x.astype(jnp.float32), rms, eps)
+    y = _normalised(x, mean, rstd) * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _normalise_bwd(rms, eps, residuals, dy):
+    x, mean, rstd, scale, bias = residuals
+    x_hat = _normalised(x, mean, rstd)
+    dy = dy.astype(jnp.float32)
+    rows = tuple(range(x.ndim - 1))
+    d_scale = jnp.sum(dy * x_hat, axis=rows).astype(scale.dtype)
+    d_bias = None if bias is None else jnp.sum(dy, axis=rows).astype(bias.dtype)
+    g = dy * scale.astype(jnp.float32)
+    d_x = g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True)
+    if not rms:
+        d_x = d_x - jnp.mean(g, axis=-1, keepdims=True)
+    return (d_x * rstd).astype(x.dtype), d_scale, d_bias
+
+
+_normalise.defvjp(_normalise_fwd, _normalise_bwd)
 
 
 def _rotate(x, cos, sin):
