@@ -117,27 +117,31 @@ def computations(hlo: str) -> tuple[str, dict[str, list[Instruction]]]:
 
 
 def _fusion_traffic(body: list[Instruction], operand_bytes: list[int]) -> tuple[int, int]:
-    """Bytes a fusion reads and writes: a parameter read only through dynamic-slices counts their slices, the
-    buffer a dynamic-update-slice updates in place counts nothing read and only the update written (bitcasts,
-    which move no data, are looked through)."""
+    """Bytes a fusion reads and writes: a parameter read only through dynamic-slices counts their slices, one
+    read only through gathers (after slices, if any) the gathered elements, the buffer a dynamic-update-slice
+    updates in place counts nothing read and only the update written (bitcasts, which move no data, are looked
+    through)."""
     by_name = {i.name: i for i in body}
     users = collections.defaultdict(list)
     for instruction in body:
         for position, operand in enumerate(instruction.operands):
             users[operand].append((instruction, position))
 
-    def uses(name: str) -> list[tuple[Instruction, int]]:  # users, through bitcasts
+    def uses(name: str, through=("bitcast",)) -> list[tuple[Instruction, int]]:  # users, through bitcasts
         found = []
         for user, position in users[name]:
-            found += uses(user.name) if user.op == "bitcast" else [(user, position)]
+            found += uses(user.name, through) if user.op in through else [(user, position)]
         return found
 
     read = 0
     for p in (i for i in body if i.op == "parameter"):
         index = int(re.match(r"(\d+)", p.rest).group(1))
         reads = uses(p.name)
+        picked = uses(p.name, ("bitcast", "slice"))  # elements picked out (a row's label logit): only those
         if reads and all(u.op == "dynamic-slice" and k == 0 for u, k in reads):
             read += sum(u.bytes for u, _ in reads)
+        elif picked and all(u.op == "gather" and k == 0 for u, k in picked):
+            read += sum(u.bytes for u, _ in picked)
         elif reads and all(u.op == "dynamic-update-slice" and k == 0 for u, k in reads):
             continue
         else:
@@ -305,6 +309,11 @@ def check(mesh) -> None:
     assert c.kernels == 1 and c.bytes == 2 * 4096 * 4096 * 2, c
     c = cost(lambda a, b: a @ b, x, x)
     assert c.flops == 2 * 4096 ** 3 and c.bytes == 3 * 4096 * 4096 * 2, c
+
+    rows = jax.ShapeDtypeStruct((4096, 50257), jnp.float32)  # 823 MB: a pick per row, then its negative
+    c = cost(lambda z, i: -jnp.take_along_axis(z[:, :50000], i[:, None], axis=-1), rows,
+             jax.ShapeDtypeStruct((4096,), jnp.int32))
+    assert c.bytes <= 4 * 4096 * 4, c
 
     def scan_rows(a):  # writes each of 64 rows of a [64, 4096, 256] buffer in place: 64 x 2 MiB
         def body(buffer, i):

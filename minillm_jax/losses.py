@@ -228,11 +228,23 @@ class _Row:
     elementwise expressions that XLA fuses into each pass over [rows, V]."""
 
     def __init__(self, z, lse_q, zp, lse_p, labels):
+        self.z, self.lse_q, self.labels = z, lse_q, labels
         self.lq = z - lse_q[..., None]
         self.q = jnp.exp(self.lq)
         self.lp = None if zp is None else zp - lse_p[..., None]
         self.p = None if zp is None else jnp.exp(self.lp)
         self.hit = jnp.arange(z.shape[-1]) == labels[..., None]
+
+    def inside(self):
+        """[rows, 1]: whether the row's label is a real id (log q(label) counts 0 otherwise, with no gradient)."""
+        return ((self.labels >= 0) & (self.labels < self.z.shape[-1]))[..., None]
+
+    def label_lq(self):
+        """log q(label) per row: one logit gathered a row, not a pass over [rows, V] (a third read of the
+        float32 logits after the log-normaliser's two)."""
+        V = self.z.shape[-1]
+        z = jnp.take_along_axis(self.z, jnp.clip(self.labels, 0, V - 1)[..., None], axis=-1)
+        return jnp.where(self.inside(), z - self.lse_q[..., None], 0.0)[..., 0]
 
 
 def _row_sums(*xs):
@@ -260,12 +272,12 @@ def _log_normalisers(*zs):
 
 def _term_parts(term: Term, r: _Row):
     """[rows, V] expressions whose sums over V are the term's value and the per-row statistic its gradient
-    needs (None where it needs none but its value)."""
+    needs (None where it needs none but its value); the label terms give their per-row value itself."""
     name, w = term.name, term.param
     if name == "logprob":
-        return jnp.where(r.hit, r.lq, 0.0), None
+        return r.label_lq(), None
     if name == "cross_entropy":
-        return jnp.where(r.hit, -r.lq, 0.0), None
+        return -r.label_lq(), None
     if name == "entropy":
         return -r.q * r.lq, None
     if name == "reverse_kl":
@@ -292,9 +304,9 @@ def _term_dlogits(term: Term, r: _Row, value, stat):
     value = value[..., None]
     stat = None if stat is None else stat[..., None]
     if name == "logprob":
-        return r.hit - r.q
+        return jnp.where(r.inside(), r.hit - r.q, 0.0)
     if name == "cross_entropy":
-        return r.q - r.hit
+        return jnp.where(r.inside(), r.q - r.hit, 0.0)
     if name == "entropy":
         return -r.q * (r.lq + value)
     if name == "reverse_kl":
@@ -334,9 +346,10 @@ def _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_cons
         lse_q, lse_p = _log_normalisers(z, zp) if zp is not None else (*_log_normalisers(z), jnp.zeros(z.shape[:-1]))
         row = _Row(z, lse_q, zp, lse_p, chunk_labels)
         parts = [_term_parts(t, row) for t in terms]
-        sums = _row_sums(*[v for v, _ in parts], *[s for _, s in parts if s is not None])
-        values, extra = sums[:len(terms)], iter(sums[len(terms):])
-        stats = [values[i] if s is None else next(extra) for i, (_, s) in enumerate(parts)]
+        wide = [v for v, _ in parts if v.ndim == z.ndim] + [s for _, s in parts if s is not None]  # [rows, V]
+        sums = iter(_row_sums(*wide) if wide else ())
+        values = [next(sums) if v.ndim == z.ndim else v for v, _ in parts]
+        stats = [values[i] if s is None else next(sums) for i, (_, s) in enumerate(parts)]
         kept = (z, zp) if keep else (None, None)
         return jnp.stack(values, -1), jnp.stack(stats, -1), jnp.stack([lse_q, lse_p], -1), kept
 

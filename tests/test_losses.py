@@ -364,7 +364,7 @@ def _fused_case(seed=4, B=2, T=11, E=6, V=13):
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     return dict(student_hidden=f32(rng.normal(size=(B, T, E))), teacher_hidden=f32(rng.normal(size=(B, T, E))),
                 w_student=f32(rng.normal(size=(E, V))), w_teacher=f32(rng.normal(size=(E, V))),
-                labels=jnp.asarray(rng.integers(0, 11, (B, T)), jnp.int32))
+                labels=jnp.asarray(rng.integers(-1, V, (B, T)), jnp.int32))  # -1 and the padded ids: outside
 
 
 @pytest.mark.parametrize("terms", [[t] for t in _TERMS] + [[("logprob", 0.0), ("entropy", 0.0), ("reverse_kl", 0.0)],
@@ -374,9 +374,10 @@ def _fused_case(seed=4, B=2, T=11, E=6, V=13):
 def test_token_values_and_their_hand_written_gradient_match_autodiff_of_the_logits_level_functions(terms, chunk):
     """Values and the gradients to the student's weights and hidden states (the closed-form backward pass) equal
     JAX autodiff through the logits-level functions on full [B, T, V] logits; T = 11 is no multiple of the
-    chunk (padding), 11 real ids of V = 13 (padded vocabulary), temperature 0.8, a random weight per
-    position and term so every term's gradient counts."""
+    chunk (padding), 11 real ids of V = 13 (padded vocabulary), labels among them outside the real ids (log q
+    counts 0 there), temperature 0.8, a random weight per position and term so every term's gradient counts."""
     case = _fused_case()
+    assert np.any(case["labels"] < 0) and np.any(case["labels"] >= 11) and np.any(case["labels"] < 11)
     n, temperature = 11, 0.8
     cotangent = jnp.asarray(np.random.default_rng(5).normal(size=(2, 11, len(terms))), jnp.float32)
 
