@@ -10,6 +10,7 @@ Needs jax's CUDA plugin beside the CPU jax (about 3.7 GB; no GPU or driver neede
         "jax-cuda13-pjrt==$(python -c 'import jax; print(jax.__version__)')"
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py train                    # GPT-2 124M SFT step, B 16 x 512, bf16
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py train --attention cudnn  # ModelConfig.attention "cudnn"
+    /tmp/gpu-hlo/bin/python bench/gpu_hlo.py train --attention cudnn --unrolled   # and scan_layers False
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py train --attention "probe cudnn rolled"  # bench/attention_impl.py's
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py score                    # GPT-2 XL teacher forward, B 16 x 512
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode [--teacher] [--batch 32] [--tree DIR]  # generate, B 128
@@ -117,7 +118,7 @@ def computations(hlo: str) -> tuple[str, dict[str, list[Instruction]]]:
 
 
 def _fusion_traffic(body: list[Instruction], operand_bytes: list[int]) -> tuple[int, int]:
-    """Bytes a fusion reads and writes: a parameter read only through dynamic-slices counts their slices, one
+    """Bytes a fusion reads and writes: a parameter read only through slices counts their slices, one
     read only through gathers (after slices, if any) the gathered elements, the buffer a dynamic-update-slice
     updates in place counts nothing read and only the update written (bitcasts, which move no data, are looked
     through)."""
@@ -138,10 +139,10 @@ def _fusion_traffic(body: list[Instruction], operand_bytes: list[int]) -> tuple[
         index = int(re.match(r"(\d+)", p.rest).group(1))
         reads = uses(p.name)
         picked = uses(p.name, ("bitcast", "slice"))  # elements picked out (a row's label logit): only those
-        if reads and all(u.op == "dynamic-slice" and k == 0 for u, k in reads):
-            read += sum(u.bytes for u, _ in reads)
-        elif picked and all(u.op == "gather" and k == 0 for u, k in picked):
+        if picked and all(u.op == "gather" and k == 0 for u, k in picked):
             read += sum(u.bytes for u, _ in picked)
+        elif reads and all(u.op in ("slice", "dynamic-slice") and k == 0 for u, k in reads):
+            read += sum(u.bytes for u, _ in reads)
         elif reads and all(u.op == "dynamic-update-slice" and k == 0 for u, k in reads):
             continue
         else:
@@ -248,7 +249,7 @@ def _placed(tree, mesh):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=everywhere), tree)
 
 
-def compile_train(mesh, attention: str, batch: int, length: int) -> str:
+def compile_train(mesh, attention: str, batch: int, length: int, unrolled: bool = False) -> str:
     """The GPU suite's student step (bench/train_mfu.py: SFT loss, AdamW), compiled for the H200."""
     import jax
     import numpy as np
@@ -260,7 +261,7 @@ def compile_train(mesh, attention: str, batch: int, length: int) -> str:
 
     shapes = SHAPES["gpu"]
     hook_attention(attention)
-    build = gpt2_builder(shapes["student"], shapes, attention)
+    build = gpt2_builder(shapes["student"], shapes, attention, unrolled)
     tx, schedule = make_optimizer(learning_rate=1e-5)
     graphdef = nnx.graphdef(nnx.eval_shape(build))
     state = jax.eval_shape(lambda: create_train_state(build(), tx)[1])
@@ -269,7 +270,7 @@ def compile_train(mesh, attention: str, batch: int, length: int) -> str:
     return step.lower(_placed(state, mesh), _placed(inputs, mesh)).compile().as_text()
 
 
-def compile_score(mesh, attention: str, batch: int, length: int) -> str:
+def compile_score(mesh, attention: str, batch: int, length: int, unrolled: bool = False) -> str:
     """The GPU suite's teacher scoring (bench/train_mfu.py: forward, log-softmax, gather), for the H200."""
     import jax
     import jax.numpy as jnp
@@ -279,7 +280,7 @@ def compile_score(mesh, attention: str, batch: int, length: int) -> str:
 
     shapes = SHAPES["gpu"]
     hook_attention(attention)
-    graphdef, state = nnx.split(nnx.eval_shape(gpt2_builder(shapes["teacher"], shapes, attention)))
+    graphdef, state = nnx.split(nnx.eval_shape(gpt2_builder(shapes["teacher"], shapes, attention, unrolled)))
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
     return jax.jit(score_fn(graphdef, shapes["vocab"])).lower(*_placed((state, ids, mask), mesh)).compile().as_text()
@@ -310,6 +311,8 @@ def check(mesh) -> None:
     c = cost(lambda a, b: a @ b, x, x)
     assert c.flops == 2 * 4096 ** 3 and c.bytes == 3 * 4096 * 4096 * 2, c
 
+    c = cost(lambda a: a[1:3] * 2, jax.ShapeDtypeStruct((64, 4096, 256), jnp.float32))  # 2 of 64 slabs read
+    assert c.bytes == 2 * 2 * 4096 * 256 * 4, c
     rows = jax.ShapeDtypeStruct((4096, 50257), jnp.float32)  # 823 MB: a pick per row, then its negative
     c = cost(lambda z, i: -jnp.take_along_axis(z[:, :50000], i[:, None], axis=-1), rows,
              jax.ShapeDtypeStruct((4096,), jnp.int32))
@@ -346,6 +349,7 @@ def main() -> None:
     parser.add_argument("--attention", default="model", help='train/score: "model" (XLA), "cudnn" (the model\'s '
                         'option) or "probe NAME" (a bench/attention_impl.py design in its place)')
     parser.add_argument("--teacher", action="store_true", help="decode: teacher-mixed (GPT-2 XL)")
+    parser.add_argument("--unrolled", action="store_true", help="train/score: the layers unrolled (scan_layers False)")
     parser.add_argument("--batch", type=int, help="rows (default: 16 train/score, 128 decode)")
     parser.add_argument("--length", type=int, default=512, help="train/score: tokens per row")
     parser.add_argument("--tree", help="compile this checkout's minillm_jax instead (this checkout's bench/)")
@@ -386,8 +390,9 @@ def main() -> None:
     else:
         estimate = {}
         batch = args.batch or 16
-        name = f"{args.case} B {batch} x {args.length}, attention {args.attention}"
-        hlo = (compile_train if args.case == "train" else compile_score)(mesh, args.attention, batch, args.length)
+        name = f"{args.case} B {batch} x {args.length}, attention {args.attention}{', unrolled' * args.unrolled}"
+        hlo = (compile_train if args.case == "train" else compile_score)(mesh, args.attention, batch, args.length,
+                                                                         args.unrolled)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.hlo.txt").write_text(hlo)
     print(f"NVIDIA H200 (deviceless compile), jax {jax.__version__}")

@@ -8,9 +8,11 @@
 #   [3] the same, ours only, with the models' attention option "cudnn" (cuDNN's flash attention given the
 #       model's boolean mask; compiled for an H200 from the CPU machine, bench/gpu_hlo.py estimates the train
 #       step 1.7x and the scoring forward 1.5x faster than with XLA's attention: this measures it)
-#   [4] issue 3: sampling throughput vs transformers.generate (GPT-2 124M, B in {32, 128}; teacher-mixed
+#   [4] the same with the layers unrolled too (ModelConfig.scan_layers False: no stacked copies of the saved
+#       activations; bench/gpu_hlo.py estimates the train step a further ~19% faster, scoring ~2%)
+#   [5] issue 3: sampling throughput vs transformers.generate (GPT-2 124M, B in {32, 128}; teacher-mixed
 #       124M + GPT-2 XL with the fraction of the memory-bandwidth bound)
-#   [5, 6] issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on
+#   [6, 7] issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on
 #       the H200 on 2026-12-01; last, so that a run out of time loses it first)
 # (The decode-layout A/B that stood here is decided without a GPU: compiled for an H200, the layer scan copies
 # no KV cache, only each layer's weights, and the unrolled layout is estimated slower; bench/RESULTS.md.)
@@ -53,6 +55,8 @@ section "attention: XLA vs cuDNN (bench/attention_impl.py)" 90 python3 bench/att
 section "train step and scoring (issue 4)" 200 python3 bench/train_mfu.py --repeats 10
 section "train step and scoring, ours with --config.attention=cudnn (ModelConfig.attention)" 120 \
   python3 bench/train_mfu.py --repeats 10 --ours-only --attention cudnn
+section "train step and scoring, ours with --config.attention=cudnn --config.scan_layers=False" 120 \
+  python3 bench/train_mfu.py --repeats 10 --ours-only --attention cudnn --unrolled
 section "sampling (issue 3)" 260 python3 bench/sampling.py --suite gpu --repeats 3 --processes 1
 for remat in none full; do
   section "memory of the GPT-2 XL -> 124M KD step, batch 64 x 512, remat $remat (issue 6)" 90 \

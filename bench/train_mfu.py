@@ -6,6 +6,8 @@ Prints one Markdown table.
     python bench/train_mfu.py --smoke      # the same code path at tiny shapes (CPU)
     python bench/train_mfu.py --ours-only --attention cudnn   # GPU: the models with ModelConfig.attention
         # "cudnn" (--config.attention=cudnn in a run); refuses to report if cuDNN refused and XLA ran instead
+    python bench/train_mfu.py --ours-only --attention cudnn --unrolled   # GPU: and the layers unrolled
+        # (ModelConfig.scan_layers False, --config.scan_layers=False in a run)
     python bench/train_mfu.py --ours-only --attention "probe cudnn rolled"   # GPU: the model's attention call
         # replaced by one of bench/attention_impl.py's cuDNN designs in the measuring process, no anchor
 
@@ -67,9 +69,10 @@ def hook_attention(attention: str) -> list:
     return traced
 
 
-def gpt2_builder(dims: dict, shapes: dict, attention: str = "model"):
+def gpt2_builder(dims: dict, shapes: dict, attention: str = "model", unrolled: bool = False):
     """A function that builds a random GPT-2 of `dims` in the shapes' dtype (ModelConfig.attention "cudnn" for
-    --attention cudnn; the key is left out otherwise, so checkouts from before it build too)."""
+    --attention cudnn, scan_layers False for --unrolled; the keys are left out otherwise, so checkouts from
+    before them build too)."""
     import transformers
     from flax import nnx
 
@@ -78,6 +81,7 @@ def gpt2_builder(dims: dict, shapes: dict, attention: str = "model"):
 
     config = config_from_hf(transformers.GPT2Config(vocab_size=shapes["vocab"], n_positions=1024, **dims))
     option = {"attention": "cudnn"} if attention == "cudnn" else {}
+    option.update({"scan_layers": False} if unrolled else {})
     config = config.replace(param_dtype=shapes["dtype"], dtype=shapes["dtype"], **option)
     return lambda: Transformer(config, rngs=nnx.Rngs(0))
 
@@ -111,7 +115,7 @@ def score_fn(teacher_def, num_real: int):
     return score
 
 
-def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
+def run_jax(shapes: dict, repeats: int, attention: str = "model", unrolled: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -123,7 +127,7 @@ def run_jax(shapes: dict, repeats: int, attention: str = "model") -> dict:
     traced = hook_attention(attention)
 
     def model(dims):
-        return gpt2_builder(dims, shapes, attention)()
+        return gpt2_builder(dims, shapes, attention, unrolled)()
 
     def check_attention():
         if attention != "model" and not traced:
@@ -202,9 +206,9 @@ def run_torch(shapes: dict, repeats: int) -> dict:
             "score_seconds": median(score, repeats)}
 
 
-def side(name: str, shapes: str, repeats: int, attention: str = "model") -> dict:
+def side(name: str, shapes: str, repeats: int, attention: str = "model", unrolled: bool = False) -> dict:
     done = subprocess.run([sys.executable, __file__, "--side", name, "--shapes", shapes, "--repeats", str(repeats),
-                           "--attention", attention], capture_output=True, text=True)
+                           "--attention", attention] + ["--unrolled"] * unrolled, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{name} side failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -217,23 +221,27 @@ def main():
     parser.add_argument("--attention", default="model", choices=("model", "cudnn", *(f"probe {v}" for v in VARIANTS)),
                         help="our side's attention: the model's default (XLA), its cuDNN option, or a cuDNN design "
                              "of bench/attention_impl.py in its place (GPU)")
+    parser.add_argument("--unrolled", action="store_true", help="our models' layers unrolled (ModelConfig.scan_layers "
+                        "False, --config.scan_layers=False in a run) instead of a loop over them")
     parser.add_argument("--ours-only", action="store_true", help="no HF/torch anchor")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default="gpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         shapes = SHAPES[args.shapes]
-        out = run_jax(shapes, args.repeats, args.attention) if args.side == "jax" else run_torch(shapes, args.repeats)
+        out = (run_jax(shapes, args.repeats, args.attention, args.unrolled) if args.side == "jax"
+               else run_torch(shapes, args.repeats))
         print(json.dumps(out))
         return
     key = "smoke" if args.smoke else "gpu"
     shapes = SHAPES[key]
-    ours = side("jax", key, args.repeats, args.attention)
+    ours = side("jax", key, args.repeats, args.attention, args.unrolled)
     anchor = None if args.ours_only else side("torch", key, args.repeats)
     tokens = shapes["batch"] * shapes["length"]
     peak = next((v for k, v in PEAK_BF16.items() if k in ours["device"]), None)
     print(f"device: {ours['device']} (torch: {anchor['device'] if anchor else 'not run'}); batch {shapes['batch']} x "
-          f"{shapes['length']}, {shapes['dtype']}; median of {args.repeats}; our attention: {args.attention}")
+          f"{shapes['length']}, {shapes['dtype']}; median of {args.repeats}; our attention: {args.attention}; "
+          f"our layers: {'unrolled' if args.unrolled else 'scanned'}")
     print("| work | HF/torch eager tok/s | ours tok/s | ours / HF | our MFU |")
     print("|---|---|---|---|---|")
     for work, key_seconds, params, dims, train in (

@@ -28,6 +28,10 @@ def base() -> ml_collections.ConfigDict:
     # attention off CPU: "xla", or "cudnn" (cuDNN's fused flash attention on NVIDIA GPUs in bf16/fp16; XLA's
     # where cuDNN refuses a shape, with a warning). CPU runs always take their own explicit attention.
     c.attention = "xla"
+    # False: every model's layers unrolled in passes without a KV cache (training, scoring) instead of a loop over
+    # them: no stacked copies of the activations the backward pass reads (estimated ~20% off a GPT-2 124M train
+    # step on an H200), 30% more temporary memory there, about twice the compile time. Decoding always loops.
+    c.scan_layers = True
     c.seed = 0
     c.steps = 5000  # optimizer steps
     c.batch_size = 8  # rows per optimizer step (MiniLLM: rollouts per PPO mini-batch)

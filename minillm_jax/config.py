@@ -30,11 +30,12 @@ DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 # Keys a resumed run may change; any other difference from the checkpointed config refuses the resume.
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
                      "overwrite", "hang_timeout_s", "compilation_cache_dir", "logging.", "eval.", "export.",
-                     "data.valid_examples", "mesh.", "attention")
+                     "data.valid_examples", "mesh.", "attention", "scan_layers")
 # Keys added to the config after runs were saved without them, each with the value that behaves as those runs
 # did: a saved run that lacks the key resumes while the key keeps that value (any other value is a difference).
 ADDED_KEYS = {"student_layers_source": "",  # 3eb9688: until then the cut came from the teacher
-              "attention": "xla"}  # until then XLA's attention everywhere
+              "attention": "xla",  # until then XLA's attention everywhere
+              "scan_layers": True}  # until then every model looped over its layers
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,7 @@ class RunConfig:
     compute_dtype: str
     remat: str
     attention: str  # "xla" or "cudnn": ModelConfig.attention of every model the run loads
+    scan_layers: bool  # ModelConfig.scan_layers of every model the run loads
     seed: int
     steps: int
     batch_size: int
@@ -273,6 +275,8 @@ def _build(c) -> RunConfig:
         _choice(c, "compute_dtype", DTYPES)
     _choice(c, "remat", ("none", "full", "dots"))
     _choice(c, "attention", ("xla", "cudnn"))
+    if not isinstance(c["scan_layers"], bool):
+        _fail("scan_layers", f"{c['scan_layers']!r}: expected True or False")
     steps, batch, accumulate = _int(c, "steps", 1), _int(c, "batch_size", 1), _int(c, "accumulate_steps", 1)
     if batch % accumulate:
         _fail("accumulate_steps", f"{accumulate} does not divide batch_size={batch} (each update splits its batch "
@@ -368,6 +372,7 @@ def _build(c) -> RunConfig:
         task=task, teacher=teacher, student=student, student_layers=layers, student_layers_source=layers_source,
         tokenizer=c["tokenizer"], dtype=c["dtype"],
         compute_dtype=c["compute_dtype"] or c["dtype"], remat=c["remat"], attention=c["attention"],
+        scan_layers=c["scan_layers"],
         seed=_int(c, "seed"), steps=steps,
         batch_size=batch, accumulate_steps=accumulate, logits_chunk_size=_int(c, "logits_chunk_size", 0),
         checkpoint_every=checkpoint_every, keep_checkpoints=keep, eval_every=eval_every,

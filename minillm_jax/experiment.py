@@ -37,7 +37,8 @@ def build_mesh(config: RunConfig) -> jax.sharding.Mesh:
 def load_models(config: RunConfig, mesh: jax.sharding.Mesh, tokenizer=None) -> Models:
     """The tokenizer, the teacher (placed by `teacher_rules`) and the student (training rules), each created or
     loaded straight into its shardings. Teacher and student must share a tokenizer; vocabularies that
-    differ only by padding are fine. Every model computes attention as `config.attention` says."""
+    differ only by padding are fine. Every model computes attention as `config.attention` says and loops over
+    its layers or not as `config.scan_layers` does."""
     if config.attention == "cudnn" and jax.default_backend() not in ("gpu", "cpu"):
         raise ConfigError(f"--config.attention=cudnn: cuDNN runs on NVIDIA GPUs, this run's backend is "
                           f"{jax.default_backend()} (use 'xla')")
@@ -65,7 +66,8 @@ def load_models(config: RunConfig, mesh: jax.sharding.Mesh, tokenizer=None) -> M
     for name, model in (("teacher", teacher), ("student", student)):
         if model is None:
             continue
-        model.config = model.config.replace(attention=config.attention)  # a static field, read where traced
+        # static fields, read where traced
+        model.config = model.config.replace(attention=config.attention, scan_layers=config.scan_layers)
         if model.config.num_real_tokens > len(tokenizer):
             logger.info("%s vocabulary %d > tokenizer %d", name, model.config.num_real_tokens, len(tokenizer))
     return Models(tokenizer=tokenizer, student=student, teacher=teacher, mesh=mesh)

@@ -97,7 +97,8 @@ def test_student_layers_cut_from_another_model_than_the_teacher(tmp_path):
 
 def test_the_attention_setting_reaches_every_model(monkeypatch):
     """--config.attention is the ModelConfig.attention of the teacher and the student; "cudnn" is refused
-    by name where there is no NVIDIA GPU to run it (CPU runs take their explicit attention whatever it says)."""
+    by name where there is no NVIDIA GPU to run it (CPU runs take their explicit attention whatever it says).
+    --config.scan_layers reaches both models the same way."""
     import jax
 
     from minillm_jax import experiment
@@ -106,6 +107,12 @@ def test_the_attention_setting_reaches_every_model(monkeypatch):
     models = experiment.load_models(config, experiment.build_mesh(config))
     assert models.student.config.attention == "cudnn" and models.teacher.config.attention == "cudnn"
     assert tiny(task="kd").attention == "xla"
+    for scan in (False, True):
+        layered = tiny(task="kd", scan_layers=scan)
+        models = experiment.load_models(layered, experiment.build_mesh(layered))
+        assert models.student.config.scan_layers is scan and models.teacher.config.scan_layers is scan
+    with pytest.raises(ConfigError, match=r"--config\.scan_layers: 'no': expected True or False"):
+        RunConfig.from_dict({**config.raw, "scan_layers": "no"})  # a hand-edited config.json, say
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     with pytest.raises(ConfigError, match=r"--config\.attention=cudnn: cuDNN runs on NVIDIA GPUs, this run's "
                                           r"backend is tpu"):

@@ -104,6 +104,32 @@ def test_bfloat16_gradients_off_cpu_keep_the_unembedding_backward_in_bfloat16(va
     assert types and not wide, wide
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "opt_post_ln_project", "mistral_sliding_window"])
+def test_unrolled_layers_match_torch_autograd(variant, tmp_path):
+    """ModelConfig.scan_layers False (--config.scan_layers=False): logits and every parameter's gradient are
+    torch's as with the layer loop, and the gradient program has no loop left (the layers are inlined, their
+    per-layer sliding windows and the post-norm blocks included)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    ids, mask, weights, expected = _torch_gradients(variant, tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
+    model.config = model.config.replace(scan_layers=False)
+    assert max_diff_on_real(np.asarray(model(ids, mask)), hf_logits(build_hf_model(variant), ids, mask), mask) <= 1e-4
+    grads = nnx.grad(lambda m: jnp.sum(m(ids, mask) * weights))(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    save_pretrained(nnx.merge(graphdef, grads), tmp_path / "grads")
+    from safetensors.numpy import load_file
+
+    overall = max(float(np.abs(g).max()) for g in expected.values())
+    for name, value in load_file(tmp_path / "grads" / "model.safetensors").items():
+        reference = expected.get(name, expected.get("model.embed_tokens.weight"))
+        atol = 2e-5 * float(np.abs(reference).max()) + 1e-6 * overall
+        np.testing.assert_allclose(value, reference, rtol=0, atol=atol, err_msg=name)
+    program = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, mask) * weights))).lower(params).as_text()
+    assert "stablehlo.while" not in program
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "smollm2_tied"])
 def test_the_backward_pass_keeps_no_float32_activations(variant, tmp_path, capsys):
     """bfloat16 compute: of what the forward pass keeps for the backward pass, nothing is a float32 array of

@@ -240,7 +240,7 @@ class Transformer(nnx.Module):
                 h, kv = block(h, None, *layer_xs)
                 return h, kv if collect_kv else None
 
-            x, kv = jax.lax.scan(body, x, xs)
+            x, kv = jax.lax.scan(body, x, xs, unroll=not c.scan_layers)  # unroll=True: every layer inlined
         else:  # decoding (no gradient): 16-bit weights cross the scan as their bit patterns (see _as_bits)
             bits, dtypes = _as_bits(params)
 
