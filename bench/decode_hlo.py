@@ -79,9 +79,10 @@ def moves(hlo: str, min_bytes: int = 1 << 20) -> list[tuple[int, str, str, str, 
             if not (c.startswith(("fused_", "wrapped_")) and c in fusions)]
 
 
-def generate_program(shapes: dict, teacher: bool, batch: int):
+def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1):
     """(the jitted `generate` of the GPU suite's sampling case at `shapes`, its abstract arguments, its
-    SamplingConfig): random GPT-2 student (and GPT-2 XL teacher), nothing allocated."""
+    SamplingConfig): random GPT-2 student (and GPT-2 XL teacher), nothing allocated; `segments` > 1 sets
+    SamplingConfig.cache_segments (left out otherwise, so checkouts from before it build too)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -95,7 +96,8 @@ def generate_program(shapes: dict, teacher: bool, batch: int):
     student_def, student_state = abstract(shapes["student"])
     teacher_def, teacher_state = abstract(shapes["teacher"]) if teacher else (None, None)
     P = shapes["prompt"]
-    config = SamplingConfig(max_new_tokens=shapes["new"], prompt_buckets=(P,))
+    option = {"cache_segments": segments} if segments > 1 else {}
+    config = SamplingConfig(max_new_tokens=shapes["new"], prompt_buckets=(P,), **option)
     run = _compiled_generate(student_def, teacher_def, config, shapes["vocab"], None, batch)
     args = (student_state, teacher_state, jax.ShapeDtypeStruct((batch, P), jnp.int32),
             jax.ShapeDtypeStruct((batch, P), jnp.bool_), jax.eval_shape(lambda: jax.random.key(0)),

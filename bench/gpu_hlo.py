@@ -118,8 +118,8 @@ def computations(hlo: str) -> tuple[str, dict[str, list[Instruction]]]:
 
 
 def _fusion_traffic(body: list[Instruction], operand_bytes: list[int]) -> tuple[int, int]:
-    """Bytes a fusion reads and writes: a parameter read only through slices counts their slices, one
-    read only through gathers (after slices, if any) the gathered elements, the buffer a dynamic-update-slice
+    """Bytes a fusion reads and writes: a parameter read only through slices, dynamic-slices and gathers
+    counts what they pick out (the last of a chain of them), the buffer a dynamic-update-slice
     updates in place counts nothing read and only the update written (bitcasts, which move no data, are looked
     through)."""
     by_name = {i.name: i for i in body}
@@ -134,15 +134,25 @@ def _fusion_traffic(body: list[Instruction], operand_bytes: list[int]) -> tuple[
             found += uses(user.name, through) if user.op in through else [(user, position)]
         return found
 
+    def picked(name: str) -> int | None:
+        """Bytes of `name` that slices, dynamic-slices and gathers pick out (through chains of them: a
+        layer's cache, then its filled slots), or None where anything reads it whole."""
+        found = uses(name)
+        if not found or not all(u.op in ("slice", "dynamic-slice", "gather") and k == 0 for u, k in found):
+            return None
+        total = 0
+        for u, _ in found:
+            deeper = None if u.op == "gather" else picked(u.name)
+            total += u.bytes if deeper is None else min(deeper, u.bytes)
+        return total
+
     read = 0
     for p in (i for i in body if i.op == "parameter"):
         index = int(re.match(r"(\d+)", p.rest).group(1))
         reads = uses(p.name)
-        picked = uses(p.name, ("bitcast", "slice"))  # elements picked out (a row's label logit): only those
-        if picked and all(u.op == "gather" and k == 0 for u, k in picked):
-            read += sum(u.bytes for u, _ in picked)
-        elif reads and all(u.op in ("slice", "dynamic-slice") and k == 0 for u, k in reads):
-            read += sum(u.bytes for u, _ in reads)
+        part = picked(p.name)
+        if part is not None:
+            read += part
         elif reads and all(u.op == "dynamic-update-slice" and k == 0 for u, k in reads):
             continue
         else:
@@ -286,13 +296,13 @@ def compile_score(mesh, attention: str, batch: int, length: int, unrolled: bool 
     return jax.jit(score_fn(graphdef, shapes["vocab"])).lower(*_placed((state, ids, mask), mesh)).compile().as_text()
 
 
-def compile_decode(mesh, teacher: bool, batch: int) -> tuple[str, int, int]:
+def compile_decode(mesh, teacher: bool, batch: int, segments: int = 1) -> tuple[str, int, int]:
     """`generate` at the GPU suite's sampling case (bench/decode_hlo.py), for the H200: (the program, decode
     steps per chunk, new tokens per row)."""
     from bench.decode_hlo import SHAPES, generate_program
 
     shapes = SHAPES["gpu"]
-    run, args, config = generate_program(shapes, teacher, batch)
+    run, args, config = generate_program(shapes, teacher, batch, segments)
     new = config.max_new_tokens
     return run.lower(*_placed(args, mesh)).compile().as_text(), min(config.decode_chunk, new), new
 
@@ -311,8 +321,12 @@ def check(mesh) -> None:
     c = cost(lambda a, b: a @ b, x, x)
     assert c.flops == 2 * 4096 ** 3 and c.bytes == 3 * 4096 * 4096 * 2, c
 
-    c = cost(lambda a: a[1:3] * 2, jax.ShapeDtypeStruct((64, 4096, 256), jnp.float32))  # 2 of 64 slabs read
+    slabs = jax.ShapeDtypeStruct((64, 4096, 256), jnp.float32)
+    c = cost(lambda a: a[1:3] * 2, slabs)  # 2 of 64 slabs read
     assert c.bytes == 2 * 2 * 4096 * 256 * 4, c
+    c = cost(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)[:1024] * 2, slabs,
+             jax.ShapeDtypeStruct((), jnp.int32))  # a quarter of one slab: a layer's cache, its filled slots
+    assert c.bytes == 2 * 1024 * 256 * 4 + 4, c  # and the index
     rows = jax.ShapeDtypeStruct((4096, 50257), jnp.float32)  # 823 MB: a pick per row, then its negative
     c = cost(lambda z, i: -jnp.take_along_axis(z[:, :50000], i[:, None], axis=-1), rows,
              jax.ShapeDtypeStruct((4096,), jnp.int32))
@@ -350,6 +364,7 @@ def main() -> None:
                         'option) or "probe NAME" (a bench/attention_impl.py design in its place)')
     parser.add_argument("--teacher", action="store_true", help="decode: teacher-mixed (GPT-2 XL)")
     parser.add_argument("--unrolled", action="store_true", help="train/score: the layers unrolled (scan_layers False)")
+    parser.add_argument("--segments", type=int, default=1, help="decode: SamplingConfig.cache_segments (equal ones)")
     parser.add_argument("--batch", type=int, help="rows (default: 16 train/score, 128 decode)")
     parser.add_argument("--length", type=int, default=512, help="train/score: tokens per row")
     parser.add_argument("--tree", help="compile this checkout's minillm_jax instead (this checkout's bench/)")
@@ -382,11 +397,14 @@ def main() -> None:
         return check(mesh)
     if args.case == "decode":
         batch = args.batch or 128
-        hlo, chunk, new = compile_decode(mesh, args.teacher, batch)
+        hlo, chunk, new = compile_decode(mesh, args.teacher, batch, args.segments)
         chunks = -(-new // chunk)
+        if chunks % args.segments:
+            sys.exit(f"--segments {args.segments}: the estimate needs equal segments ({chunks} chunks)")
         name = (f"decode B {batch}{' teacher-mixed' if args.teacher else ''}{f' ({args.tree})' if args.tree else ''}"
-                f": every row to the end ({chunks} chunks of {chunk} steps)")
-        estimate = dict(unknown_trips=chunks, tokens=batch * new)
+                f": every row to the end ({chunks} chunks of {chunk} steps"
+                f"{f' in {args.segments} cache segments' if args.segments > 1 else ''})")
+        estimate = dict(unknown_trips=chunks // args.segments, tokens=batch * new)
     else:
         estimate = {}
         batch = args.batch or 16

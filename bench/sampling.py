@@ -8,6 +8,7 @@ Prints one Markdown table.
     python bench/sampling.py --suite gpu --smoke    # the GPU suite's code path at tiny shapes
     python bench/sampling.py --suite gpu --batches 128 --ours-only --also /tmp/other   # ours against another
                                                 # checkout of ours (its own bench/sampling.py), no HF side
+    python bench/sampling.py --suite gpu --no-hf --cache-segments 4   # ours with SamplingConfig.cache_segments
 
 Random weights are written once as an HF checkpoint; each side then runs in its own process on the same
 files (torch's OpenMP workers spin after each op and would slow JAX in the same process, and JAX
@@ -89,7 +90,9 @@ def ours_worker(case: dict) -> dict:
     teacher = load_pretrained(case["teacher"], dtype=case["dtype"]) if case.get("teacher") else None
     b, p, n = case["batch"], case["prompt"], case["new"]
     prompts = np.random.default_rng(0).integers(3, case["vocab"], (b, p)).tolist()
-    config = SamplingConfig(max_new_tokens=n, prompt_buckets=(p,))
+    segments = case.get("segments", 1)  # left out at 1, so checkouts from before the option run too
+    config = SamplingConfig(max_new_tokens=n, prompt_buckets=(p,), **({"cache_segments": segments} if segments > 1
+                                                                    else {}))
     keys = iter(jax.random.split(jax.random.key(0), case["repeats"] + 1))
 
     def run():
@@ -152,6 +155,9 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to test the script itself")
     parser.add_argument("--batches", help="comma-separated batch sizes instead of the suite's")
     parser.add_argument("--ours-only", action="store_true", help="no HF generate side, no teacher-mixed table")
+    parser.add_argument("--no-hf", action="store_true", help="no HF generate side (the teacher-mixed table stays)")
+    parser.add_argument("--cache-segments", type=int, default=1,
+                        help="our SamplingConfig.cache_segments (--config.sampling.cache_segments in a run)")
     parser.add_argument("--also", help="another checkout whose sampler runs each case too (one more column)")
     parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -175,7 +181,9 @@ def main():
             batches = tuple(int(b) for b in args.batches.split(","))
         params = write_checkpoint(kind, dims, dtype, tmp / "student")
         base = dict(student=str(tmp / "student"), dtype=dtype, vocab=dims["vocab_size"], prompt=prompt, new=new,
-                    repeats=args.repeats)
+                    repeats=args.repeats, segments=args.cache_segments)
+        if args.cache_segments > 1:
+            print(f"ours: cache_segments={args.cache_segments}")
         label = f"{kind} {params / 1e6:.1f}M {dtype}"
         also = f" | {args.also} tok/s | it / ours" if args.also else ""
         print(f"| model | device | batch | prompt | new | HF generate tok/s | ours tok/s | ours / HF{also} |")
@@ -184,7 +192,8 @@ def main():
             case = dict(base, batch=batch)
             ours = _spawn("ours", case, args.processes)
             our_tps = batch * new / ours["seconds"]
-            hf_tps = None if args.ours_only else batch * new / _spawn("hf", case, args.processes)["seconds"]
+            hf_tps = (None if args.ours_only or args.no_hf
+                      else batch * new / _spawn("hf", case, args.processes)["seconds"])
             row = (f"| {label} | {ours['device']} | {batch} | {prompt} | {new} | "
                    + (f"- | {our_tps:,.0f} | - |" if hf_tps is None else
                       f"{hf_tps:,.0f} | {our_tps:,.0f} | {our_tps / hf_tps:.1f}x |"))

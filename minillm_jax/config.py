@@ -30,12 +30,13 @@ DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 # Keys a resumed run may change; any other difference from the checkpointed config refuses the resume.
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
                      "overwrite", "hang_timeout_s", "compilation_cache_dir", "logging.", "eval.", "export.",
-                     "data.valid_examples", "mesh.", "attention", "scan_layers")
+                     "data.valid_examples", "mesh.", "attention", "scan_layers", "sampling.cache_segments")
 # Keys added to the config after runs were saved without them, each with the value that behaves as those runs
 # did: a saved run that lacks the key resumes while the key keeps that value (any other value is a difference).
 ADDED_KEYS = {"student_layers_source": "",  # 3eb9688: until then the cut came from the teacher
               "attention": "xla",  # until then XLA's attention everywhere
-              "scan_layers": True}  # until then every model looped over its layers
+              "scan_layers": True,  # until then every model looped over its layers
+              "sampling.cache_segments": 1}  # until then decoding attended over every cache slot
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,7 @@ class SamplingSettings:
     temperature: float
     top_k: int
     top_p: float
+    cache_segments: int  # SamplingConfig.cache_segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +325,8 @@ def _build(c) -> RunConfig:
     sampling = SamplingSettings(max_new_tokens=_int(c, "sampling.max_new_tokens", 1),
                                 temperature=_float(c, "sampling.temperature", 0.0, open_low=True),
                                 top_k=_int(c, "sampling.top_k", 0), top_p=_float(c, "sampling.top_p", 0.0, 1.0,
-                                                                                 open_low=True))
+                                                                                 open_low=True),
+                                cache_segments=_int(c, "sampling.cache_segments", 1))
     if task == "minillm" and (sampling.top_k or sampling.top_p < 1.0):
         _fail("sampling.top_k" if sampling.top_k else "sampling.top_p",
               "MiniLLM's loss, ratio and single-step term use the full distribution the rollouts are drawn from; "

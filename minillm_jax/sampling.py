@@ -53,6 +53,10 @@ class SamplingConfig:
     prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     pad_token_id: int = 0
     decode_chunk: int = 8  # decode steps per lax.scan chunk; the loop can stop only between chunks
+    # > 1: the decode steps in this many consecutive loops, each attending over the cache slots filled by its
+    # end only (the prompt and the tokens up to there) rather than all P + W slots: about (S + 1) / 2S of the
+    # cache reads of the new tokens' part, for S compiled copies of the decode step
+    cache_segments: int = 1
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -67,6 +71,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.no_repeat_ngram_size={self.no_repeat_ngram_size}: expected >= 0")
         if self.decode_chunk < 1:
             raise ValueError(f"SamplingConfig.decode_chunk={self.decode_chunk}: expected >= 1")
+        if self.cache_segments < 1:
+            raise ValueError(f"SamplingConfig.cache_segments={self.cache_segments}: expected >= 1")
         buckets = tuple(int(b) for b in self.prompt_buckets)
         if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"SamplingConfig.prompt_buckets={self.prompt_buckets}: expected increasing positive "
@@ -264,7 +270,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         logits=logits, teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
     state = _lay_out_loop(state, lay_out)
 
-    def step(s: _LoopState, _) -> tuple[_LoopState, None]:
+    def step(s: _LoopState, visible: int) -> _LoopState:
         key = jax.random.fold_in(rng, s.step)
         token, logq, logp, weight, kl = _choose(s, P + s.step, key, alpha, config)
         live = ~s.done
@@ -274,9 +280,9 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         def put(buffer, values):
             return jax.lax.dynamic_update_slice(buffer, values[:, None].astype(buffer.dtype), (0, s.step))
 
-        logits, cache = student.decode_step(token, s.cache)
+        logits, cache = student.decode_step(token, s.cache, visible)
         if teacher is not None:
-            teacher_logits, teacher_cache = teacher.decode_step(token, s.teacher_cache)
+            teacher_logits, teacher_cache = teacher.decode_step(token, s.teacher_cache, visible)
             teacher_logits = teacher_logits[:, :num_real]
         else:
             teacher_logits, teacher_cache = None, None
@@ -289,13 +295,22 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
             history=jax.lax.dynamic_update_slice(s.history, token[:, None], (0, P + s.step)),
             history_mask=jax.lax.dynamic_update_slice(s.history_mask, live[:, None], (0, P + s.step)),
             logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache),
-            lay_out), None
+            lay_out)
 
-    def decode_chunk(s: _LoopState) -> _LoopState:
-        TRACE_COUNTS["decode_chunk"] += 1
-        return jax.lax.scan(step, s, length=chunk)[0]
+    def decode_chunk(visible: int):
+        def run(s: _LoopState) -> _LoopState:
+            TRACE_COUNTS["decode_chunk"] += 1
+            return jax.lax.scan(lambda s, _: (step(s, visible), None), s, length=chunk)[0]
+        return run
 
-    s = jax.lax.while_loop(lambda s: (s.step < R) & ~jnp.all(s.done), decode_chunk, state)
+    # segment j runs the steps up to ends[j] (whole chunks), attending over the slots filled by then
+    chunks = W // chunk
+    segments = min(config.cache_segments, chunks)
+    ends = [-(-chunks * (j + 1) // segments) * chunk for j in range(segments)]
+    s = state
+    for end in ends:
+        s = jax.lax.while_loop(lambda s, end=end: (s.step < min(end, R)) & ~jnp.all(s.done),
+                               decode_chunk(P + end if segments > 1 else None), s)
     with_teacher = teacher is not None
     mask_out = s.mask[:, :R]
     return SampleOutput(  # laid out by _compiled_generate's out_shardings, or by the caller's

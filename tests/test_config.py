@@ -34,6 +34,7 @@ from minillm_jax.config import ConfigError, RunConfig
     (dict(**{"sampling.temperature": 0.0}), "--config.sampling.temperature"),
     (dict(**{"sampling.top_p": 1.5}), "--config.sampling.top_p"),
     (dict(**{"sampling.top_k": 5}), "--config.sampling.top_k"),  # MiniLLM refuses a truncated distribution
+    (dict(**{"sampling.cache_segments": 0}), "--config.sampling.cache_segments"),
     (dict(**{"data.template": "vicuna"}), "--config.data.template"),
     (dict(**{"data.max_length": 100}), "--config.data.max_length"),
     (dict(**{"minillm.num_rollouts": 6}), "--config.minillm.num_rollouts"),
@@ -117,6 +118,15 @@ def test_the_attention_setting_reaches_every_model(monkeypatch):
     with pytest.raises(ConfigError, match=r"--config\.attention=cudnn: cuDNN runs on NVIDIA GPUs, this run's "
                                           r"backend is tpu"):
         experiment.load_models(config, experiment.build_mesh(config))
+
+
+def test_the_cache_segments_setting_reaches_the_sampler():
+    """--config.sampling.cache_segments is the SamplingConfig.cache_segments of the run's sampler (1 unless set)."""
+    from minillm_jax import experiment
+
+    for config, segments in ((tiny(**{"sampling.cache_segments": 3}), 3), (tiny(), 1)):
+        tokenizer = experiment.load_run_tokenizer(config)
+        assert experiment.sampling_config(config, tokenizer).cache_segments == segments
 
 
 def test_student_layers_beyond_the_teacher_are_named(tmp_path):

@@ -269,14 +269,17 @@ def test_chunked_sampler_compiles_once_per_bucket_and_batch_size():
 
 
 @pytest.mark.parametrize("eos", [(), tuple(range(0, 96, 12))], ids=["no_eos", "eos"])
-def test_decode_chunk_size_does_not_change_samples(eos):
+def test_decode_chunks_and_cache_segments_do_not_change_samples(eos):
     """Step t draws with fold_in(rng, t) whatever the chunking; a last chunk that runs past
-    max_new_tokens (11 = 2 * 4 + 3) leaves no trace; rows done mid-chunk stay padded."""
+    max_new_tokens (11 = 2 * 4 + 3) leaves no trace; rows done mid-chunk stay padded. Cache segments (the
+    steps in loops that attend over the slots filled so far only: chunks of 2 in 3 loops, of 4 in 2) give
+    the same samples, student and teacher caches alike."""
     student, teacher = random_model("qwen2", seed=0, noise=0.3), random_model("qwen2", seed=1, noise=0.3)
     prompts = [[3, 4, 5, 6, 7], [10, 11], [12, 13, 14, 15]] * 2
     outs = [generate(student, prompts, SamplingConfig(max_new_tokens=11, eos_token_id=eos, no_repeat_ngram_size=3,
-                                                      decode_chunk=chunk, pad_token_id=95),
-                     jax.random.key(4), teacher=teacher, mix_alpha=0.4) for chunk in (1, 4, 16)]
+                                                      decode_chunk=chunk, pad_token_id=95, cache_segments=segments),
+                     jax.random.key(4), teacher=teacher, mix_alpha=0.4)
+            for chunk, segments in ((1, 1), (4, 1), (16, 1), (2, 3), (4, 2))]
     reference = jax.tree.map(np.asarray, outs[0])
     assert reference.tokens.shape == (6, 11)
     if eos:
@@ -401,6 +404,8 @@ def test_bad_input_is_refused():
         SamplingConfig(max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="decode_chunk"):
         SamplingConfig(max_new_tokens=2, decode_chunk=0)
+    with pytest.raises(ValueError, match="cache_segments"):
+        SamplingConfig(max_new_tokens=2, cache_segments=0)
     gpt2 = random_model("gpt2")  # learned positions: 64
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
         generate(gpt2, [list(range(1, 40))], SamplingConfig(max_new_tokens=30), jax.random.key(0))

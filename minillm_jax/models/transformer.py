@@ -161,7 +161,7 @@ class Transformer(nnx.Module):
 
     def prefill(
         self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, cache: KVCache, *,
-        empty_cache: bool = False, last_only: bool = False,
+        empty_cache: bool = False, last_only: bool = False, visible: int | None = None,
     ) -> tuple[Float[Array, "B T V"], KVCache]:
         """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T).
 
@@ -169,7 +169,9 @@ class Transformer(nnx.Module):
         decode step updates one slot in place rather than copying the cache) and attends over the cache.
         `empty_cache=True` (a fresh cache, the usual prompt prefill) attends over the new tokens alone and
         writes the cache once afterwards. `last_only=True` returns only the last position's logits
-        [B, 1, V] (all a sampler needs after the prompt), skipping the [B, T, V] unembedding of the rest."""
+        [B, 1, V] (all a sampler needs after the prompt), skipping the [B, T, V] unembedding of the rest.
+        `visible` (static) attends over the cache's first `visible` slots only, read from memory alone: the
+        caller promises that the new tokens' slots and every filled one lie below it."""
         input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=cache.lengths[:, None])
         start = cache.index
         slots = dict(mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)),
@@ -183,19 +185,21 @@ class Transformer(nnx.Module):
             cache = KVCache(k=k, v=v, **slots)
         else:
             cache = cache.replace(**slots)
-            hidden, (k, v) = self._run(input_ids, mask, positions, cache=cache, start=start)
+            hidden, (k, v) = self._run(input_ids, mask, positions, cache=cache, start=start, visible=visible)
             cache = cache.replace(k=k, v=v)
         return self.unembed(hidden[:, -1:] if last_only else hidden), cache
 
-    def decode_step(self, tokens: Int[Array, " B"], cache: KVCache) -> tuple[Float[Array, "B V"], KVCache]:
-        """One new token per row; returns next-token logits [B, V] and the advanced cache."""
-        logits, cache = self.prefill(jnp.asarray(tokens)[:, None], None, cache)
+    def decode_step(self, tokens: Int[Array, " B"], cache: KVCache, visible: int | None = None
+                    ) -> tuple[Float[Array, "B V"], KVCache]:
+        """One new token per row; returns next-token logits [B, V] and the advanced cache (`visible`: as
+        `prefill`'s)."""
+        logits, cache = self.prefill(jnp.asarray(tokens)[:, None], None, cache, visible=visible)
         return logits[:, 0], cache
 
     # ------------------------------------------------------------------ internals
 
     def _run(self, input_ids, mask, positions, *, cache: KVCache | None = None, start=None,
-             collect_kv: bool = False, dropout_rng=None):
+             collect_kv: bool = False, dropout_rng=None, visible: int | None = None):
         """Embeddings, the layer scan and the final norm. Returns (hidden, kv): without a cache, kv is the
         new tokens' keys and values stacked over layers ([L B T K Dh] each) when `collect_kv`, else None;
         with a cache (whose mask/positions already include the new tokens at slot `start`), kv is the
@@ -222,10 +226,10 @@ class Transformer(nnx.Module):
         if cache is None:  # keys are the new tokens themselves: causal over their T slots
             allowed = mask[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
             key_positions = positions
-        else:  # keys are the cache's S slots, the new tokens among them at [start, start + T)
-            S = cache.max_length
-            allowed = cache.mask[:, None, :] & (jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None])[None]
-            key_positions = cache.positions
+        else:  # keys are the cache's first S slots, the new tokens among them at [start, start + T)
+            S = visible or cache.max_length
+            allowed = cache.mask[:, None, :S] & (jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None])[None]
+            key_positions = cache.positions[:, :S]
         context = _Context(rope=rope, allowed=allowed, query_positions=positions, key_positions=key_positions,
                            start=start)
         block = functools.partial(_block, config=c, context=context)
@@ -438,7 +442,9 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     else:  # write this layer's new slots in place, then read the layer's whole cache ([B K S Dh] each)
         kv = tuple(jax.lax.dynamic_update_slice(whole, jnp.swapaxes(new, 1, 2)[None].astype(whole.dtype),
                                                 (layer, 0, 0, context.start, 0)) for whole, new in zip(kv, (k, v)))
-        keys, values = (jax.lax.dynamic_index_in_dim(whole, layer, keepdims=False).astype(dtype) for whole in kv)
+        S = context.allowed.shape[-1]  # the slots attended over: all, or the first `visible`
+        keys, values = (jax.lax.dynamic_index_in_dim(whole, layer, keepdims=False)[:, :, :S].astype(dtype)
+                        for whole in kv)
 
     allowed = context.allowed
     if c.sliding_windows:  # windows count positions (real tokens), not slots
