@@ -128,10 +128,10 @@ def _fusion_traffic(body: list[Instruction], operand_bytes: list[int]) -> tuple[
         for position, operand in enumerate(instruction.operands):
             users[operand].append((instruction, position))
 
-    def uses(name: str, through=("bitcast",)) -> list[tuple[Instruction, int]]:  # users, through bitcasts
+    def uses(name: str) -> list[tuple[Instruction, int]]:  # users, through bitcasts
         found = []
         for user, position in users[name]:
-            found += uses(user.name, through) if user.op in through else [(user, position)]
+            found += uses(user.name) if user.op == "bitcast" else [(user, position)]
         return found
 
     def picked(name: str) -> int | None:

@@ -1,5 +1,6 @@
 """Compiled sampling: one prefill, then KV-cache decode steps in chunks of `decode_chunk` under
-`lax.scan`, inside a `lax.while_loop` over chunks that stops when every row is done; with a teacher,
+`lax.scan`, inside a `lax.while_loop` over chunks that stops when every row is done (or `cache_segments` such
+loops one after another, each attending over the cache slots filled by its end); with a teacher,
 MiniLLM's teacher-mixed sampling steps both models' caches in the same loop and draws each token from
 (1 - alpha) * q + alpha * p. `sample` is the pure, traceable sampler (for use inside another jitted
 function, e.g. a whole training round); `generate` compiles it for host-side callers.
@@ -270,7 +271,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         logits=logits, teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
     state = _lay_out_loop(state, lay_out)
 
-    def step(s: _LoopState, visible: int) -> _LoopState:
+    def step(s: _LoopState, visible: int | None) -> _LoopState:
         key = jax.random.fold_in(rng, s.step)
         token, logq, logp, weight, kl = _choose(s, P + s.step, key, alpha, config)
         live = ~s.done
@@ -297,7 +298,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
             logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache),
             lay_out)
 
-    def decode_chunk(visible: int):
+    def decode_chunk(visible: int | None):
         def run(s: _LoopState) -> _LoopState:
             TRACE_COUNTS["decode_chunk"] += 1
             return jax.lax.scan(lambda s, _: (step(s, visible), None), s, length=chunk)[0]

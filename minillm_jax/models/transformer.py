@@ -170,8 +170,8 @@ class Transformer(nnx.Module):
         `empty_cache=True` (a fresh cache, the usual prompt prefill) attends over the new tokens alone and
         writes the cache once afterwards. `last_only=True` returns only the last position's logits
         [B, 1, V] (all a sampler needs after the prompt), skipping the [B, T, V] unembedding of the rest.
-        `visible` (static) attends over the cache's first `visible` slots only, read from memory alone: the
-        caller promises that the new tokens' slots and every filled one lie below it."""
+        `visible` (static): attend over the cache's first `visible` slots only, and read only those; the caller
+        promises that the new tokens' slots and every filled one lie below it."""
         input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=cache.lengths[:, None])
         start = cache.index
         slots = dict(mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)),
@@ -334,7 +334,7 @@ def _norm(x, scale, bias, c: ModelConfig):
 # norm, two layers' worth of the step's saved activations; here a norm keeps its input as it came (the compute
 # dtype) and two float32 numbers a row, and the backward pass normalises again, inside the fusion that reduces
 # the gradient. Compiled for an H200, the GPT-2 124M train step (B 16 x 512, bf16, cuDNN attention) reads and
-# writes 5.4 GB less, an estimated 10% faster (bench/gpu_hlo.py train --attention cudnn: 27.6 -> 24.9 ms); on
+# writes 6.2 GB less, an estimated 10% faster (bench/gpu_hlo.py train --attention cudnn: 27.2 -> 24.5 ms); on
 # CPU a MiniLLM round at the demo's shapes is no slower (bench/minillm_round.py).
 
 
@@ -439,7 +439,7 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     cached = kv is not None
     if not cached:
         keys, values, kv = k, v, (k, v)
-    else:  # write this layer's new slots in place, then read the layer's whole cache ([B K S Dh] each)
+    else:  # write this layer's new slots in place, then read the layer's cache ([B K S Dh] each, S visible)
         kv = tuple(jax.lax.dynamic_update_slice(whole, jnp.swapaxes(new, 1, 2)[None].astype(whole.dtype),
                                                 (layer, 0, 0, context.start, 0)) for whole, new in zip(kv, (k, v)))
         S = context.allowed.shape[-1]  # the slots attended over: all, or the first `visible`
