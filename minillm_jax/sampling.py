@@ -271,7 +271,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         logits=logits, teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache)
     state = _lay_out_loop(state, lay_out)
 
-    def step(s: _LoopState, visible: int | None) -> _LoopState:
+    def step(s: _LoopState, visible: int) -> _LoopState:
         key = jax.random.fold_in(rng, s.step)
         token, logq, logp, weight, kl = _choose(s, P + s.step, key, alpha, config)
         live = ~s.done
@@ -298,20 +298,21 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
             logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache),
             lay_out)
 
-    def decode_chunk(visible: int | None):
+    def decode_chunk(visible: int):
         def run(s: _LoopState) -> _LoopState:
             TRACE_COUNTS["decode_chunk"] += 1
             return jax.lax.scan(lambda s, _: (step(s, visible), None), s, length=chunk)[0]
         return run
 
-    # segment j runs the steps up to ends[j] (whole chunks), attending over the slots filled by then
+    # segment j runs the steps up to ends[j] (whole chunks), attending over the slots filled by then (one
+    # segment: all P + W, the whole cache)
     chunks = W // chunk
     segments = min(config.cache_segments, chunks)
     ends = [-(-chunks * (j + 1) // segments) * chunk for j in range(segments)]
     s = state
     for end in ends:
         s = jax.lax.while_loop(lambda s, end=end: (s.step < min(end, R)) & ~jnp.all(s.done),
-                               decode_chunk(P + end if segments > 1 else None), s)
+                               decode_chunk(P + end), s)
     with_teacher = teacher is not None
     mask_out = s.mask[:, :R]
     return SampleOutput(  # laid out by _compiled_generate's out_shardings, or by the caller's
