@@ -3,7 +3,8 @@
 # order of what is most worth the device time:
 #   [1] attention: XLA (what the model uses off CPU) against cuDNN's fused kernel at the train/decode shapes,
 #       with three ways of giving the model's mask to cuDNN (bench/attention_impl.py); attention is the first
-#       suspect for the train step's 12.6% MFU on the H200 (2026-12-01), and bench/gpu_hlo.py's estimate agrees
+#       suspect for the train step's 15.9% MFU on the H200 (2026-12-01; 12.6% of the data-sheet peak), and
+#       bench/gpu_hlo.py's estimate agrees
 #   [2] issue 4: student train step and teacher scoring tok/s and MFU vs the HF eager anchors
 #   [3] the same, ours only, with the models' attention option "cudnn" (cuDNN's flash attention given the
 #       model's boolean mask; compiled for an H200 from the CPU machine, bench/gpu_hlo.py estimates the train
