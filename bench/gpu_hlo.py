@@ -14,6 +14,7 @@ Needs jax's CUDA plugin beside the CPU jax (about 3.7 GB; no GPU or driver neede
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py train --attention "probe cudnn rolled"  # bench/attention_impl.py's
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py score                    # GPT-2 XL teacher forward, B 16 x 512
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode [--teacher] [--batch 32] [--tree DIR]  # generate, B 128
+    /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode --split-layers --segments 4  # SamplingConfig options
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py check                    # the accounting on programs of known cost
 
 `--tree DIR` compiles another checkout's minillm_jax (e.g. one with bench/decode_unrolled.patch applied) with
@@ -296,13 +297,14 @@ def compile_score(mesh, attention: str, batch: int, length: int, unrolled: bool 
     return jax.jit(score_fn(graphdef, shapes["vocab"])).lower(*_placed((state, ids, mask), mesh)).compile().as_text()
 
 
-def compile_decode(mesh, teacher: bool, batch: int, segments: int = 1) -> tuple[str, int, int]:
+def compile_decode(mesh, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False
+                   ) -> tuple[str, int, int]:
     """`generate` at the GPU suite's sampling case (bench/decode_hlo.py), for the H200: (the program, decode
     steps per chunk, new tokens per row)."""
     from bench.decode_hlo import SHAPES, generate_program
 
     shapes = SHAPES["gpu"]
-    run, args, config = generate_program(shapes, teacher, batch, segments)
+    run, args, config = generate_program(shapes, teacher, batch, segments, split_layers)
     new = config.max_new_tokens
     return run.lower(*_placed(args, mesh)).compile().as_text(), min(config.decode_chunk, new), new
 
@@ -365,6 +367,8 @@ def main() -> None:
     parser.add_argument("--teacher", action="store_true", help="decode: teacher-mixed (GPT-2 XL)")
     parser.add_argument("--unrolled", action="store_true", help="train/score: the layers unrolled (scan_layers False)")
     parser.add_argument("--segments", type=int, default=1, help="decode: SamplingConfig.cache_segments (equal ones)")
+    parser.add_argument("--split-layers", action="store_true",
+                        help="decode: SamplingConfig.split_layers (layers unrolled over per-layer weights)")
     parser.add_argument("--batch", type=int, help="rows (default: 16 train/score, 128 decode)")
     parser.add_argument("--length", type=int, default=512, help="train/score: tokens per row")
     parser.add_argument("--tree", help="compile this checkout's minillm_jax instead (this checkout's bench/)")
@@ -397,13 +401,14 @@ def main() -> None:
         return check(mesh)
     if args.case == "decode":
         batch = args.batch or 128
-        hlo, chunk, new = compile_decode(mesh, args.teacher, batch, args.segments)
+        hlo, chunk, new = compile_decode(mesh, args.teacher, batch, args.segments, args.split_layers)
         chunks = -(-new // chunk)
         if chunks % args.segments:
             sys.exit(f"--segments {args.segments}: the estimate needs equal segments ({chunks} chunks)")
         name = (f"decode B {batch}{' teacher-mixed' if args.teacher else ''}{f' ({args.tree})' if args.tree else ''}"
                 f": every row to the end ({chunks} chunks of {chunk} steps"
-                f"{f' in {args.segments} cache segments' if args.segments > 1 else ''})")
+                f"{f' in {args.segments} cache segments' if args.segments > 1 else ''}"
+                f"{', split layers' if args.split_layers else ''})")
         estimate = dict(unknown_trips=chunks // args.segments, tokens=batch * new)
     else:
         estimate = {}

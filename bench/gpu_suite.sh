@@ -13,9 +13,12 @@
 #       activations; bench/gpu_hlo.py estimates the train step a further ~19% faster, scoring ~2%)
 #   [5] issue 3: sampling throughput vs transformers.generate (GPT-2 124M, B in {32, 128}; teacher-mixed
 #       124M + GPT-2 XL with the fraction of the memory-bandwidth bound)
-#   [6] the same, ours only, with 4 cache segments (each decode loop attends over the slots filled by its end;
-#       bench/gpu_hlo.py estimates 7% at B 128, 9% teacher-mixed)
-#   [7, 8] issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on
+#   [6] the same, ours only, with split layers (decode steps over per-layer weights taken once a call, the layers
+#       unrolled: no per-step copies of each layer's weights; bench/gpu_hlo.py estimates 1.33x at B 128, 1.65x at
+#       B 32, 1.34x teacher-mixed)
+#   [7] split layers and 4 cache segments (each decode loop attends over the slots filled by its end; estimated
+#       a further 1.08x at B 128, 1.14x teacher-mixed; cache segments alone estimated 1.08x / 1.10x)
+#   [8, 9] issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on
 #       the H200 on 2026-12-01; last, so that a run out of time loses it first)
 # (The decode-layout A/B that stood here is decided without a GPU: compiled for an H200, the layer scan copies
 # no KV cache, only each layer's weights, and the unrolled layout is estimated slower; bench/RESULTS.md.)
@@ -61,8 +64,10 @@ section "train step and scoring, ours with --config.attention=cudnn (ModelConfig
 section "train step and scoring, ours with --config.attention=cudnn --config.scan_layers=False" 120 \
   python3 bench/train_mfu.py --repeats 10 --ours-only --attention cudnn --unrolled
 section "sampling (issue 3)" 260 python3 bench/sampling.py --suite gpu --repeats 3 --processes 1
-section "sampling, ours with --config.sampling.cache_segments=4" 200 \
-  python3 bench/sampling.py --suite gpu --repeats 3 --processes 1 --no-hf --cache-segments 4
+section "sampling, ours with --config.sampling.split_layers=True" 200 \
+  python3 bench/sampling.py --suite gpu --repeats 3 --processes 1 --no-hf --split-layers
+section "sampling, ours with --config.sampling.split_layers=True --config.sampling.cache_segments=4" 200 \
+  python3 bench/sampling.py --suite gpu --repeats 3 --processes 1 --no-hf --split-layers --cache-segments 4
 for remat in none full; do
   section "memory of the GPT-2 XL -> 124M KD step, batch 64 x 512, remat $remat (issue 6)" 90 \
     env JAX_PLATFORMS=cuda python3 bench/memory_plan.py --setup gpt2xl-124m --remat "$remat" --cpu-hoisting

@@ -9,6 +9,7 @@ Prints one Markdown table.
     python bench/sampling.py --suite gpu --batches 128 --ours-only --also /tmp/other   # ours against another
                                                 # checkout of ours (its own bench/sampling.py), no HF side
     python bench/sampling.py --suite gpu --no-hf --cache-segments 4   # ours with SamplingConfig.cache_segments
+    python bench/sampling.py --suite gpu --no-hf --split-layers       # ours with SamplingConfig.split_layers
 
 Random weights are written once as an HF checkpoint; each side then runs in its own process on the same
 files (torch's OpenMP workers spin after each op and would slow JAX in the same process, and JAX
@@ -90,9 +91,10 @@ def ours_worker(case: dict) -> dict:
     teacher = load_pretrained(case["teacher"], dtype=case["dtype"]) if case.get("teacher") else None
     b, p, n = case["batch"], case["prompt"], case["new"]
     prompts = np.random.default_rng(0).integers(3, case["vocab"], (b, p)).tolist()
-    segments = case.get("segments", 1)  # left out at 1, so checkouts from before the option run too
-    config = SamplingConfig(max_new_tokens=n, prompt_buckets=(p,), **({"cache_segments": segments} if segments > 1
-                                                                    else {}))
+    segments = case.get("segments", 1)  # options left out at their defaults, so older checkouts run too
+    options = {"cache_segments": segments} if segments > 1 else {}
+    options.update({"split_layers": True} if case.get("split_layers") else {})
+    config = SamplingConfig(max_new_tokens=n, prompt_buckets=(p,), **options)
     keys = iter(jax.random.split(jax.random.key(0), case["repeats"] + 1))
 
     def run():
@@ -158,6 +160,8 @@ def main():
     parser.add_argument("--no-hf", action="store_true", help="no HF generate side (the teacher-mixed table stays)")
     parser.add_argument("--cache-segments", type=int, default=1,
                         help="our SamplingConfig.cache_segments (--config.sampling.cache_segments in a run)")
+    parser.add_argument("--split-layers", action="store_true",
+                        help="our SamplingConfig.split_layers (--config.sampling.split_layers in a run)")
     parser.add_argument("--also", help="another checkout whose sampler runs each case too (one more column)")
     parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -181,9 +185,9 @@ def main():
             batches = tuple(int(b) for b in args.batches.split(","))
         params = write_checkpoint(kind, dims, dtype, tmp / "student")
         base = dict(student=str(tmp / "student"), dtype=dtype, vocab=dims["vocab_size"], prompt=prompt, new=new,
-                    repeats=args.repeats, segments=args.cache_segments)
-        if args.cache_segments > 1:
-            print(f"ours: cache_segments={args.cache_segments}")
+                    repeats=args.repeats, segments=args.cache_segments, split_layers=args.split_layers)
+        if args.cache_segments > 1 or args.split_layers:
+            print(f"ours: cache_segments={args.cache_segments}, split_layers={args.split_layers}")
         label = f"{kind} {params / 1e6:.1f}M {dtype}"
         also = f" | {args.also} tok/s | it / ours" if args.also else ""
         print(f"| model | device | batch | prompt | new | HF generate tok/s | ours tok/s | ours / HF{also} |")

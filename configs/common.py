@@ -30,7 +30,7 @@ def base() -> ml_collections.ConfigDict:
     c.attention = "xla"
     # False: every model's layers unrolled in passes without a KV cache (training, scoring) instead of a loop over
     # them: no stacked copies of the activations the backward pass reads (estimated ~20% off a GPT-2 124M train
-    # step on an H200), 30% more temporary memory there, about twice the compile time. Decoding always loops.
+    # step on an H200), 30% more temporary memory there, about twice the compile time. Decoding: sampling.split_layers.
     c.scan_layers = True
     c.seed = 0
     c.steps = 5000  # optimizer steps
@@ -85,9 +85,13 @@ def base() -> ml_collections.ConfigDict:
 
     # cache_segments > 1: decoding in that many loops, each attending over the cache slots filled by its end
     # only (the same samples; fewer cache reads, S compiled copies of the decode step; compiled for an H200, GPT-2
-    # 124M at B 128 and 4 segments an estimated 7% faster, teacher-mixed with GPT-2 XL 9%: bench/gpu_hlo.py)
+    # 124M at B 128 and 4 segments an estimated 7% faster, teacher-mixed with GPT-2 XL 9%: bench/gpu_hlo.py).
+    # split_layers True: decode steps run the layers unrolled over per-layer copies of the weights taken once
+    # per sampling call, instead of a layer loop that slices (on a GPU: copies) every layer's weights at every
+    # step; one more copy of the layer weights while sampling, a longer compile (compiled for an H200: GPT-2
+    # 124M at B 128 an estimated 1.33x faster, B 32 1.65x, teacher-mixed 1.34x; slower on CPU)
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
-                                                cache_segments=1))
+                                                cache_segments=1, split_layers=False))
 
     c.kd = ml_collections.ConfigDict(dict(kd_ratio=0.5))
     c.minillm = ml_collections.ConfigDict(dict(

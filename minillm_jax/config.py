@@ -30,13 +30,15 @@ DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 # Keys a resumed run may change; any other difference from the checkpointed config refuses the resume.
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
                      "overwrite", "hang_timeout_s", "compilation_cache_dir", "logging.", "eval.", "export.",
-                     "data.valid_examples", "mesh.", "attention", "scan_layers", "sampling.cache_segments")
+                     "data.valid_examples", "mesh.", "attention", "scan_layers", "sampling.cache_segments",
+                     "sampling.split_layers")
 # Keys added to the config after runs were saved without them, each with the value that behaves as those runs
 # did: a saved run that lacks the key resumes while the key keeps that value (any other value is a difference).
 ADDED_KEYS = {"student_layers_source": "",  # 3eb9688: until then the cut came from the teacher
               "attention": "xla",  # until then XLA's attention everywhere
               "scan_layers": True,  # until then every model looped over its layers
-              "sampling.cache_segments": 1}  # until then decoding attended over every cache slot
+              "sampling.cache_segments": 1,  # until then decoding attended over every cache slot
+              "sampling.split_layers": False}  # until then decoding scanned over the stacked layer weights
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,7 @@ class SamplingSettings:
     top_k: int
     top_p: float
     cache_segments: int  # SamplingConfig.cache_segments
+    split_layers: bool  # SamplingConfig.split_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +195,13 @@ def _get(c, key: str):
     return value
 
 
+def _bool(c, key: str) -> bool:
+    value = _get(c, key)
+    if not isinstance(value, bool):
+        _fail(key, f"{value!r}: expected True or False")
+    return value
+
+
 def _int(c, key: str, minimum: int | None = None) -> int:
     value = _get(c, key)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -277,8 +287,7 @@ def _build(c) -> RunConfig:
         _choice(c, "compute_dtype", DTYPES)
     _choice(c, "remat", ("none", "full", "dots"))
     _choice(c, "attention", ("xla", "cudnn"))
-    if not isinstance(c["scan_layers"], bool):
-        _fail("scan_layers", f"{c['scan_layers']!r}: expected True or False")
+    _bool(c, "scan_layers")
     steps, batch, accumulate = _int(c, "steps", 1), _int(c, "batch_size", 1), _int(c, "accumulate_steps", 1)
     if batch % accumulate:
         _fail("accumulate_steps", f"{accumulate} does not divide batch_size={batch} (each update splits its batch "
@@ -326,7 +335,8 @@ def _build(c) -> RunConfig:
                                 temperature=_float(c, "sampling.temperature", 0.0, open_low=True),
                                 top_k=_int(c, "sampling.top_k", 0), top_p=_float(c, "sampling.top_p", 0.0, 1.0,
                                                                                  open_low=True),
-                                cache_segments=_int(c, "sampling.cache_segments", 1))
+                                cache_segments=_int(c, "sampling.cache_segments", 1),
+                                split_layers=_bool(c, "sampling.split_layers"))
     if task == "minillm" and (sampling.top_k or sampling.top_p < 1.0):
         _fail("sampling.top_k" if sampling.top_k else "sampling.top_p",
               "MiniLLM's loss, ratio and single-step term use the full distribution the rollouts are drawn from; "

@@ -174,7 +174,8 @@ def sampling_config(config: RunConfig, tokenizer, prompt_buckets=None, **changes
     buckets = prompt_buckets or tuple(b for b in (32, 64, 128, 256, 512, 1024, 2048) if b < longest) + (longest,)
     s = config.sampling
     return SamplingConfig(**{**dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                    top_p=s.top_p, cache_segments=s.cache_segments, eos_token_id=eos, pad_token_id=pad,
+                                    top_p=s.top_p, cache_segments=s.cache_segments, split_layers=s.split_layers,
+                                    eos_token_id=eos, pad_token_id=pad,
                                     prompt_buckets=tuple(buckets)), **changes})
 
 

@@ -58,6 +58,10 @@ class SamplingConfig:
     # end only (the prompt and the tokens up to there) rather than all P + W slots: about (S + 1) / 2S of the
     # cache reads of the new tokens' part, for S compiled copies of the decode step
     cache_segments: int = 1
+    # True: the decode steps run the layers unrolled over per-layer copies of the weights taken once before
+    # the loop (Transformer.decode_layers) instead of a scan that slices them out of the stacks every step;
+    # one more copy of the layer weights while sampling, a larger program to compile
+    split_layers: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -74,6 +78,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.decode_chunk={self.decode_chunk}: expected >= 1")
         if self.cache_segments < 1:
             raise ValueError(f"SamplingConfig.cache_segments={self.cache_segments}: expected >= 1")
+        if not isinstance(self.split_layers, bool):
+            raise ValueError(f"SamplingConfig.split_layers={self.split_layers!r}: expected True or False")
         buckets = tuple(int(b) for b in self.prompt_buckets)
         if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"SamplingConfig.prompt_buckets={self.prompt_buckets}: expected increasing positive "
@@ -261,6 +267,9 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
     logits, cache = start(student, student_twin)
     teacher_logits, teacher_cache = start(teacher, teacher_twin) if teacher is not None else (None, None)
     student, teacher = student_twin, teacher_twin
+    # taken once, outside the decode loops (config.split_layers)
+    student_layers = student.decode_layers() if config.split_layers else None
+    teacher_layers = teacher.decode_layers() if config.split_layers and teacher is not None else None
     zeros = jnp.zeros((B, W), jnp.float32)
     state = _LoopState(
         step=jnp.int32(0), done=jnp.zeros((B,), bool), tokens=jnp.full((B, W), config.pad_token_id, jnp.int32),
@@ -281,9 +290,9 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         def put(buffer, values):
             return jax.lax.dynamic_update_slice(buffer, values[:, None].astype(buffer.dtype), (0, s.step))
 
-        logits, cache = student.decode_step(token, s.cache, visible)
+        logits, cache = student.decode_step(token, s.cache, visible, student_layers)
         if teacher is not None:
-            teacher_logits, teacher_cache = teacher.decode_step(token, s.teacher_cache, visible)
+            teacher_logits, teacher_cache = teacher.decode_step(token, s.teacher_cache, visible, teacher_layers)
             teacher_logits = teacher_logits[:, :num_real]
         else:
             teacher_logits, teacher_cache = None, None

@@ -120,13 +120,18 @@ def test_the_attention_setting_reaches_every_model(monkeypatch):
         experiment.load_models(config, experiment.build_mesh(config))
 
 
-def test_the_cache_segments_setting_reaches_the_sampler():
-    """--config.sampling.cache_segments is the SamplingConfig.cache_segments of the run's sampler (1 unless set)."""
+def test_the_cache_segments_and_split_layers_settings_reach_the_sampler():
+    """--config.sampling.cache_segments and --config.sampling.split_layers are the SamplingConfig fields of the
+    run's sampler (1 and False unless set)."""
     from minillm_jax import experiment
 
-    for config, segments in ((tiny(**{"sampling.cache_segments": 3}), 3), (tiny(), 1)):
+    for config, segments, split in ((tiny(**{"sampling.cache_segments": 3, "sampling.split_layers": True}), 3, True),
+                                    (tiny(), 1, False)):
         tokenizer = experiment.load_run_tokenizer(config)
-        assert experiment.sampling_config(config, tokenizer).cache_segments == segments
+        sampler = experiment.sampling_config(config, tokenizer)
+        assert (sampler.cache_segments, sampler.split_layers) == (segments, split)
+    with pytest.raises(ConfigError, match=r"--config\.sampling\.split_layers: 1: expected True or False"):
+        RunConfig.from_dict({**config.raw, "sampling": {**config.raw["sampling"], "split_layers": 1}})
 
 
 def test_student_layers_beyond_the_teacher_are_named(tmp_path):

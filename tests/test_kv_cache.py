@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_reference import left_padded_batch, max_diff_on_real, random_model
+from hf_reference import VARIANTS, build_hf_model, hf_logits, left_padded_batch, max_diff_on_real, random_model
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "opt_post_ln_project", "llama3_rope_scaling",
@@ -28,6 +28,40 @@ def test_prefill_then_decode_matches_full_forward(variant):
     assert max_diff_on_real(incremental, full, mask) <= 1e-5
     assert int(cache.index) == 14
     np.testing.assert_array_equal(np.asarray(cache.lengths), mask.sum(1))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decode_over_split_layers_matches_transformers(variant, tmp_path):
+    """Decode steps over Transformer.decode_layers() (SamplingConfig.split_layers: per-layer arrays, the query,
+    key and value weights joined, a gated MLP's gate and up too, the layers unrolled) give transformers'
+    logits at every new position, for every family (GQA, biases, sliding windows, post-norm, projections,
+    tied embeddings); the compiled step has no layer loop left, where the default step has one."""
+    from minillm_jax.models import load_pretrained
+
+    hf_model = build_hf_model(variant)
+    hf_model.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    ids, mask = left_padded_batch(model.config.vocab_size, batch=3, length=14)
+    expected = hf_logits(hf_model, ids, mask)
+    prompt = 6
+    graphdef, state = nnx.split(model)
+
+    def step(state, token, cache, split):
+        m = nnx.merge(graphdef, state)
+        return m.decode_step(token, cache, layers=m.decode_layers() if split else None)
+
+    split_step = jax.jit(lambda s, t, c: step(s, t, c, True))
+    logits, cache = nnx.jit(lambda m, i, k, c: m.prefill(i, k, c, empty_cache=True))(
+        model, ids[:, :prompt], mask[:, :prompt], model.init_cache(batch_size=3, max_length=16))
+    pieces = [np.asarray(logits)[:, -1:]]
+    for t in range(prompt, ids.shape[1]):
+        logits, cache = split_step(state, ids[:, t], cache)
+        pieces.append(np.asarray(logits)[:, None])
+    incremental = np.concatenate(pieces, axis=1)
+    assert max_diff_on_real(incremental, expected[:, prompt - 1:], mask[:, prompt - 1:]) <= 1e-4
+    programs = {split: jax.jit(lambda s, t, c, split=split: step(s, t, c, split)).lower(state, ids[:, 0], cache)
+                .as_text() for split in (False, True)}
+    assert "stablehlo.while" in programs[False] and "stablehlo.while" not in programs[True]
 
 
 def test_last_only_prefill_gives_the_last_position_and_the_same_cache():

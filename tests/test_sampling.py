@@ -273,13 +273,16 @@ def test_decode_chunks_and_cache_segments_do_not_change_samples(eos):
     """Step t draws with fold_in(rng, t) whatever the chunking; a last chunk that runs past
     max_new_tokens (11 = 2 * 4 + 3) leaves no trace; rows done mid-chunk stay padded. Cache segments (the
     steps in loops that attend over the slots filled so far only: chunks of 2 in 3 loops, of 4 in 2) give
-    the same samples, student and teacher caches alike."""
+    the same samples, student and teacher caches alike; so do decode steps over split layers
+    (SamplingConfig.split_layers: per-layer weights, the layers unrolled), alone and with cache segments."""
     student, teacher = random_model("qwen2", seed=0, noise=0.3), random_model("qwen2", seed=1, noise=0.3)
     prompts = [[3, 4, 5, 6, 7], [10, 11], [12, 13, 14, 15]] * 2
     outs = [generate(student, prompts, SamplingConfig(max_new_tokens=11, eos_token_id=eos, no_repeat_ngram_size=3,
-                                                      decode_chunk=chunk, pad_token_id=95, cache_segments=segments),
+                                                      decode_chunk=chunk, pad_token_id=95, cache_segments=segments,
+                                                      split_layers=split),
                      jax.random.key(4), teacher=teacher, mix_alpha=0.4)
-            for chunk, segments in ((1, 1), (4, 1), (16, 1), (2, 3), (4, 2))]
+            for chunk, segments, split in ((1, 1, False), (4, 1, False), (16, 1, False), (2, 3, False),
+                                           (4, 2, False), (4, 1, True), (2, 3, True))]
     reference = jax.tree.map(np.asarray, outs[0])
     assert reference.tokens.shape == (6, 11)
     if eos:
@@ -406,6 +409,8 @@ def test_bad_input_is_refused():
         SamplingConfig(max_new_tokens=2, decode_chunk=0)
     with pytest.raises(ValueError, match="cache_segments"):
         SamplingConfig(max_new_tokens=2, cache_segments=0)
+    with pytest.raises(ValueError, match="split_layers"):
+        SamplingConfig(max_new_tokens=2, split_layers=1)
     gpt2 = random_model("gpt2")  # learned positions: 64
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
         generate(gpt2, [list(range(1, 40))], SamplingConfig(max_new_tokens=30), jax.random.key(0))

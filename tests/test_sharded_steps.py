@@ -102,6 +102,13 @@ def test_kd_update_and_sampling_match_one_device(mesh_shape, reference):
         np.testing.assert_allclose(sharding.to_host(getattr(mixed, key)), getattr(reference["mixed"], key),
                                    rtol=1e-5, atol=1e-5, err_msg=key)
     assert sharding.to_host(mixed.tokens).max() < REAL  # padded ids are never drawn
+    # split layers (per-layer weights, query/key/value joined along the sharded heads): the same samples, also
+    # where the teacher's 2 key/value heads do not divide the tensor axis and its 4 query heads do
+    split = generate(student, prompts, dataclasses.replace(SAMPLING, split_layers=True), jax.random.key(3),
+                     teacher=teacher, mix_alpha=0.3)
+    np.testing.assert_array_equal(sharding.to_host(split.tokens), reference["mixed"].tokens)
+    np.testing.assert_allclose(sharding.to_host(split.teacher_logprobs), reference["mixed"].teacher_logprobs,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("task,names", [

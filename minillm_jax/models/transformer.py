@@ -5,11 +5,12 @@ embedding (= D except OPT's projected embeddings), H query heads, K kv heads, G 
 F mlp, V vocab (as stored, padding included), L layers, P learned positions.
 
 Layers are stacked on a leading `layers` axis and applied with `lax.scan`, so compile time does not grow
-with depth. Positions count real tokens only (left padding is free), as HF does with
-`position_ids = cumsum(mask) - 1`. Attention goes through `jax.nn.dot_product_attention` with one boolean
-mask (padding, causality, sliding windows), with XLA's implementation or cuDNN's (`ModelConfig.attention`),
-except on CPU, over a KV cache and with attention dropout (an explicit XLA softmax attention: faster on CPU,
-and the only one with dropout).
+with depth (`ModelConfig.scan_layers` False unrolls passes without a cache; a decode loop may take per-layer
+copies of the weights once, `Transformer.decode_layers`, and unroll its steps over them). Positions count
+real tokens only (left padding is free), as HF does with `position_ids = cumsum(mask) - 1`. Attention goes
+through `jax.nn.dot_product_attention` with one boolean mask (padding, causality, sliding windows), with
+XLA's implementation or cuDNN's (`ModelConfig.attention`), except on CPU, over a KV cache and with attention
+dropout (an explicit XLA softmax attention: faster on CPU, and the only one with dropout).
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ class Transformer(nnx.Module):
     def prefill(
         self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, cache: KVCache, *,
         empty_cache: bool = False, last_only: bool = False, visible: int | None = None,
+        layers: tuple[dict, ...] | None = None,
     ) -> tuple[Float[Array, "B T V"], KVCache]:
         """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T).
 
@@ -171,7 +173,9 @@ class Transformer(nnx.Module):
         writes the cache once afterwards. `last_only=True` returns only the last position's logits
         [B, 1, V] (all a sampler needs after the prompt), skipping the [B, T, V] unembedding of the rest.
         `visible` (static): attend over the cache's first `visible` slots only, and read only those; the caller
-        promises that the new tokens' slots and every filled one lie below it."""
+        promises that the new tokens' slots and every filled one lie below it. `layers` (this model's
+        `decode_layers()`, taken before a decode loop): run the layers unrolled over those arrays instead of
+        a scan over the stacked weights (not with `empty_cache`)."""
         input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=cache.lengths[:, None])
         start = cache.index
         slots = dict(mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)),
@@ -185,21 +189,46 @@ class Transformer(nnx.Module):
             cache = KVCache(k=k, v=v, **slots)
         else:
             cache = cache.replace(**slots)
-            hidden, (k, v) = self._run(input_ids, mask, positions, cache=cache, start=start, visible=visible)
+            hidden, (k, v) = self._run(input_ids, mask, positions, cache=cache, start=start, visible=visible,
+                                       layers=layers)
             cache = cache.replace(k=k, v=v)
         return self.unembed(hidden[:, -1:] if last_only else hidden), cache
 
-    def decode_step(self, tokens: Int[Array, " B"], cache: KVCache, visible: int | None = None
-                    ) -> tuple[Float[Array, "B V"], KVCache]:
-        """One new token per row; returns next-token logits [B, V] and the advanced cache (`visible`: as
-        `prefill`'s)."""
-        logits, cache = self.prefill(jnp.asarray(tokens)[:, None], None, cache, visible=visible)
+    def decode_step(self, tokens: Int[Array, " B"], cache: KVCache, visible: int | None = None,
+                    layers: tuple[dict, ...] | None = None) -> tuple[Float[Array, "B V"], KVCache]:
+        """One new token per row; returns next-token logits [B, V] and the advanced cache (`visible`,
+        `layers`: as `prefill`'s)."""
+        logits, cache = self.prefill(jnp.asarray(tokens)[:, None], None, cache, visible=visible, layers=layers)
         return logits[:, 0], cache
+
+    def decode_layers(self) -> tuple[dict, ...]:
+        """The layer weights as one dict of arrays per layer, for a decode loop to take once before it starts
+        (SamplingConfig.split_layers) and pass to every `decode_step`, which then runs the layers unrolled
+        over them. A layer scan slices each layer's weights out of the stacks at every step, and a GPU does
+        that as copies ahead of the matmuls; XLA also joins the query, key and value projections (and a gated
+        MLP's gate and up) into one matmul by concatenating their weights, again every step. Here both happen
+        once: the dicts hold `qkv_proj` [E, G + 2, K, Dh] (the G query blocks of the key/value heads, then
+        the keys, then the values: a tensor-parallel K axis stays where it was, and the queries are one block
+        of a row; the biases stay apart, added after the split where each fuses into its consumer) and
+        `gate_up_proj` [E, 2, F] (`gate_up_bias` [2, F]) in place of the separate weights. Costs a second
+        copy of the layer weights while the loop runs."""
+        c = self.config
+        K, G, Dh = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        stacked = {name: p[...] for name, p in self.layers.items()}
+        stacked["qkv_proj"] = jnp.concatenate(  # query head k * G + g at [g, k]
+            [jnp.swapaxes(stacked.pop("q_proj").reshape(c.num_layers, -1, K, G, Dh), 2, 3),
+             stacked.pop("k_proj")[:, :, None], stacked.pop("v_proj")[:, :, None]], axis=2)
+        if c.gated_mlp:
+            stacked["gate_up_proj"] = jnp.stack([stacked.pop("gate_proj"), stacked.pop("up_proj")], axis=2)
+            if c.mlp_bias:
+                stacked["gate_up_bias"] = jnp.stack([stacked.pop("gate_bias"), stacked.pop("up_bias")], axis=1)
+        return tuple({name: value[i] for name, value in stacked.items()} for i in range(c.num_layers))
 
     # ------------------------------------------------------------------ internals
 
     def _run(self, input_ids, mask, positions, *, cache: KVCache | None = None, start=None,
-             collect_kv: bool = False, dropout_rng=None, visible: int | None = None):
+             collect_kv: bool = False, dropout_rng=None, visible: int | None = None,
+             layers: tuple[dict, ...] | None = None):
         """Embeddings, the layer scan and the final norm. Returns (hidden, kv): without a cache, kv is the
         new tokens' keys and values stacked over layers ([L B T K Dh] each) when `collect_kv`, else None;
         with a cache (whose mask/positions already include the new tokens at slot `start`), kv is the
@@ -245,6 +274,10 @@ class Transformer(nnx.Module):
                 return h, kv if collect_kv else None
 
             x, kv = jax.lax.scan(body, x, xs, unroll=not c.scan_layers)  # unroll=True: every layer inlined
+        elif layers is not None:  # decoding over the per-layer arrays of decode_layers(), layers unrolled
+            kv = (cache.k, cache.v)
+            for i, layer_params in enumerate(layers):
+                x, kv = block(x, kv, layer_params, c.sliding_windows[i] if c.sliding_windows else 0, i, None)
         else:  # decoding (no gradient): 16-bit weights cross the scan as their bit patterns (see _as_bits)
             bits, dtypes = _as_bits(params)
 
@@ -429,7 +462,14 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     def w(name):
         return p[name].astype(dtype)
 
-    q, k, v = (_dot("btd,dhk->bthk", h, p[name], operands=c.matmul_dtype) for name in ("q_proj", "k_proj", "v_proj"))
+    if "qkv_proj" in p:  # joined (Transformer.decode_layers): [.., G + 2, K, Dh], the G query blocks first
+        qkv = _dot("btd,dgkh->btgkh", h, p["qkv_proj"], operands=c.matmul_dtype)
+        G = c.num_heads // c.num_kv_heads
+        q = jnp.swapaxes(qkv[:, :, :G], 2, 3).reshape(*qkv.shape[:2], c.num_heads, c.head_dim)
+        k, v = qkv[:, :, G], qkv[:, :, G + 1]
+    else:
+        q, k, v = (_dot("btd,dhk->bthk", h, p[name], operands=c.matmul_dtype)
+                   for name in ("q_proj", "k_proj", "v_proj"))
     if c.qkv_bias:
         q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
     if context.rope is not None:
@@ -511,6 +551,10 @@ def _mlp(h, p, c: ModelConfig):
     def bias(name):
         return None if name not in p else p[name].astype(h.dtype)
 
+    if "gate_up_proj" in p:  # joined (Transformer.decode_layers: decoding, no gradient)
+        gate_up = _linear(h, p["gate_up_proj"], bias("gate_up_bias"), "btd,dcf->btcf")
+        hidden = _activation(gate_up[:, :, 0], c.activation) * gate_up[:, :, 1]
+        return _linear(hidden, p["down_proj"], bias("down_bias"), "btf,fd->btd")
     # weights go in as stored (cast inside, so their gradients come back in their own dtype), biases cast
     if not c.gated_mlp:
         return _plain_mlp(c.activation, h, p["up_proj"], p["down_proj"], bias("up_bias"), bias("down_bias"))
