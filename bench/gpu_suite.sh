@@ -14,10 +14,10 @@
 #   [5] issue 3: sampling throughput vs transformers.generate (GPT-2 124M, B in {32, 128}; teacher-mixed
 #       124M + GPT-2 XL with the fraction of the memory-bandwidth bound)
 #   [6] the same, ours only, with split layers (decode steps over per-layer weights taken once a call, the layers
-#       unrolled: no per-step copies of each layer's weights; bench/gpu_hlo.py estimates 1.33x at B 128, 1.65x at
-#       B 32, 1.34x teacher-mixed)
+#       unrolled: no per-step copies of each layer's weights; bench/gpu_hlo.py estimates 1.34x at B 128, 1.70x at
+#       B 32, 1.35x teacher-mixed)
 #   [7] split layers and 4 cache segments (each decode loop attends over the slots filled by its end; estimated
-#       a further 1.08x at B 128, 1.14x teacher-mixed; cache segments alone estimated 1.08x / 1.10x)
+#       a further 1.11x at B 128, 1.14x teacher-mixed; cache segments alone estimated 1.08x / 1.10x)
 #   [8, 9] issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on
 #       the H200 on 2026-12-01; last, so that a run out of time loses it first)
 # (The decode-layout A/B that stood here is decided without a GPU: compiled for an H200, the layer scan copies

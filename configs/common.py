@@ -89,7 +89,7 @@ def base() -> ml_collections.ConfigDict:
     # split_layers True: decode steps run the layers unrolled over per-layer copies of the weights taken once
     # per sampling call, instead of a layer loop that slices (on a GPU: copies) every layer's weights at every
     # step; one more copy of the layer weights while sampling, a longer compile (compiled for an H200: GPT-2
-    # 124M at B 128 an estimated 1.33x faster, B 32 1.65x, teacher-mixed 1.34x; slower on CPU)
+    # 124M at B 128 an estimated 1.34x faster, B 32 1.70x, teacher-mixed 1.35x; slower on CPU)
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0,
                                                 cache_segments=1, split_layers=False))
 

@@ -59,7 +59,7 @@ class SamplingConfig:
     # cache reads of the new tokens' part, for S compiled copies of the decode step
     cache_segments: int = 1
     # True: the decode steps run the layers unrolled over per-layer copies of the weights taken once before
-    # the loop (Transformer.decode_layers) instead of a scan that slices them out of the stacks every step;
+    # the loop (Transformer.decode_weights) instead of a scan that slices them out of the stacks every step;
     # one more copy of the layer weights while sampling, a larger program to compile
     split_layers: bool = False
 
@@ -267,9 +267,10 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
     logits, cache = start(student, student_twin)
     teacher_logits, teacher_cache = start(teacher, teacher_twin) if teacher is not None else (None, None)
     student, teacher = student_twin, teacher_twin
-    # taken once, outside the decode loops (config.split_layers)
-    student_layers = student.decode_layers() if config.split_layers else None
-    teacher_layers = teacher.decode_layers() if config.split_layers and teacher is not None else None
+    # taken once, outside the decode loops: the heads padded to whole multiples of 8 ids (their extra logit
+    # columns are sliced off with the padded vocabulary's), per-layer weights with config.split_layers
+    student_weights = student.decode_weights(config.split_layers)
+    teacher_weights = teacher.decode_weights(config.split_layers) if teacher is not None else None
     zeros = jnp.zeros((B, W), jnp.float32)
     state = _LoopState(
         step=jnp.int32(0), done=jnp.zeros((B,), bool), tokens=jnp.full((B, W), config.pad_token_id, jnp.int32),
@@ -290,9 +291,9 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         def put(buffer, values):
             return jax.lax.dynamic_update_slice(buffer, values[:, None].astype(buffer.dtype), (0, s.step))
 
-        logits, cache = student.decode_step(token, s.cache, visible, student_layers)
+        logits, cache = student.decode_step(token, s.cache, visible, student_weights)
         if teacher is not None:
-            teacher_logits, teacher_cache = teacher.decode_step(token, s.teacher_cache, visible, teacher_layers)
+            teacher_logits, teacher_cache = teacher.decode_step(token, s.teacher_cache, visible, teacher_weights)
             teacher_logits = teacher_logits[:, :num_real]
         else:
             teacher_logits, teacher_cache = None, None

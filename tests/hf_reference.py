@@ -48,11 +48,11 @@ VARIANTS = {
 }
 
 
-def build_hf_model(name: str, seed: int = 0):
+def build_hf_model(name: str, seed: int = 0, **overrides):
     """A transformers model with every parameter randomised (norm weights and biases too, so a mis-mapped
-    bias or norm cannot hide behind HF's ones/zeros initialisation)."""
+    bias or norm cannot hide behind HF's ones/zeros initialisation); `overrides` change its config."""
     config_cls, kwargs = VARIANTS[name]
-    config = config_cls(**kwargs)
+    config = config_cls(**{**kwargs, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")

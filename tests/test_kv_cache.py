@@ -31,34 +31,39 @@ def test_prefill_then_decode_matches_full_forward(variant):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_decode_over_split_layers_matches_transformers(variant, tmp_path):
-    """Decode steps over Transformer.decode_layers() (SamplingConfig.split_layers: per-layer arrays, the query,
-    key and value weights joined, a gated MLP's gate and up too, the layers unrolled) give transformers'
-    logits at every new position, for every family (GQA, biases, sliding windows, post-norm, projections,
-    tied embeddings); the compiled step has no layer loop left, where the default step has one."""
+def test_decode_over_decode_weights_matches_transformers(variant, tmp_path):
+    """Decode steps given Transformer.decode_weights(), with and without split layers (SamplingConfig.
+    split_layers: per-layer arrays, the query, key and value weights joined, a gated MLP's gate and up too, the
+    layers unrolled), give transformers' logits at every new position, for every family (GQA, biases, sliding
+    windows, post-norm, projections, tied embeddings), on a vocabulary of 99 ids whose head the weights pad to
+    104 (the extra columns come after the real ones); the compiled split step has no layer loop left, where the
+    default step has one."""
     from minillm_jax.models import load_pretrained
 
-    hf_model = build_hf_model(variant)
+    hf_model = build_hf_model(variant, vocab_size=99)
     hf_model.save_pretrained(tmp_path)
     model = load_pretrained(tmp_path)
-    ids, mask = left_padded_batch(model.config.vocab_size, batch=3, length=14)
+    assert model.config.vocab_size == 99
+    ids, mask = left_padded_batch(99, batch=3, length=14)
     expected = hf_logits(hf_model, ids, mask)
     prompt = 6
     graphdef, state = nnx.split(model)
+    prefill = nnx.jit(lambda m, i, k, c: m.prefill(i, k, c, empty_cache=True))
 
     def step(state, token, cache, split):
         m = nnx.merge(graphdef, state)
-        return m.decode_step(token, cache, layers=m.decode_layers() if split else None)
+        return m.decode_step(token, cache, weights=m.decode_weights(split_layers=split))
 
-    split_step = jax.jit(lambda s, t, c: step(s, t, c, True))
-    logits, cache = nnx.jit(lambda m, i, k, c: m.prefill(i, k, c, empty_cache=True))(
-        model, ids[:, :prompt], mask[:, :prompt], model.init_cache(batch_size=3, max_length=16))
-    pieces = [np.asarray(logits)[:, -1:]]
-    for t in range(prompt, ids.shape[1]):
-        logits, cache = split_step(state, ids[:, t], cache)
-        pieces.append(np.asarray(logits)[:, None])
-    incremental = np.concatenate(pieces, axis=1)
-    assert max_diff_on_real(incremental, expected[:, prompt - 1:], mask[:, prompt - 1:]) <= 1e-4
+    for split in (False, True):
+        logits, cache = prefill(model, ids[:, :prompt], mask[:, :prompt], model.init_cache(batch_size=3, max_length=16))
+        compiled = jax.jit(lambda s, t, c, split=split: step(s, t, c, split))
+        pieces = [np.asarray(logits)[:, -1:]]
+        for t in range(prompt, ids.shape[1]):
+            logits, cache = compiled(state, ids[:, t], cache)
+            assert logits.shape == (3, 104)
+            pieces.append(np.asarray(logits)[:, None, :99])
+        incremental = np.concatenate(pieces, axis=1)
+        assert max_diff_on_real(incremental, expected[:, prompt - 1:], mask[:, prompt - 1:]) <= 1e-4, split
     programs = {split: jax.jit(lambda s, t, c, split=split: step(s, t, c, split)).lower(state, ids[:, 0], cache)
                 .as_text() for split in (False, True)}
     assert "stablehlo.while" in programs[False] and "stablehlo.while" not in programs[True]

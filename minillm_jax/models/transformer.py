@@ -6,7 +6,7 @@ F mlp, V vocab (as stored, padding included), L layers, P learned positions.
 
 Layers are stacked on a leading `layers` axis and applied with `lax.scan`, so compile time does not grow
 with depth (`ModelConfig.scan_layers` False unrolls passes without a cache; a decode loop may take per-layer
-copies of the weights once, `Transformer.decode_layers`, and unroll its steps over them). Positions count
+copies of the weights once, `Transformer.decode_weights`, and unroll its steps over them). Positions count
 real tokens only (left padding is free), as HF does with `position_ids = cumsum(mask) - 1`. Attention goes
 through `jax.nn.dot_product_attention` with one boolean mask (padding, causality, sliding windows), with
 XLA's implementation or cuDNN's (`ModelConfig.attention`), except on CPU, over a KV cache and with attention
@@ -56,6 +56,18 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.k.shape[3]
+
+
+@flax.struct.dataclass
+class DecodeWeights:
+    """What a decode loop takes from a model once, before its steps (`Transformer.decode_weights`), and passes
+    to every `decode_step`."""
+
+    # the unembedding with its vocabulary padded to a multiple of 8 (None: already one). XLA pads a matmul
+    # operand for cuBLAS's bf16 kernels itself, inside the loop: GPT-2's [50257, 768] embedding copied to
+    # [50264, 768] at every decode step (bench/gpu_hlo.py)
+    unembedding: Float[Array, "V8 E"] | Float[Array, "E V8"] | None
+    layers: tuple[dict, ...] | None  # Transformer.decode_weights(split_layers=True); None: the layer scan
 
 
 def mask_padded_vocab(logits: Float[Array, "... V"], num_real_tokens: int) -> Float[Array, "... V"]:
@@ -142,12 +154,14 @@ class Transformer(nnx.Module):
         hidden, _ = self._run(input_ids, mask, positions, dropout_rng=dropout_rng)
         return hidden
 
-    def unembed(self, hidden: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
-        """Vocabulary logits in float32 (padded ids included; see `mask_padded_vocab`)."""
+    def unembed(self, hidden: Float[Array, "B T E"], head=None) -> Float[Array, "B T V"]:
+        """Vocabulary logits in float32 (padded ids included; see `mask_padded_vocab`); `head`: another
+        unembedding of the same layout (DecodeWeights.unembedding)."""
         operands = self.config.matmul_dtype
         if self.config.tie_word_embeddings:
-            return _dot("bte,ve->btv", hidden, self.embed_tokens[...], jnp.float32, operands)
-        return _dot("bte,ev->btv", hidden, self.lm_head[...], jnp.float32, operands)
+            return _dot("bte,ve->btv", hidden, self.embed_tokens[...] if head is None else head, jnp.float32,
+                        operands)
+        return _dot("bte,ev->btv", hidden, self.lm_head[...] if head is None else head, jnp.float32, operands)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         c = self.config
@@ -163,7 +177,7 @@ class Transformer(nnx.Module):
     def prefill(
         self, input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, cache: KVCache, *,
         empty_cache: bool = False, last_only: bool = False, visible: int | None = None,
-        layers: tuple[dict, ...] | None = None,
+        weights: DecodeWeights | None = None,
     ) -> tuple[Float[Array, "B T V"], KVCache]:
         """Run T tokens against the cache (prompt or chunk); writes slots [index, index + T).
 
@@ -173,9 +187,10 @@ class Transformer(nnx.Module):
         writes the cache once afterwards. `last_only=True` returns only the last position's logits
         [B, 1, V] (all a sampler needs after the prompt), skipping the [B, T, V] unembedding of the rest.
         `visible` (static): attend over the cache's first `visible` slots only, and read only those; the caller
-        promises that the new tokens' slots and every filled one lie below it. `layers` (this model's
-        `decode_layers()`, taken before a decode loop): run the layers unrolled over those arrays instead of
-        a scan over the stacked weights (not with `empty_cache`)."""
+        promises that the new tokens' slots and every filled one lie below it. `weights` (this model's
+        `decode_weights()`, taken before a decode loop; not with `empty_cache`): unembed with its head, whose
+        padded ids come out as extra logit columns for the caller to drop, and run the layers unrolled over
+        its per-layer arrays if it has them."""
         input_ids, mask, positions = _prepare(input_ids, attention_mask, first_position=cache.lengths[:, None])
         start = cache.index
         slots = dict(mask=jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)),
@@ -190,28 +205,40 @@ class Transformer(nnx.Module):
         else:
             cache = cache.replace(**slots)
             hidden, (k, v) = self._run(input_ids, mask, positions, cache=cache, start=start, visible=visible,
-                                       layers=layers)
+                                       layers=None if weights is None else weights.layers)
             cache = cache.replace(k=k, v=v)
-        return self.unembed(hidden[:, -1:] if last_only else hidden), cache
+        head = None if weights is None else weights.unembedding
+        return self.unembed(hidden[:, -1:] if last_only else hidden, head), cache
 
     def decode_step(self, tokens: Int[Array, " B"], cache: KVCache, visible: int | None = None,
-                    layers: tuple[dict, ...] | None = None) -> tuple[Float[Array, "B V"], KVCache]:
-        """One new token per row; returns next-token logits [B, V] and the advanced cache (`visible`,
-        `layers`: as `prefill`'s)."""
-        logits, cache = self.prefill(jnp.asarray(tokens)[:, None], None, cache, visible=visible, layers=layers)
+                    weights: DecodeWeights | None = None) -> tuple[Float[Array, "B V"], KVCache]:
+        """One new token per row; returns next-token logits [B, V] ([B, V8] with `weights`) and the advanced
+        cache (`visible`, `weights`: as `prefill`'s)."""
+        logits, cache = self.prefill(jnp.asarray(tokens)[:, None], None, cache, visible=visible, weights=weights)
         return logits[:, 0], cache
 
-    def decode_layers(self) -> tuple[dict, ...]:
-        """The layer weights as one dict of arrays per layer, for a decode loop to take once before it starts
-        (SamplingConfig.split_layers) and pass to every `decode_step`, which then runs the layers unrolled
-        over them. A layer scan slices each layer's weights out of the stacks at every step, and a GPU does
-        that as copies ahead of the matmuls; XLA also joins the query, key and value projections (and a gated
-        MLP's gate and up) into one matmul by concatenating their weights, again every step. Here both happen
-        once: the dicts hold `qkv_proj` [E, G + 2, K, Dh] (the G query blocks of the key/value heads, then
-        the keys, then the values: a tensor-parallel K axis stays where it was, and the queries are one block
-        of a row; the biases stay apart, added after the split where each fuses into its consumer) and
-        `gate_up_proj` [E, 2, F] (`gate_up_bias` [2, F]) in place of the separate weights. Costs a second
-        copy of the layer weights while the loop runs."""
+    def decode_weights(self, split_layers: bool = False) -> DecodeWeights:
+        """What a decode loop takes once before it starts and passes to every `decode_step`: the unembedding
+        padded to a whole multiple of 8 ids (if it is not one), and with `split_layers` the layers' weights as
+        one dict of arrays per layer (SamplingConfig.split_layers), over which the steps then run the layers
+        unrolled."""
+        c = self.config
+        head = self.embed_tokens[...] if c.tie_word_embeddings else self.lm_head[...]
+        pad = -c.vocab_size % 8
+        if pad:
+            head = jnp.pad(head, ((0, pad), (0, 0)) if c.tie_word_embeddings else ((0, 0), (0, pad)))
+        return DecodeWeights(unembedding=head if pad else None, layers=self._split_layers() if split_layers else None)
+
+    def _split_layers(self) -> tuple[dict, ...]:
+        """The layer weights as one dict of arrays per layer (DecodeWeights.layers). A layer scan slices each
+        layer's weights out of the stacks at every step, and a GPU does that as copies ahead of the matmuls;
+        XLA also joins the query, key and value projections (and a gated MLP's gate and up) into one matmul by
+        concatenating their weights, again every step. Here both happen once: the dicts hold `qkv_proj`
+        [E, G + 2, K, Dh] (the G query blocks of the key/value heads, then the keys, then the values: a
+        tensor-parallel K axis stays where it was, and the queries are one block of a row; the biases stay
+        apart, added after the split where each fuses into its consumer) and `gate_up_proj` [E, 2, F]
+        (`gate_up_bias` [2, F]) in place of the separate weights. Costs a second copy of the layer weights
+        while the loop runs."""
         c = self.config
         K, G, Dh = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
         stacked = {name: p[...] for name, p in self.layers.items()}
@@ -274,7 +301,7 @@ class Transformer(nnx.Module):
                 return h, kv if collect_kv else None
 
             x, kv = jax.lax.scan(body, x, xs, unroll=not c.scan_layers)  # unroll=True: every layer inlined
-        elif layers is not None:  # decoding over the per-layer arrays of decode_layers(), layers unrolled
+        elif layers is not None:  # decoding over the per-layer arrays of decode_weights(), layers unrolled
             kv = (cache.k, cache.v)
             for i, layer_params in enumerate(layers):
                 x, kv = block(x, kv, layer_params, c.sliding_windows[i] if c.sliding_windows else 0, i, None)
@@ -462,7 +489,7 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     def w(name):
         return p[name].astype(dtype)
 
-    if "qkv_proj" in p:  # joined (Transformer.decode_layers): [.., G + 2, K, Dh], the G query blocks first
+    if "qkv_proj" in p:  # joined (Transformer.decode_weights): [.., G + 2, K, Dh], the G query blocks first
         qkv = _dot("btd,dgkh->btgkh", h, p["qkv_proj"], operands=c.matmul_dtype)
         G = c.num_heads // c.num_kv_heads
         q = jnp.swapaxes(qkv[:, :, :G], 2, 3).reshape(*qkv.shape[:2], c.num_heads, c.head_dim)
@@ -551,7 +578,7 @@ def _mlp(h, p, c: ModelConfig):
     def bias(name):
         return None if name not in p else p[name].astype(h.dtype)
 
-    if "gate_up_proj" in p:  # joined (Transformer.decode_layers: decoding, no gradient)
+    if "gate_up_proj" in p:  # joined (Transformer.decode_weights: decoding, no gradient)
         gate_up = _linear(h, p["gate_up_proj"], bias("gate_up_bias"), "btd,dcf->btcf")
         hidden = _activation(gate_up[:, :, 0], c.activation) * gate_up[:, :, 1]
         return _linear(hidden, p["down_proj"], bias("down_bias"), "btf,fd->btd")
