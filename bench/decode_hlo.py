@@ -98,7 +98,8 @@ def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1,
     teacher_def, teacher_state = abstract(shapes["teacher"]) if teacher else (None, None)
     P = shapes["prompt"]
     option = {"cache_segments": segments} if segments > 1 else {}
-    option.update({"split_layers": True} if split_layers else {})
+    if split_layers:
+        option["split_layers"] = True
     config = SamplingConfig(max_new_tokens=shapes["new"], prompt_buckets=(P,), **option)
     run = _compiled_generate(student_def, teacher_def, config, shapes["vocab"], None, batch)
     args = (student_state, teacher_state, jax.ShapeDtypeStruct((batch, P), jnp.int32),

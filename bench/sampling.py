@@ -93,7 +93,8 @@ def ours_worker(case: dict) -> dict:
     prompts = np.random.default_rng(0).integers(3, case["vocab"], (b, p)).tolist()
     segments = case.get("segments", 1)  # options left out at their defaults, so older checkouts run too
     options = {"cache_segments": segments} if segments > 1 else {}
-    options.update({"split_layers": True} if case.get("split_layers") else {})
+    if case.get("split_layers"):
+        options["split_layers"] = True
     config = SamplingConfig(max_new_tokens=n, prompt_buckets=(p,), **options)
     keys = iter(jax.random.split(jax.random.key(0), case["repeats"] + 1))
 

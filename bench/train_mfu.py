@@ -247,16 +247,19 @@ def main():
     print(f"device: {ours['device']} (torch: {anchor['device'] if anchor else 'not run'}); batch {shapes['batch']} x "
           f"{shapes['length']}, {shapes['dtype']}; median of {args.repeats}; our attention: {args.attention}; "
           f"our layers: {'unrolled' if args.unrolled else 'scanned'}")
-    print("MFU: FLOPs (6N a trained token, 2N a scored one, plus attention) over the bf16 matmul ceiling measured "
-          "with JAX (783 TFLOP/s, architecture.md), the data-sheet peak (989) in brackets")
+    print("MFU: FLOPs (6N a trained token, 2N a scored one, plus attention) over "
+          + ("the bf16 matmul ceiling measured with JAX (783 TFLOP/s, architecture.md), the data-sheet peak (989) in "
+             "brackets" if ceiling else "the data-sheet dense bf16 peak"))
     print("| work | HF/torch eager tok/s | ours tok/s | ours / HF | HF MFU | our MFU | target |")
     print("|---|---|---|---|---|---|---|")
 
     def mfu(rate: float, flops: float) -> str:
-        shares = [f"{100 * rate * flops / peak:.1f}%" for peak in (ceiling, spec) if peak]
-        if not shares:
-            return "n/a (no known peak)"
-        return shares[0] if len(shares) == 1 or not ceiling else f"{shares[0]} ({shares[1]})"
+        def share(peak: float) -> str:
+            return f"{100 * rate * flops / peak:.1f}%"
+
+        if ceiling:
+            return f"{share(ceiling)} ({share(spec)})"
+        return share(spec) if spec else "n/a (no known peak)"
 
     for work, key_seconds, params, dims, train in (
             ("student fwd+bwd+AdamW", "train_seconds", ours["student_params"], shapes["student"], True),
@@ -270,6 +273,7 @@ def main():
                   f"{mfu(theirs_rate, flops)} | {mfu(ours_rate, flops)} | {target} |")
         else:
             print(f"| {work} | not run | {ours_rate:,.0f} | | | {mfu(ours_rate, flops)} | {target} |")
+
 
 if __name__ == "__main__":
     main()

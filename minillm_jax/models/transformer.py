@@ -293,8 +293,8 @@ class Transformer(nnx.Module):
             policy = None if c.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             block = jax.checkpoint(block, policy=policy, prevent_cse=False)
         params = {name: p[...] for name, p in self.layers.items()}
-        windows = jnp.asarray(c.sliding_windows or (0,) * c.num_layers, jnp.int32)
-        xs = (params, windows, jnp.arange(c.num_layers), dropout.layer_keys(c.num_layers))
+        windows = c.sliding_windows or (0,) * c.num_layers  # per layer; 0: none
+        xs = (params, jnp.asarray(windows, jnp.int32), jnp.arange(c.num_layers), dropout.layer_keys(c.num_layers))
         if cache is None:
             def body(h, layer_xs):
                 h, kv = block(h, None, *layer_xs)
@@ -304,7 +304,7 @@ class Transformer(nnx.Module):
         elif layers is not None:  # decoding over the per-layer arrays of decode_weights(), layers unrolled
             kv = (cache.k, cache.v)
             for i, layer_params in enumerate(layers):
-                x, kv = block(x, kv, layer_params, c.sliding_windows[i] if c.sliding_windows else 0, i, None)
+                x, kv = block(x, kv, layer_params, windows[i], i, None)
         else:  # decoding (no gradient): 16-bit weights cross the scan as their bit patterns (see _as_bits)
             bits, dtypes = _as_bits(params)
 
