@@ -79,11 +79,12 @@ def moves(hlo: str, min_bytes: int = 1 << 20) -> list[tuple[int, str, str, str, 
             if not (c.startswith(("fused_", "wrapped_")) and c in fusions)]
 
 
-def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False):
+def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False,
+                     kv_cache_dtype: str = "auto"):
     """(the jitted `generate` of the GPU suite's sampling case at `shapes`, its abstract arguments, its
     SamplingConfig): random GPT-2 student (and GPT-2 XL teacher), nothing allocated; `segments` > 1 sets
-    SamplingConfig.cache_segments, `split_layers` SamplingConfig.split_layers (each left out otherwise, so
-    checkouts from before them build too)."""
+    SamplingConfig.cache_segments, `split_layers` SamplingConfig.split_layers, `kv_cache_dtype` (not "auto")
+    SamplingConfig.kv_cache_dtype (each left out otherwise, so checkouts from before them build too)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -100,6 +101,8 @@ def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1,
     option = {"cache_segments": segments} if segments > 1 else {}
     if split_layers:
         option["split_layers"] = True
+    if kv_cache_dtype != "auto":
+        option["kv_cache_dtype"] = kv_cache_dtype
     config = SamplingConfig(max_new_tokens=shapes["new"], prompt_buckets=(P,), **option)
     run = _compiled_generate(student_def, teacher_def, config, shapes["vocab"], None, batch)
     args = (student_state, teacher_state, jax.ShapeDtypeStruct((batch, P), jnp.int32),

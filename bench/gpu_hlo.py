@@ -15,6 +15,7 @@ Needs jax's CUDA plugin beside the CPU jax (about 3.7 GB; no GPU or driver neede
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py score                    # GPT-2 XL teacher forward, B 16 x 512
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode [--teacher] [--batch 32] [--tree DIR]  # generate, B 128
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode --split-layers --segments 4  # SamplingConfig options
+    /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode --split-layers --segments 4 --kv-cache-dtype int8
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py check                    # the accounting on programs of known cost
 
 `--tree DIR` compiles another checkout's minillm_jax (e.g. one with bench/decode_unrolled.patch applied) with
@@ -297,14 +298,14 @@ def compile_score(mesh, attention: str, batch: int, length: int, unrolled: bool 
     return jax.jit(score_fn(graphdef, shapes["vocab"])).lower(*_placed((state, ids, mask), mesh)).compile().as_text()
 
 
-def compile_decode(mesh, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False
-                   ) -> tuple[str, int, int]:
+def compile_decode(mesh, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False,
+                   kv_cache_dtype: str = "auto") -> tuple[str, int, int]:
     """`generate` at the GPU suite's sampling case (bench/decode_hlo.py), for the H200: (the program, decode
     steps per chunk, new tokens per row)."""
     from bench.decode_hlo import SHAPES, generate_program
 
     shapes = SHAPES["gpu"]
-    run, args, config = generate_program(shapes, teacher, batch, segments, split_layers)
+    run, args, config = generate_program(shapes, teacher, batch, segments, split_layers, kv_cache_dtype)
     new = config.max_new_tokens
     return run.lower(*_placed(args, mesh)).compile().as_text(), min(config.decode_chunk, new), new
 
@@ -346,8 +347,9 @@ def check(mesh) -> None:
           f"{c.bytes / 2**20:.0f} MiB in {c.kernels} kernels over 64 steps")
 
 
-def report(name: str, hlo: str, top: int, *, unknown_trips: int | None = None, tokens: int | None = None) -> None:
-    total, rows = roofline(hlo, unknown_trips=unknown_trips)
+def report(name: str, hlo: str, top: int, *, unknown_trips: int | None = None, tokens: int | None = None,
+           launch: float = 3e-6) -> None:
+    total, rows = roofline(hlo, unknown_trips=unknown_trips, launch=launch)
     rate = f" ({tokens / total.seconds:,.0f} new tok/s)" if tokens else ""
     print(f"## {name}: estimated {total.seconds * 1e3:.2f} ms a call{rate}; {total.kernels} kernels; "
           f"{total.bytes / 1e9:.2f} GB read+written; {total.flops / 1e12:.3f} TFLOP in matmuls "
@@ -369,10 +371,14 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=1, help="decode: SamplingConfig.cache_segments (equal ones)")
     parser.add_argument("--split-layers", action="store_true",
                         help="decode: SamplingConfig.split_layers (layers unrolled over per-layer weights)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="decode: SamplingConfig.kv_cache_dtype (int8)")
     parser.add_argument("--batch", type=int, help="rows (default: 16 train/score, 128 decode)")
     parser.add_argument("--length", type=int, default=512, help="train/score: tokens per row")
     parser.add_argument("--tree", help="compile this checkout's minillm_jax instead (this checkout's bench/)")
     parser.add_argument("--top", type=int, default=12, help="rows of the breakdown")
+    parser.add_argument("--launch-us", type=float, default=3.0,
+                        help="microseconds charged per kernel (3: no CUDA graphs; 1 reproduces what the 2026-12-01 "
+                        "H200 measured for decoding, whose loop bodies XLA runs as CUDA graphs)")
     args = parser.parse_args()
 
     os.environ["JAX_PLATFORMS"] = "cpu"  # the host backend; the H200 exists only as a compile target
@@ -401,14 +407,16 @@ def main() -> None:
         return check(mesh)
     if args.case == "decode":
         batch = args.batch or 128
-        hlo, chunk, new = compile_decode(mesh, args.teacher, batch, args.segments, args.split_layers)
+        hlo, chunk, new = compile_decode(mesh, args.teacher, batch, args.segments, args.split_layers,
+                                         args.kv_cache_dtype)
         chunks = -(-new // chunk)
         if chunks % args.segments:
             sys.exit(f"--segments {args.segments}: the estimate needs equal segments ({chunks} chunks)")
         name = (f"decode B {batch}{' teacher-mixed' if args.teacher else ''}{f' ({args.tree})' if args.tree else ''}"
                 f": every row to the end ({chunks} chunks of {chunk} steps"
                 f"{f' in {args.segments} cache segments' if args.segments > 1 else ''}"
-                f"{', split layers' if args.split_layers else ''})")
+                f"{', split layers' if args.split_layers else ''}"
+                f"{f', {args.kv_cache_dtype} KV cache' if args.kv_cache_dtype != 'auto' else ''})")
         estimate = dict(unknown_trips=chunks // args.segments, tokens=batch * new)
     else:
         estimate = {}
@@ -419,7 +427,7 @@ def main() -> None:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.hlo.txt").write_text(hlo)
     print(f"NVIDIA H200 (deviceless compile), jax {jax.__version__}")
-    report(name, hlo, args.top, **estimate)
+    report(name, hlo, args.top, launch=args.launch_us * 1e-6, **estimate)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Prints one Markdown table.
                                                 # checkout of ours (its own bench/sampling.py), no HF side
     python bench/sampling.py --suite gpu --no-hf --cache-segments 4   # ours with SamplingConfig.cache_segments
     python bench/sampling.py --suite gpu --no-hf --split-layers       # ours with SamplingConfig.split_layers
+    python bench/sampling.py --suite gpu --no-hf --kv-cache-dtype int8  # and SamplingConfig.kv_cache_dtype
 
 Random weights are written once as an HF checkpoint; each side then runs in its own process on the same
 files (torch's OpenMP workers spin after each op and would slow JAX in the same process, and JAX
@@ -95,6 +96,8 @@ def ours_worker(case: dict) -> dict:
     options = {"cache_segments": segments} if segments > 1 else {}
     if case.get("split_layers"):
         options["split_layers"] = True
+    if case.get("kv_cache_dtype", "auto") != "auto":
+        options["kv_cache_dtype"] = case["kv_cache_dtype"]
     config = SamplingConfig(max_new_tokens=n, prompt_buckets=(p,), **options)
     keys = iter(jax.random.split(jax.random.key(0), case["repeats"] + 1))
 
@@ -106,20 +109,22 @@ def ours_worker(case: dict) -> dict:
     result = {"seconds": median_seconds(run, case["repeats"]), "device": jax.devices()[0].device_kind}
     if teacher is not None:
         context = p + n // 2  # mean context length over the decode
-        result["bytes_per_step"] = _bytes_per_step(student, b, context) + _bytes_per_step(teacher, b, context)
+        kv = case.get("kv_cache_dtype", "auto")
+        result["bytes_per_step"] = _bytes_per_step(student, b, context, kv) + _bytes_per_step(teacher, b, context, kv)
         result["copy_bytes_per_second"] = _copy_bandwidth()
     return result
 
 
-def _bytes_per_step(model, batch: int, context: int) -> int:
-    """Weights plus the whole KV cache, each read once per decode step."""
+def _bytes_per_step(model, batch: int, context: int, kv_cache_dtype: str = "auto") -> int:
+    """Weights plus the whole KV cache as stored (int8: a byte an element and a float32 scale a vector), each
+    read once per decode step."""
     import jax
     from flax import nnx
 
     c = model.config
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    cache = 2 * c.num_layers * batch * context * c.num_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
-    return weights + cache
+    vector = c.head_dim + 4 if kv_cache_dtype == "int8" else c.head_dim * np.dtype(c.dtype).itemsize
+    return weights + 2 * c.num_layers * batch * context * c.num_kv_heads * vector
 
 
 def _copy_bandwidth() -> float:
@@ -163,6 +168,8 @@ def main():
                         help="our SamplingConfig.cache_segments (--config.sampling.cache_segments in a run)")
     parser.add_argument("--split-layers", action="store_true",
                         help="our SamplingConfig.split_layers (--config.sampling.split_layers in a run)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="our SamplingConfig.kv_cache_dtype (--config.sampling.kv_cache_dtype in a run): int8")
     parser.add_argument("--also", help="another checkout whose sampler runs each case too (one more column)")
     parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -186,9 +193,11 @@ def main():
             batches = tuple(int(b) for b in args.batches.split(","))
         params = write_checkpoint(kind, dims, dtype, tmp / "student")
         base = dict(student=str(tmp / "student"), dtype=dtype, vocab=dims["vocab_size"], prompt=prompt, new=new,
-                    repeats=args.repeats, segments=args.cache_segments, split_layers=args.split_layers)
-        if args.cache_segments > 1 or args.split_layers:
-            print(f"ours: cache_segments={args.cache_segments}, split_layers={args.split_layers}")
+                    repeats=args.repeats, segments=args.cache_segments, split_layers=args.split_layers,
+                    kv_cache_dtype=args.kv_cache_dtype)
+        if args.cache_segments > 1 or args.split_layers or args.kv_cache_dtype != "auto":
+            print(f"ours: cache_segments={args.cache_segments}, split_layers={args.split_layers}, "
+                  f"kv_cache_dtype={args.kv_cache_dtype}")
         label = f"{kind} {params / 1e6:.1f}M {dtype}"
         also = f" | {args.also} tok/s | it / ours" if args.also else ""
         print(f"| model | device | batch | prompt | new | HF generate tok/s | ours tok/s | ours / HF{also} |")

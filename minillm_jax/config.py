@@ -14,6 +14,7 @@ from typing import Any
 from minillm_jax.data.hub import DATA_FILE_SUFFIXES
 from minillm_jax.data.instructions import FieldMap
 from minillm_jax.models.config import DTYPES
+from minillm_jax.sampling import KV_CACHE_DTYPES
 from minillm_jax.trainers.distillm import DistiLLMConfig
 from minillm_jax.trainers.gkd import GKDConfig
 from minillm_jax.trainers.kd import KDConfig
@@ -31,14 +32,15 @@ DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
                      "overwrite", "hang_timeout_s", "compilation_cache_dir", "logging.", "eval.", "export.",
                      "data.valid_examples", "mesh.", "attention", "scan_layers", "sampling.cache_segments",
-                     "sampling.split_layers")
+                     "sampling.split_layers", "sampling.kv_cache_dtype")
 # Keys added to the config after runs were saved without them, each with the value that behaves as those runs
 # did: a saved run that lacks the key resumes while the key keeps that value (any other value is a difference).
 ADDED_KEYS = {"student_layers_source": "",  # 3eb9688: until then the cut came from the teacher
               "attention": "xla",  # until then XLA's attention everywhere
               "scan_layers": True,  # until then every model looped over its layers
               "sampling.cache_segments": 1,  # until then decoding attended over every cache slot
-              "sampling.split_layers": False}  # until then decoding scanned over the stacked layer weights
+              "sampling.split_layers": False,  # until then decoding scanned over the stacked layer weights
+              "sampling.kv_cache_dtype": "auto"}  # until then KV caches in the compute dtype
 
 
 class ConfigError(ValueError):
@@ -89,6 +91,7 @@ class SamplingSettings:
     top_p: float
     cache_segments: int  # SamplingConfig.cache_segments
     split_layers: bool  # SamplingConfig.split_layers
+    kv_cache_dtype: str  # SamplingConfig.kv_cache_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +339,8 @@ def _build(c) -> RunConfig:
                                 top_k=_int(c, "sampling.top_k", 0), top_p=_float(c, "sampling.top_p", 0.0, 1.0,
                                                                                  open_low=True),
                                 cache_segments=_int(c, "sampling.cache_segments", 1),
-                                split_layers=_bool(c, "sampling.split_layers"))
+                                split_layers=_bool(c, "sampling.split_layers"),
+                                kv_cache_dtype=_choice(c, "sampling.kv_cache_dtype", KV_CACHE_DTYPES))
     if task == "minillm" and (sampling.top_k or sampling.top_p < 1.0):
         _fail("sampling.top_k" if sampling.top_k else "sampling.top_p",
               "MiniLLM's loss, ratio and single-step term use the full distribution the rollouts are drawn from; "

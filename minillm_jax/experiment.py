@@ -175,6 +175,7 @@ def sampling_config(config: RunConfig, tokenizer, prompt_buckets=None, **changes
     s = config.sampling
     return SamplingConfig(**{**dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                     top_p=s.top_p, cache_segments=s.cache_segments, split_layers=s.split_layers,
+                                    kv_cache_dtype=s.kv_cache_dtype,
                                     eos_token_id=eos, pad_token_id=pad,
                                     prompt_buckets=tuple(buckets)), **changes})
 

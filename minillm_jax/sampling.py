@@ -38,6 +38,7 @@ from minillm_jax.models.transformer import Transformer, decoding_twin
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,10 @@ class SamplingConfig:
     # the loop (Transformer.decode_weights) instead of a scan that slices them out of the stacks every step;
     # one more copy of the layer weights while sampling, a larger program to compile
     split_layers: bool = False
+    # "int8": the KV caches hold each slot's key and value vectors as int8 with a float32 scale each (largest
+    # magnitude / 127) instead of the compute dtype: about half the bytes that every decode step's attention
+    # reads, for keys and values rounded to 1/254 of their largest element; "auto": the compute dtype
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -80,6 +85,9 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.cache_segments={self.cache_segments}: expected >= 1")
         if not isinstance(self.split_layers, bool):
             raise ValueError(f"SamplingConfig.split_layers={self.split_layers!r}: expected True or False")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"SamplingConfig.kv_cache_dtype={self.kv_cache_dtype!r}: expected one of "
+                             f"{KV_CACHE_DTYPES}")
         buckets = tuple(int(b) for b in self.prompt_buckets)
         if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"SamplingConfig.prompt_buckets={self.prompt_buckets}: expected increasing positive "
@@ -221,7 +229,8 @@ def _lay_out_cache(cache, lay_out):
     if cache is None:
         return None
     return cache.replace(k=lay_out(cache.k, 1), v=lay_out(cache.v, 1), mask=lay_out(cache.mask),
-                         positions=lay_out(cache.positions), lengths=lay_out(cache.lengths))
+                         positions=lay_out(cache.positions), lengths=lay_out(cache.lengths),
+                         scales=lay_out(cache.scales, 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,7 +267,8 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
     W = -(-R // chunk) * chunk
 
     def start(model, twin):  # the prompt in the model's compute dtype, into the cache its decoding twin reads
-        cache = _lay_out_cache(model.init_cache(B, P + W, dtype=twin.config.dtype), lay_out)
+        cache_dtype = twin.config.dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+        cache = _lay_out_cache(model.init_cache(B, P + W, dtype=cache_dtype), lay_out)
         logits, cache = model.prefill(ids, mask, cache, empty_cache=True, last_only=True)
         return logits[:, -1, :num_real], cache  # laid out with the rest of the loop state below
 

@@ -110,3 +110,64 @@ def random_model(variant: str, seed: int = 0, noise: float = 0.1):
     keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
     state = jax.tree.map(lambda x: x + noise * jax.random.normal(next(keys), x.shape, x.dtype), state)
     return nnx.merge(graphdef, state)
+
+
+def _int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """Each vector along the last axis rounded to int8 steps of its largest magnitude / 127, in float32."""
+    scale = x.abs().amax(-1, keepdim=True) / 127.0
+    steps = torch.round(x / torch.where(scale > 0, scale, torch.ones_like(scale)))
+    return torch.clamp(steps, -127, 127) * scale
+
+
+def _int8_kv_attention(module, query, key, value, *args, **kwargs):
+    """transformers' SDPA attention over keys and values each rounded per head and position to int8 steps."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, _int8_rounded(key), _int8_rounded(value), *args, **kwargs)
+
+
+def _register_int8_kv_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("int8_kv_reference", _int8_kv_attention)
+    AttentionMaskInterface.register("int8_kv_reference", AttentionMaskInterface._global_mapping["sdpa"])
+    return "int8_kv_reference"
+
+
+def hf_int8_kv_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits of a left-padded batch whose every attention reads keys and values rounded to int8 steps per head
+    and position (a prompt written into an int8 KV cache first and attending over it)."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(_register_int8_kv_attention())
+    try:
+        return hf_logits(model, ids, mask)
+    finally:
+        model.set_attn_implementation(before)
+
+
+def hf_int8_cache_decode_logits(model, ids: np.ndarray, mask: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits at positions prompt.. of a left-padded batch decoded one token at a time by transformers over its
+    own KV cache, the prompt in full precision (SDPA) and every decode step attending over keys and values
+    rounded to int8 steps per head and position (what an int8 KV cache holds); [B, T - prompt, V]."""
+    rounded = _register_int8_kv_attention()
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+
+    def tensor(a):
+        return torch.from_numpy(np.asarray(a).astype(np.int64))
+
+    before = model.config._attn_implementation
+    pieces = []
+    try:
+        with torch.no_grad():
+            model.set_attn_implementation("sdpa")
+            out = model(input_ids=tensor(ids[:, :prompt]), attention_mask=tensor(mask[:, :prompt]),
+                        position_ids=tensor(positions[:, :prompt]), use_cache=True)
+            model.set_attn_implementation(rounded)
+            for t in range(prompt, ids.shape[1]):
+                out = model(input_ids=tensor(ids[:, t:t + 1]), attention_mask=tensor(mask[:, :t + 1]),
+                            position_ids=tensor(positions[:, t:t + 1]), cache=out.cache, use_cache=True)
+                pieces.append(out.logits.float().numpy())
+    finally:
+        model.set_attn_implementation(before)
+    return np.concatenate(pieces, axis=1)

@@ -120,18 +120,20 @@ def test_the_attention_setting_reaches_every_model(monkeypatch):
         experiment.load_models(config, experiment.build_mesh(config))
 
 
-def test_the_cache_segments_and_split_layers_settings_reach_the_sampler():
-    """--config.sampling.cache_segments and --config.sampling.split_layers are the SamplingConfig fields of the
-    run's sampler (1 and False unless set)."""
+def test_the_cache_segments_split_layers_and_kv_cache_settings_reach_the_sampler():
+    """--config.sampling.cache_segments, .split_layers and .kv_cache_dtype are the SamplingConfig fields of the
+    run's sampler (1, False and "auto" unless set)."""
     from minillm_jax import experiment
 
-    for config, segments, split in ((tiny(**{"sampling.cache_segments": 3, "sampling.split_layers": True}), 3, True),
-                                    (tiny(), 1, False)):
+    changed = {"sampling.cache_segments": 3, "sampling.split_layers": True, "sampling.kv_cache_dtype": "int8"}
+    for config, expected in ((tiny(**changed), (3, True, "int8")), (tiny(), (1, False, "auto"))):
         tokenizer = experiment.load_run_tokenizer(config)
         sampler = experiment.sampling_config(config, tokenizer)
-        assert (sampler.cache_segments, sampler.split_layers) == (segments, split)
+        assert (sampler.cache_segments, sampler.split_layers, sampler.kv_cache_dtype) == expected
     with pytest.raises(ConfigError, match=r"--config\.sampling\.split_layers: 1: expected True or False"):
         RunConfig.from_dict({**config.raw, "sampling": {**config.raw["sampling"], "split_layers": 1}})
+    with pytest.raises(ConfigError, match=r"--config\.sampling\.kv_cache_dtype: 'fp8' is not one of auto, int8"):
+        RunConfig.from_dict({**config.raw, "sampling": {**config.raw["sampling"], "kv_cache_dtype": "fp8"}})
 
 
 def test_student_layers_beyond_the_teacher_are_named(tmp_path):

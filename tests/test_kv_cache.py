@@ -5,7 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_reference import VARIANTS, build_hf_model, hf_logits, left_padded_batch, max_diff_on_real, random_model
+from hf_reference import (
+    VARIANTS,
+    build_hf_model,
+    hf_int8_cache_decode_logits,
+    hf_int8_kv_logits,
+    hf_logits,
+    left_padded_batch,
+    max_diff_on_real,
+    random_model,
+)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "opt_post_ln_project", "llama3_rope_scaling",
@@ -67,6 +76,58 @@ def test_decode_over_decode_weights_matches_transformers(variant, tmp_path):
     programs = {split: jax.jit(lambda s, t, c, split=split: step(s, t, c, split)).lower(state, ids[:, 0], cache)
                 .as_text() for split in (False, True)}
     assert "stablehlo.while" in programs[False] and "stablehlo.while" not in programs[True]
+
+
+def _assert_reproduces_the_rounding(ours, rounded, unrounded, mask):
+    """`ours` sits on `rounded` (transformers over int8-rounded keys and values) at a small fraction of the
+    rounding's own effect (`rounded` against `unrounded`, about 1e-2 at these sizes), in the largest and the mean
+    difference over real positions: float32 noise between the two programs can move an element across a
+    rounding boundary (one int8 step; a few percent of the effect where it happens), a wrong rounding or scale
+    moves most of them (a floor in place of rounding: about the effect itself)."""
+    def differences(a, b):
+        d = np.abs(np.where(mask[..., None] > 0, np.asarray(a) - np.asarray(b), 0.0))
+        return d.max(), d.sum() / (mask.sum() * d.shape[-1])
+
+    (error_max, error_mean), (effect_max, effect_mean) = differences(ours, rounded), differences(rounded, unrounded)
+    assert effect_max > 2e-3  # the rounding shows at this size
+    assert error_max <= 0.25 * effect_max and error_mean <= 0.05 * effect_mean, (error_max, effect_max, error_mean,
+                                                                                  effect_mean)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_int8_cache_decodes_as_transformers_over_int8_rounded_keys_and_values(variant, tmp_path):
+    """An int8 KV cache (SamplingConfig.kv_cache_dtype "int8": each slot's key and value vector per layer and kv
+    head as int8 steps of its largest magnitude / 127) decodes as transformers does over its own cache with the
+    prompt in full precision and each decode step's attention over keys and values rounded that way (an SDPA
+    attention function that rounds them): every family, with and without split layers (float32 rounding apart,
+    ~1e-6, unless an element crosses a rounding boundary: `_assert_reproduces_the_rounding`). A prompt
+    prefilled into the int8 cache (not as an empty cache's first tokens) attends over its own rounded keys and
+    values, as transformers does with that attention at every position."""
+    from minillm_jax.models import load_pretrained
+
+    hf_model = build_hf_model(variant, vocab_size=99)
+    hf_model.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    ids, mask = left_padded_batch(99, batch=3, length=12)
+    prompt = 6
+    expected = hf_int8_cache_decode_logits(hf_model, ids, mask, prompt)
+    unrounded = hf_logits(hf_model, ids, mask)
+    graphdef, state = nnx.split(model)
+    prefill = nnx.jit(lambda m, i, k, c: m.prefill(i, k, c, empty_cache=True))
+    for split in (False, True):
+        cache = model.init_cache(batch_size=3, max_length=12, dtype="int8")
+        assert cache.k.dtype == jnp.int8 and cache.scales.shape == (*cache.k.shape[:3], 2, 12)
+        _, cache = prefill(model, ids[:, :prompt], mask[:, :prompt], cache)
+        step = jax.jit(lambda s, t, c, split=split: nnx.merge(graphdef, s).decode_step(
+            t, c, weights=nnx.merge(graphdef, s).decode_weights(split_layers=split)))
+        pieces = []
+        for t in range(prompt, ids.shape[1]):
+            logits, cache = step(state, ids[:, t], cache)
+            pieces.append(np.asarray(logits)[:, None, :99])
+        _assert_reproduces_the_rounding(np.concatenate(pieces, axis=1), expected, unrounded[:, prompt:],
+                                        mask[:, prompt:])
+    logits, _ = nnx.jit(lambda m, i, k, c: m.prefill(i, k, c))(model, ids, mask, model.init_cache(3, 12, dtype="int8"))
+    _assert_reproduces_the_rounding(logits, hf_int8_kv_logits(hf_model, ids, mask), unrounded, mask)
 
 
 def test_last_only_prefill_gives_the_last_position_and_the_same_cache():

@@ -274,25 +274,38 @@ def test_decode_chunks_and_cache_segments_do_not_change_samples(eos):
     max_new_tokens (11 = 2 * 4 + 3) leaves no trace; rows done mid-chunk stay padded. Cache segments (the
     steps in loops that attend over the slots filled so far only: chunks of 2 in 3 loops, of 4 in 2) give
     the same samples, student and teacher caches alike; so do decode steps over split layers
-    (SamplingConfig.split_layers: per-layer weights, the layers unrolled), alone and with cache segments."""
+    (SamplingConfig.split_layers: per-layer weights, the layers unrolled), alone and with cache segments; and
+    with int8 KV caches (SamplingConfig.kv_cache_dtype), each of those gives the int8 caches' samples."""
     student, teacher = random_model("qwen2", seed=0, noise=0.3), random_model("qwen2", seed=1, noise=0.3)
     prompts = [[3, 4, 5, 6, 7], [10, 11], [12, 13, 14, 15]] * 2
-    outs = [generate(student, prompts, SamplingConfig(max_new_tokens=11, eos_token_id=eos, no_repeat_ngram_size=3,
-                                                      decode_chunk=chunk, pad_token_id=95, cache_segments=segments,
-                                                      split_layers=split),
-                     jax.random.key(4), teacher=teacher, mix_alpha=0.4)
-            for chunk, segments, split in ((1, 1, False), (4, 1, False), (16, 1, False), (2, 3, False),
-                                           (4, 2, False), (4, 1, True), (2, 3, True))]
-    reference = jax.tree.map(np.asarray, outs[0])
-    assert reference.tokens.shape == (6, 11)
-    if eos:
-        assert reference.lengths.min() < 11 and reference.lengths.max() > 4  # ends within and after chunk 1
-    for out in outs[1:]:
-        for name in ("tokens", "mask", "lengths"):
-            np.testing.assert_array_equal(np.asarray(getattr(out, name)), getattr(reference, name), err_msg=name)
-        for name in ("logprobs", "teacher_logprobs", "weights"):
-            np.testing.assert_allclose(np.asarray(getattr(out, name)), getattr(reference, name), rtol=1e-6,
-                                       atol=1e-6, err_msg=name)
+    layouts = ((1, 1, False), (4, 1, False), (16, 1, False), (2, 3, False), (4, 2, False), (4, 1, True), (2, 3, True))
+    for kv_cache_dtype, cases in (("auto", layouts), ("int8", layouts[1:2] + layouts[3:4] + layouts[6:])):
+        outs = [generate(student, prompts,
+                         SamplingConfig(max_new_tokens=11, eos_token_id=eos, no_repeat_ngram_size=3,
+                                        decode_chunk=chunk, pad_token_id=95, cache_segments=segments,
+                                        split_layers=split, kv_cache_dtype=kv_cache_dtype),
+                         jax.random.key(4), teacher=teacher, mix_alpha=0.4)
+                for chunk, segments, split in cases]
+        reference = jax.tree.map(np.asarray, outs[0])
+        assert reference.tokens.shape == (6, 11)
+        if eos:
+            assert reference.lengths.min() < 11 and reference.lengths.max() > 4  # ends within and after chunk 1
+        for out in outs[1:]:
+            for name in ("tokens", "mask", "lengths"):
+                np.testing.assert_array_equal(np.asarray(getattr(out, name)), getattr(reference, name),
+                                              err_msg=f"{kv_cache_dtype} {name}")
+            # int8: float32 noise between programs (split layers or not) can move a key or value element across a
+            # rounding boundary, one int8 step: log-probabilities within 1e-2 (against 0.1 and more apart from
+            # the float caches' below), tokens the same
+            tolerance = 1e-6 if kv_cache_dtype == "auto" else 1e-2
+            for name in ("logprobs", "teacher_logprobs", "weights"):
+                np.testing.assert_allclose(np.asarray(getattr(out, name)), getattr(reference, name), rtol=tolerance,
+                                           atol=tolerance, err_msg=f"{kv_cache_dtype} {name}")
+        if kv_cache_dtype == "auto":
+            floats = reference
+    # the int8 caches' own samples: their log-probabilities are not the float caches' (the same draws would
+    # otherwise hide a cache that was never used)
+    assert np.abs(np.where(floats.mask & reference.mask, floats.logprobs - reference.logprobs, 0)).max() > 0.1
 
 
 def test_sample_is_traceable_inside_another_jitted_function():

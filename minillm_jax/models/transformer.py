@@ -52,10 +52,44 @@ class KVCache:
     positions: Int[Array, "B S"]  # position of the token in each slot
     lengths: Int[Array, " B"]  # real tokens so far: the next token's position
     index: Int[Array, ""]  # next free slot (shared by all rows)
+    # an int8 cache (init_cache(dtype="int8")): each slot's key and value vector of a layer, row and kv head is
+    # stored as int8 over its own scale, its largest magnitude / 127; here the scales, float32, the keys' then
+    # the values' (one array: one more write per layer and step; slots last: each read contiguous); None in a
+    # float cache
+    scales: Float[Array, "L B K 2 S"] | None = None
 
     @property
     def max_length(self) -> int:
         return self.k.shape[3]
+
+    @property
+    def arrays(self) -> tuple:
+        """What the layers write and read: (k, v), and an int8 cache's scales after them."""
+        return (self.k, self.v) if self.scales is None else (self.k, self.v, self.scales)
+
+    def with_arrays(self, arrays: tuple) -> "KVCache":
+        return self.replace(**dict(zip(("k", "v", "scales"), arrays)))
+
+
+def _quantized(x: Float[Array, "... Dh"]) -> tuple[Int[Array, "... Dh"], Float[Array, "..."]]:
+    """int8 values and float32 scales of vectors along the last axis: x ~ values * scale, each vector over its
+    own largest magnitude / 127 (round to nearest; a zero vector gets scale 0)."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    values = jnp.round(x32 / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return jnp.clip(values, -127, 127).astype(jnp.int8), scale
+
+
+def _cache_written(arrays: tuple, new: tuple, start: tuple) -> tuple:
+    """KVCache.arrays with the new keys and values `new` ([L', B, K, T, Dh] each) written at `start` (layer, 0, 0,
+    slot, 0), quantized first for an int8 cache."""
+    if len(arrays) == 2:
+        return tuple(jax.lax.dynamic_update_slice(whole, part.astype(whole.dtype), start)
+                     for whole, part in zip(arrays, new))
+    (k, k_scale), (v, v_scale) = (_quantized(x) for x in new)
+    layer, _, _, slot, _ = start
+    return (jax.lax.dynamic_update_slice(arrays[0], k, start), jax.lax.dynamic_update_slice(arrays[1], v, start),
+            jax.lax.dynamic_update_slice(arrays[2], jnp.stack([k_scale, v_scale], axis=-2), (layer, 0, 0, 0, slot)))
 
 
 @flax.struct.dataclass
@@ -164,14 +198,20 @@ class Transformer(nnx.Module):
         return _dot("bte,ev->btv", hidden, self.lm_head[...] if head is None else head, jnp.float32, operands)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache of keys and values in `dtype` (default: the compute dtype); "int8" stores each slot's
+        vectors as int8 with a float32 scale each (KVCache.scales): about half the bytes of bfloat16 for each
+        decode step's attention to read, keys and values rounded to 1/254 of their largest element."""
         c = self.config
         shape = (c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim)
         dtype = jnp.dtype(dtype or c.dtype)
+        if not (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.int8):
+            raise ValueError(f"init_cache dtype {dtype}: expected a float dtype or int8")
+        scales = dict(scales=jnp.zeros((*shape[:3], 2, max_length), jnp.float32)) if dtype == jnp.int8 else {}
         return KVCache(
             k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
             mask=jnp.zeros((batch_size, max_length), bool),
             positions=jnp.zeros((batch_size, max_length), jnp.int32),
-            lengths=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32),
+            lengths=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32), **scales,
         )
 
     def prefill(
@@ -197,16 +237,14 @@ class Transformer(nnx.Module):
                      positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, start)),
                      lengths=cache.lengths + mask.sum(axis=1, dtype=jnp.int32), index=start + input_ids.shape[1])
         if empty_cache:
-            hidden, (k_new, v_new) = self._run(input_ids, mask, positions, collect_kv=True)
-            k, v = (jax.lax.dynamic_update_slice(whole, jnp.swapaxes(new, 2, 3).astype(whole.dtype),  # [L B K T Dh]
-                                                 (0, 0, 0, start, 0))
-                    for whole, new in ((cache.k, k_new), (cache.v, v_new)))
-            cache = KVCache(k=k, v=v, **slots)
+            hidden, new = self._run(input_ids, mask, positions, collect_kv=True)
+            new = tuple(jnp.swapaxes(x, 2, 3) for x in new)  # [L B K T Dh]
+            cache = cache.replace(**slots).with_arrays(_cache_written(cache.arrays, new, (0, 0, 0, start, 0)))
         else:
             cache = cache.replace(**slots)
-            hidden, (k, v) = self._run(input_ids, mask, positions, cache=cache, start=start, visible=visible,
-                                       layers=None if weights is None else weights.layers)
-            cache = cache.replace(k=k, v=v)
+            hidden, kv = self._run(input_ids, mask, positions, cache=cache, start=start, visible=visible,
+                                   layers=None if weights is None else weights.layers)
+            cache = cache.with_arrays(kv)
         head = None if weights is None else weights.unembedding
         return self.unembed(hidden[:, -1:] if last_only else hidden, head), cache
 
@@ -302,7 +340,7 @@ class Transformer(nnx.Module):
 
             x, kv = jax.lax.scan(body, x, xs, unroll=not c.scan_layers)  # unroll=True: every layer inlined
         elif layers is not None:  # decoding over the per-layer arrays of decode_weights(), layers unrolled
-            kv = (cache.k, cache.v)
+            kv = cache.arrays
             for i, layer_params in enumerate(layers):
                 x, kv = block(x, kv, layer_params, windows[i], i, None)
         else:  # decoding (no gradient): 16-bit weights cross the scan as their bit patterns (see _as_bits)
@@ -312,7 +350,7 @@ class Transformer(nnx.Module):
                 layer_params, *rest = layer_xs
                 return block(*carry, _from_bits(layer_params, dtypes), *rest), None
 
-            (x, kv), _ = jax.lax.scan(step, (x, (cache.k, cache.v)), (bits, *xs[1:]))
+            (x, kv), _ = jax.lax.scan(step, (x, cache.arrays), (bits, *xs[1:]))
         if c.final_norm:
             x = _norm(x, self.final_norm_scale[...], getattr(self, "final_norm_bias", None), c)
         if hasattr(self, "project_out"):
@@ -507,18 +545,20 @@ def _attention(h, kv, p, window, layer, dropout: _Dropout, *, config: ModelConfi
     if not cached:
         keys, values, kv = k, v, (k, v)
     else:  # write this layer's new slots in place, then read the layer's cache ([B K S Dh] each, S visible)
-        kv = tuple(jax.lax.dynamic_update_slice(whole, jnp.swapaxes(new, 1, 2)[None].astype(whole.dtype),
-                                                (layer, 0, 0, context.start, 0)) for whole, new in zip(kv, (k, v)))
+        kv = _cache_written(kv, (jnp.swapaxes(k, 1, 2)[None], jnp.swapaxes(v, 1, 2)[None]),
+                            (layer, 0, 0, context.start, 0))
         S = context.allowed.shape[-1]  # the slots attended over: all, or the first `visible`
         keys, values = (jax.lax.dynamic_index_in_dim(whole, layer, keepdims=False)[:, :, :S].astype(dtype)
-                        for whole in kv)
+                        for whole in kv[:2])  # int8 values exactly
+        scales = None if len(kv) == 2 else \
+            tuple(jax.lax.dynamic_index_in_dim(kv[2], layer, keepdims=False)[:, :, i, :S] for i in range(2))
 
     allowed = context.allowed
     if c.sliding_windows:  # windows count positions (real tokens), not slots
         distance = context.query_positions[:, :, None] - context.key_positions[:, None, :]
         allowed = allowed & ((window <= 0) | (distance < window))
     if cached:  # the cache in its own layout (faster than XLA's dot_product_attention: compare_checkouts.py)
-        out = _softmax_attention(q, keys, values, allowed, _Dropout(None), 0.0)
+        out = _softmax_attention(q, keys, values, allowed, _Dropout(None), 0.0, scales=scales)
     elif (dropout.key is not None and c.attention_dropout > 0) or _explicit_attention():  # dropout: dpa has none
         out = _softmax_attention(q, jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2), allowed, dropout,
                                  c.attention_dropout)
@@ -555,15 +595,22 @@ def _explicit_attention() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _softmax_attention(q, k, v, allowed, dropout: _Dropout, rate: float):
+def _softmax_attention(q, k, v, allowed, dropout: _Dropout, rate: float, scales=None):
     """Softmax attention in XLA, the G query heads of a kv head as one matrix (the cache is read once),
     with dropout on the probabilities when `dropout` has a key (training), which
-    jax.nn.dot_product_attention does not offer: q [B T H Dh], k/v [B K S Dh], allowed [B T S]."""
+    jax.nn.dot_product_attention does not offer: q [B T H Dh], k/v [B K S Dh], allowed [B T S]. `scales`: an
+    int8 cache's key and value scales ([B K S] each) for the integer-valued k and v: a slot's scale is a factor
+    of its whole key (value) vector, so it multiplies that slot's score (its probability, before the sum over
+    the values)."""
     B, T, H, Dh = q.shape
     K = k.shape[1]
     q = q.reshape(B, T, K, H // K, Dh)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(Dh)
+    if scales is not None:
+        scores = scores * scales[0][:, :, None, None, :]
     probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, _MASKED), axis=-1)
+    if scales is not None:
+        probs = probs * scales[1][:, :, None, None, :]
     probs = dropout.apply(probs, rate, "attention").astype(v.dtype)
     # [B K G T Dh], then heads after positions: XLA:CPU's batched dot straight into btkgd runs 10x slower
     # (a decode step's probs x values: 1.46 ms against 0.10 ms with the transpose after the dot)
