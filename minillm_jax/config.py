@@ -28,11 +28,13 @@ TEACHER_GENERATES = ("minillm", "seqkd", "generate", "eval")
 
 DATA_SUFFIXES = DATA_FILE_SUFFIXES + (".txt",)
 
-# Keys a resumed run may change; any other difference from the checkpointed config refuses the resume.
+# Keys a resumed run may change; any other difference from the checkpointed config refuses the resume (among
+# the sampler's options, those that leave the samples as they were: an int8 KV cache rounds keys and values, so
+# the rest of a run would train on rollouts from another distribution)
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
                      "overwrite", "hang_timeout_s", "compilation_cache_dir", "logging.", "eval.", "export.",
                      "data.valid_examples", "mesh.", "attention", "scan_layers", "sampling.cache_segments",
-                     "sampling.split_layers", "sampling.kv_cache_dtype")
+                     "sampling.split_layers")
 # Keys added to the config after runs were saved without them, each with the value that behaves as those runs
 # did: a saved run that lacks the key resumes while the key keeps that value (any other value is a difference).
 ADDED_KEYS = {"student_layers_source": "",  # 3eb9688: until then the cut came from the teacher

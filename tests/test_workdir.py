@@ -213,6 +213,21 @@ def test_a_run_saved_before_a_key_existed_resumes_while_the_key_keeps_its_old_be
     assert {key: defaults[key] for key in ADDED_KEYS} == ADDED_KEYS
 
 
+def test_a_resume_may_change_how_the_sampler_runs_but_not_what_it_samples():
+    """Split layers and cache segments give the same samples, so a resumed run may switch them; an int8 KV cache
+    samples from rounded keys and values, so switching it refuses the resume (by the key's name)."""
+    from configs.common import base
+    from minillm_jax.config import ADDED_KEYS, RESUMABLE_CHANGES
+
+    saved = base().to_dict()
+    current = base().to_dict()
+    current["sampling"] = {**saved["sampling"], "split_layers": True, "cache_segments": 4}
+    assert config_differences(saved, current, ignore=RESUMABLE_CHANGES, added=ADDED_KEYS) == []
+    current["sampling"]["kv_cache_dtype"] = "int8"
+    assert config_differences(saved, current, ignore=RESUMABLE_CHANGES, added=ADDED_KEYS) == [
+        ("sampling.kv_cache_dtype", "auto", "int8")]
+
+
 def test_config_differences_reads_config_dicts():
     import ml_collections
 
