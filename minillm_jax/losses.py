@@ -266,7 +266,7 @@ def _row_sums(*xs):
     return tuple(jnp.moveaxis(sums, -1, 0))
 
 
-def _log_normalisers(*zs):
+def log_normalisers(*zs):
     """logsumexp over the last axis of each of `zs`: on CPU in two passes over all of them together (their
     maxima, then the sums of exponentials), elsewhere in one (`_running_log_normalisers`)."""
     if not _on_cpu():
@@ -372,7 +372,7 @@ def _fused_fwd(terms, num_real_tokens, temperature, s_fn, t_fn, s_hidden, s_cons
         hidden, t_chunk, chunk_labels = x
         z = _scaled(s_fn(hidden, *s_consts), num_real_tokens, temperature)
         zp = None if t_fn is None else _scaled(t_fn(t_chunk, *t_consts), num_real_tokens, temperature)
-        lse_q, lse_p = _log_normalisers(z, zp) if zp is not None else (*_log_normalisers(z), jnp.zeros(z.shape[:-1]))
+        lse_q, lse_p = log_normalisers(z, zp) if zp is not None else (*log_normalisers(z), jnp.zeros(z.shape[:-1]))
         row = _Row(z, lse_q, zp, lse_p, chunk_labels)
         parts = [_term_parts(t, row) for t in terms]
         wide = [v for v, _ in parts if v.ndim == z.ndim] + [s for _, s in parts if s is not None]  # [rows, V]

@@ -6,15 +6,20 @@ MiniLLM's teacher-mixed sampling steps both models' caches in the same loop and 
 function, e.g. a whole training round); `generate` compiles it for host-side callers.
 
 Shapes: B batch, P prompt (left-padded to a bucket), R max new tokens, V the real vocabulary (ids of a
-padded checkpoint vocabulary beyond the tokenizer's size are sliced off, so they are never sampled).
+padded checkpoint vocabulary beyond the tokenizer's size are never sampled). The loop carries each step's logits
+as the decode head gives them, `Transformer.decode_vocab_size` wide (whole blocks of 128 ids on every shard of a
+vocabulary split over the mesh's `tensor` axis).
 
 Distributions, all in float32: q = softmax(student_logits / T) and p = softmax(teacher_logits / T);
 tokens are drawn from the mixture after no-repeat-n-gram, top-k and top-p filtering (in that order, as
-transformers does). `logprobs` is log q(y) and `teacher_logprobs` log p(y) of the drawn token,
-`weights` is q(y) / ((1 - alpha) q(y) + alpha p(y)), the unfiltered mixture's importance weight, and
-`reverse_kl` is KL(q || p) of the step's whole distributions: summed over an answer it has the expectation of
-the Monte-Carlo sum of log q(y) - log p(y) over its tokens (both estimate the answer's reverse KL) without
-the variance of each drawn token.
+transformers does). Unfiltered sampling (no filter on, not greedy: MiniLLM's rollouts) draws in two levels
+(`_block_draw`): a block of 128 ids from the blocks' masses, then an id within the block, by the same inverse
+CDF of one uniform per row as the filtered path's over the whole vocabulary, so it reads each step's logits
+once (a teacher's once more, for the KL) rather than once per softmax, cumulative sum and gather. `logprobs`
+is log q(y) and `teacher_logprobs` log p(y) of the drawn token, `weights` is q(y) / ((1 - alpha) q(y) +
+alpha p(y)), the unfiltered mixture's importance weight, and `reverse_kl` is KL(q || p) of the step's whole
+distributions: summed over an answer it has the expectation of the Monte-Carlo sum of log q(y) - log p(y) over
+its tokens (both estimate the answer's reverse KL) without the variance of each drawn token.
 """
 
 from __future__ import annotations
@@ -126,8 +131,8 @@ class _LoopState:
     reverse_kl: Float[Array, "B W"]
     history: Int[Array, "B P+W"]  # prompt and generated ids, for n-gram blocking
     history_mask: Bool[Array, "B P+W"]
-    logits: Float[Array, "B V"]  # student's next-token logits
-    teacher_logits: Float[Array, "B V"] | None
+    logits: Float[Array, "B Vd"]  # student's next-token logits, its decode_vocab_size(multiple) wide
+    teacher_logits: Float[Array, "B Vt"] | None
     cache: object
     teacher_cache: object
 
@@ -266,21 +271,26 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
     chunk = min(config.decode_chunk, R)
     W = -(-R // chunk) * chunk
 
+    # decode heads (and the logits the loop carries) whole blocks of _block_draw's on each vocabulary shard: a
+    # block across two shards makes XLA gather every step's whole logits
+    multiple = BLOCK * (mesh.shape.get("tensor", 1) if mesh is not None else 1)
+
     def start(model, twin):  # the prompt in the model's compute dtype, into the cache its decoding twin reads
         cache_dtype = twin.config.dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
         cache = _lay_out_cache(model.init_cache(B, P + W, dtype=cache_dtype), lay_out)
         logits, cache = model.prefill(ids, mask, cache, empty_cache=True, last_only=True)
-        return logits[:, -1, :num_real], cache  # laid out with the rest of the loop state below
+        logits = logits[:, -1]  # as wide as the decode steps' (the extra ids are masked where drawn)
+        return jnp.pad(logits, ((0, 0), (0, model.decode_vocab_size(multiple) - logits.shape[-1]))), cache
 
     student_twin = decoding_twin(student)
     teacher_twin = decoding_twin(teacher) if teacher is not None else None
     logits, cache = start(student, student_twin)
     teacher_logits, teacher_cache = start(teacher, teacher_twin) if teacher is not None else (None, None)
     student, teacher = student_twin, teacher_twin
-    # taken once, outside the decode loops: the heads padded to whole multiples of 8 ids (their extra logit
-    # columns are sliced off with the padded vocabulary's), per-layer weights with config.split_layers
-    student_weights = student.decode_weights(config.split_layers)
-    teacher_weights = teacher.decode_weights(config.split_layers) if teacher is not None else None
+    # taken once, outside the decode loops: the heads padded to `multiple` ids (the extra ids are masked where
+    # drawn), per-layer weights with config.split_layers
+    student_weights = student.decode_weights(config.split_layers, multiple)
+    teacher_weights = teacher.decode_weights(config.split_layers, multiple) if teacher is not None else None
     zeros = jnp.zeros((B, W), jnp.float32)
     state = _LoopState(
         step=jnp.int32(0), done=jnp.zeros((B,), bool), tokens=jnp.full((B, W), config.pad_token_id, jnp.int32),
@@ -293,7 +303,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
 
     def step(s: _LoopState, visible: int) -> _LoopState:
         key = jax.random.fold_in(rng, s.step)
-        token, logq, logp, weight, kl = _choose(s, P + s.step, key, alpha, config)
+        token, logq, logp, weight, kl = _choose(s, P + s.step, key, alpha, config, num_real)
         live = ~s.done
         token = jnp.where(live, token, config.pad_token_id)
         is_eos = jnp.isin(token, jnp.asarray(config.eos_token_id or (-1,), jnp.int32)) & live
@@ -304,7 +314,6 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         logits, cache = student.decode_step(token, s.cache, visible, student_weights)
         if teacher is not None:
             teacher_logits, teacher_cache = teacher.decode_step(token, s.teacher_cache, visible, teacher_weights)
-            teacher_logits = teacher_logits[:, :num_real]
         else:
             teacher_logits, teacher_cache = None, None
         return _lay_out_loop(_LoopState(
@@ -315,7 +324,7 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
             reverse_kl=put(s.reverse_kl, jnp.where(live, kl, 0.0)),
             history=jax.lax.dynamic_update_slice(s.history, token[:, None], (0, P + s.step)),
             history_mask=jax.lax.dynamic_update_slice(s.history_mask, live[:, None], (0, P + s.step)),
-            logits=logits[:, :num_real], teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache),
+            logits=logits, teacher_logits=teacher_logits, cache=cache, teacher_cache=teacher_cache),
             lay_out)
 
     def decode_chunk(visible: int):
@@ -342,12 +351,15 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
         weights=s.weights[:, :R] if with_teacher else None, reverse_kl=s.reverse_kl[:, :R] if with_teacher else None)
 
 
-def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):
+def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig, num_real: int):
     """Pick one token per row; returns (token, log q(token), log p(token), importance weight, KL(q || p))."""
+    if not (config.greedy or config.top_k or config.top_p < 1.0 or config.no_repeat_ngram_size):
+        u = jax.random.uniform(key, (s.logits.shape[0],), jnp.float32)
+        return _block_draw(s.logits, s.teacher_logits, u, alpha, config.temperature, num_real)
     temperature = 1.0 if config.greedy else config.temperature
-    log_q = jax.nn.log_softmax(s.logits.astype(jnp.float32) / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(s.logits[:, :num_real].astype(jnp.float32) / temperature, axis=-1)
     if s.teacher_logits is not None:
-        log_p = jax.nn.log_softmax(s.teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+        log_p = jax.nn.log_softmax(s.teacher_logits[:, :num_real].astype(jnp.float32) / temperature, axis=-1)
         log_mix = jnp.logaddexp(jnp.log1p(-alpha) + log_q, jnp.log(alpha) + log_p)
     else:
         log_p, log_mix = log_q, log_q
@@ -368,6 +380,81 @@ def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig):
     logq = at(log_q)
     kl = losses.reverse_kl(log_q, log_p) if s.teacher_logits is not None else jnp.zeros_like(logq)
     return token, logq, at(log_p), jnp.exp(logq - at(log_mix)), kl
+
+
+BLOCK = 128  # ids in a block of _block_draw (the sampler's decode heads are a whole number of them)
+
+
+def _block_draw(logits: Float[Array, "B Vd"], teacher_logits: Float[Array, "B Vt"] | None, u: Float[Array, " B"],
+                alpha, temperature: float, num_real: int):
+    """`_choose` without filters: one draw per row from (1 - alpha) q + alpha p (q alone without a teacher) by
+    inverting its CDF at `u` (uniform in [0, 1)) in two levels: the block of BLOCK ids whose cumulative mass
+    passes u, then the id within it, from that block's logits alone. The logits are read once for each block's
+    log-normaliser (`losses.log_normalisers`: one running pass off CPU), and with a teacher once more for
+    KL(q || p); the rest is [B, V / BLOCK] or [B, BLOCK] in size. Ids from `num_real` on have no mass. Returns
+    what `_choose` does."""
+    B = logits.shape[0]
+    n = -(-num_real // BLOCK)  # blocks holding real ids
+
+    def blocked(x):  # [B, blocks, BLOCK]: all of the array's blocks, so that none spans two vocabulary shards
+        if x.shape[-1] % BLOCK or x.shape[-1] < n * BLOCK:  # (the sampler's arrays are whole blocks wide)
+            x = jnp.pad(x, ((0, 0), (0, max(-(-x.shape[-1] // BLOCK), n) * BLOCK - x.shape[-1])))
+        return x.reshape(B, -1, BLOCK)
+
+    def scaled(x, at):  # logits / temperature in float32, -inf at ids from num_real on
+        return jnp.where(at < num_real, x.astype(jnp.float32) / temperature, -jnp.inf)
+
+    def distribution(x):  # scaled blocks; the first n blocks' masses (relative), cumulative sums; log-normaliser
+        z = scaled(x, jnp.arange(x.shape[1] * BLOCK).reshape(-1, BLOCK))
+        block_lse = losses.log_normalisers(z)[0][:, :n]  # the blocks past n hold no real id
+        top = jnp.max(block_lse, axis=-1, keepdims=True)
+        mass = jnp.exp(block_lse - top)
+        cdf = jnp.cumsum(mass, axis=-1)
+        return z, mass, cdf, top[:, 0] + jnp.log(cdf[:, -1])
+
+    raw_q = blocked(logits)
+    zq, mass, cdf, lse_q = distribution(raw_q)
+    if teacher_logits is not None:
+        raw_p = blocked(teacher_logits)
+        zp, mass_p, cdf_p, lse_p = distribution(raw_p)
+        # the mixture's block masses and cumulative sums, from each side's normalised ones
+        mass, cdf = ((1 - alpha) * mass / cdf[:, -1:] + alpha * mass_p / cdf_p[:, -1:],
+                     (1 - alpha) * cdf / cdf[:, -1:] + alpha * cdf_p / cdf_p[:, -1:])
+        if zq.shape[1] != zp.shape[1]:  # vocabularies of two sizes: their first n blocks, the real ids
+            zq, zp = zq[:, :n], zp[:, :n]
+        lq, lp = zq - lse_q[:, None, None], zp - lse_p[:, None, None]
+        kl = jnp.sum(jnp.where(lq > -jnp.inf, jnp.exp(lq) * (lq - lp), 0.0), axis=(1, 2))
+
+    def inverted(cdf, mass, at):  # the first index whose cumulative mass passes `at`, never one without mass
+        last = jnp.max(jnp.where(mass > 0, jnp.arange(mass.shape[-1]), 0), axis=-1)
+        return jnp.minimum(jnp.sum(cdf <= at[:, None], axis=-1), last)
+
+    at = u * cdf[:, -1]
+    block = inverted(cdf, mass, at)
+
+    def pick(table):  # [B, ...] at each row's block
+        return jnp.take_along_axis(table, block.reshape((B,) + (1,) * (table.ndim - 1)), axis=1)[:, 0]
+
+    share = jnp.clip((at - (pick(cdf) - pick(mass))) / pick(mass), 0.0, 1.0)  # how far into its block
+    block_ids = block[:, None] * BLOCK + jnp.arange(BLOCK)
+    lq_block = scaled(pick(raw_q), block_ids) - lse_q[:, None]  # [B, BLOCK], from that block's logits alone
+    inside = jnp.exp(lq_block)
+    if teacher_logits is not None:
+        lp_block = scaled(pick(raw_p), block_ids) - lse_p[:, None]
+        inside = (1 - alpha) * inside + alpha * jnp.exp(lp_block)
+    inside_cdf = jnp.cumsum(inside, axis=-1)
+    offset = inverted(inside_cdf, inside, share * inside_cdf[:, -1])
+    token = (block * BLOCK + offset).astype(jnp.int32)
+
+    def at_token(table):
+        return jnp.take_along_axis(table, offset[:, None], axis=-1)[:, 0]
+
+    logq = at_token(lq_block)
+    if teacher_logits is None:
+        return token, logq, logq, jnp.ones_like(logq), jnp.zeros_like(logq)
+    logp = at_token(lp_block)
+    log_mix = jnp.logaddexp(jnp.log1p(-alpha) + logq, jnp.log(alpha) + logp)
+    return token, logq, logp, jnp.exp(logq - log_mix), kl
 
 
 def sample_categorical(key, scores: Float[Array, "B V"]) -> Int[Array, " B"]:

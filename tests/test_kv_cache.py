@@ -45,8 +45,8 @@ def test_decode_over_decode_weights_matches_transformers(variant, tmp_path):
     split_layers: per-layer arrays, the query, key and value weights joined, a gated MLP's gate and up too, the
     layers unrolled), give transformers' logits at every new position, for every family (GQA, biases, sliding
     windows, post-norm, projections, tied embeddings), on a vocabulary of 99 ids whose head the weights pad to
-    104 (the extra columns come after the real ones); the compiled split step has no layer loop left, where the
-    default step has one."""
+    128 (Transformer.decode_vocab_size: the extra columns come after the real ones); the compiled split step has
+    no layer loop left, where the default step has one."""
     from minillm_jax.models import load_pretrained
 
     hf_model = build_hf_model(variant, vocab_size=99)
@@ -69,7 +69,7 @@ def test_decode_over_decode_weights_matches_transformers(variant, tmp_path):
         pieces = [np.asarray(logits)[:, -1:]]
         for t in range(prompt, ids.shape[1]):
             logits, cache = compiled(state, ids[:, t], cache)
-            assert logits.shape == (3, 104)
+            assert logits.shape == (3, 128)
             pieces.append(np.asarray(logits)[:, None, :99])
         incremental = np.concatenate(pieces, axis=1)
         assert max_diff_on_real(incremental, expected[:, prompt - 1:], mask[:, prompt - 1:]) <= 1e-4, split

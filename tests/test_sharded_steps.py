@@ -5,6 +5,7 @@ slice crosses shard boundaries): KD on four meshes, and a MiniLLM round, on-poli
 fresh student sample on (2, 2, 2)."""
 
 import dataclasses
+import re
 
 import jax
 import kit
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minillm_jax import sharding
+from minillm_jax import sampling, sharding
 from minillm_jax.models import Transformer
 from minillm_jax.models.tiny import parse_random_spec
 from minillm_jax.sampling import SamplingConfig, generate
@@ -121,6 +122,48 @@ def test_kd_update_and_sampling_match_one_device(mesh_shape, reference):
     for key in ("logprobs", "teacher_logprobs"):
         np.testing.assert_allclose(sharding.to_host(getattr(int8, key)), getattr(reference["int8"], key),
                                    rtol=0, atol=2e-3, err_msg=key)
+
+
+def _loop_all_gathers(hlo: str) -> list[tuple[int, ...]]:
+    """The shapes that all-gathers inside while loops (and what those loops call) gather, in a compiled
+    program's text."""
+    computations, current = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.-]+) ", line)
+        if head:
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None and " = " in line:
+            current.append(line)
+    inside = {b for lines in computations.values() for line in lines for b in re.findall(r"body=%([\w.-]+)", line)}
+    todo = list(inside)
+    while todo:
+        for line in computations[todo.pop()]:
+            for callee in re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%([\w.-]+)", line):
+                if callee not in inside:
+                    inside.add(callee)
+                    todo.append(callee)
+    return [tuple(int(d) for d in re.match(r"\w+\[([\d,]*)\]", line.split(" = ")[1]).group(1).split(",") if d)
+            for name in inside for line in computations[name] if re.search(r" all-gather(-start)?\(", line)]
+
+
+def test_the_decode_loop_gathers_no_logits_across_the_tensor_axis():
+    """With the vocabulary split over a tensor axis of 4, the sampler's decode heads give whole 128-id blocks on
+    each shard (512 logits a row), so each step's draw gathers the blocks' statistics, never logits: no
+    all-gather inside the decode loops has a dimension as long as the vocabulary (with 128 logits a row, a
+    block spans the four shards and every step gathers them: checked)."""
+    mesh = sharding.make_mesh(1, 2, 4)
+    teacher, student = _models(mesh)
+    (student_def, student_state), (teacher_def, teacher_state) = nnx.split(student), nnx.split(teacher)
+    ids, mask = sharding.place_batch(sampling.pad_prompts(kit.prompts(8, 1), SAMPLING.prompt_buckets, 0), mesh,
+                                     sharding.SAMPLE_RULES)
+
+    def run(student_state, teacher_state, ids, mask):
+        return sampling.sample(nnx.merge(student_def, student_state), nnx.merge(teacher_def, teacher_state), ids,
+                               mask, jax.random.key(3), 0.3, config=SAMPLING, num_real=REAL, mesh=mesh)
+
+    gathered = _loop_all_gathers(jax.jit(run).lower(student_state, teacher_state, ids, mask).compile().as_text())
+    assert gathered  # the per-row statistics are gathered in the loop
+    assert all(max(shape, default=0) < VOCAB for shape in gathered), gathered
 
 
 @pytest.mark.parametrize("task,names", [

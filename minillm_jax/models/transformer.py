@@ -92,15 +92,19 @@ def _cache_written(arrays: tuple, new: tuple, start: tuple) -> tuple:
             jax.lax.dynamic_update_slice(arrays[2], jnp.stack([k_scale, v_scale], axis=-2), (layer, 0, 0, 0, slot)))
 
 
+DECODE_VOCAB_MULTIPLE = 128  # decode steps' logits: a multiple of this many ids by default (decode_weights)
+
+
 @flax.struct.dataclass
 class DecodeWeights:
     """What a decode loop takes from a model once, before its steps (`Transformer.decode_weights`), and passes
     to every `decode_step`."""
 
-    # the unembedding with its vocabulary padded to a multiple of 8 (None: already one). XLA pads a matmul
-    # operand for cuBLAS's bf16 kernels itself, inside the loop: GPT-2's [50257, 768] embedding copied to
-    # [50264, 768] at every decode step (bench/gpu_hlo.py)
-    unembedding: Float[Array, "V8 E"] | Float[Array, "E V8"] | None
+    # the unembedding with its vocabulary padded to `decode_vocab_size` ids (None: that already).
+    # XLA pads a matmul operand for cuBLAS's bf16 kernels itself, inside the loop (GPT-2's [50257, 768]
+    # embedding copied at every decode step: bench/gpu_hlo.py); whole blocks of ids are also what the
+    # sampler's two-level draw (sampling._block_draw) reshapes the logits into, without a copy
+    unembedding: Float[Array, "Vd E"] | Float[Array, "E Vd"] | None
     layers: tuple[dict, ...] | None  # Transformer.decode_weights(split_layers=True); None: the layer scan
 
 
@@ -250,19 +254,26 @@ class Transformer(nnx.Module):
 
     def decode_step(self, tokens: Int[Array, " B"], cache: KVCache, visible: int | None = None,
                     weights: DecodeWeights | None = None) -> tuple[Float[Array, "B V"], KVCache]:
-        """One new token per row; returns next-token logits [B, V] ([B, V8] with `weights`) and the advanced
-        cache (`visible`, `weights`: as `prefill`'s)."""
+        """One new token per row; returns next-token logits [B, V] ([B, decode_vocab_size(multiple)] with the
+        `weights` of `decode_weights(..., multiple)`) and the advanced cache (`visible`, `weights`: as
+        `prefill`'s)."""
         logits, cache = self.prefill(jnp.asarray(tokens)[:, None], None, cache, visible=visible, weights=weights)
         return logits[:, 0], cache
 
-    def decode_weights(self, split_layers: bool = False) -> DecodeWeights:
+    def decode_vocab_size(self, multiple: int = DECODE_VOCAB_MULTIPLE) -> int:
+        """How many logits a decode step over `decode_weights(..., multiple)` gives a row: the vocabulary rounded
+        up to a whole multiple of `multiple` ids (the extra ones after the real ones)."""
+        return -(-self.config.vocab_size // multiple) * multiple
+
+    def decode_weights(self, split_layers: bool = False, multiple: int = DECODE_VOCAB_MULTIPLE) -> DecodeWeights:
         """What a decode loop takes once before it starts and passes to every `decode_step`: the unembedding
-        padded to a whole multiple of 8 ids (if it is not one), and with `split_layers` the layers' weights as
-        one dict of arrays per layer (SamplingConfig.split_layers), over which the steps then run the layers
+        padded to `decode_vocab_size(multiple)` ids (if it is not that already: a multiple of 8 at least keeps
+        XLA from padding it for cuBLAS at every step), and with `split_layers` the layers' weights
+        as one dict of arrays per layer (SamplingConfig.split_layers), over which the steps then run the layers
         unrolled."""
         c = self.config
         head = self.embed_tokens[...] if c.tie_word_embeddings else self.lm_head[...]
-        pad = -c.vocab_size % 8
+        pad = self.decode_vocab_size(multiple) - c.vocab_size
         if pad:
             head = jnp.pad(head, ((0, pad), (0, 0)) if c.tie_word_embeddings else ((0, 0), (0, pad)))
         return DecodeWeights(unembedding=head if pad else None, layers=self._split_layers() if split_layers else None)
