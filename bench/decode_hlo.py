@@ -80,11 +80,12 @@ def moves(hlo: str, min_bytes: int = 1 << 20) -> list[tuple[int, str, str, str, 
 
 
 def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False,
-                     kv_cache_dtype: str = "auto"):
+                     kv_cache_dtype: str = "auto", no_repeat_ngram_size: int = 0):
     """(the jitted `generate` of the GPU suite's sampling case at `shapes`, its abstract arguments, its
     SamplingConfig): random GPT-2 student (and GPT-2 XL teacher), nothing allocated; `segments` > 1 sets
     SamplingConfig.cache_segments, `split_layers` SamplingConfig.split_layers, `kv_cache_dtype` (not "auto")
-    SamplingConfig.kv_cache_dtype (each left out otherwise, so checkouts from before them build too)."""
+    SamplingConfig.kv_cache_dtype, `no_repeat_ngram_size` (evaluation's n-gram blocking) likewise (each left out
+    otherwise, so checkouts from before them build too)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -103,6 +104,8 @@ def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1,
         option["split_layers"] = True
     if kv_cache_dtype != "auto":
         option["kv_cache_dtype"] = kv_cache_dtype
+    if no_repeat_ngram_size:
+        option["no_repeat_ngram_size"] = no_repeat_ngram_size
     config = SamplingConfig(max_new_tokens=shapes["new"], prompt_buckets=(P,), **option)
     run = _compiled_generate(student_def, teacher_def, config, shapes["vocab"], None, batch)
     args = (student_state, teacher_state, jax.ShapeDtypeStruct((batch, P), jnp.int32),

@@ -16,6 +16,7 @@ Needs jax's CUDA plugin beside the CPU jax (about 3.7 GB; no GPU or driver neede
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode [--teacher] [--batch 32] [--tree DIR]  # generate, B 128
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode --split-layers --segments 4  # SamplingConfig options
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode --split-layers --segments 4 --kv-cache-dtype int8
+    /tmp/gpu-hlo/bin/python bench/gpu_hlo.py decode --batch 32 --no-repeat-ngram 6   # evaluation's sampling
     /tmp/gpu-hlo/bin/python bench/gpu_hlo.py check                    # the accounting on programs of known cost
 
 `--tree DIR` compiles another checkout's minillm_jax (e.g. one with bench/decode_unrolled.patch applied) with
@@ -299,13 +300,14 @@ def compile_score(mesh, attention: str, batch: int, length: int, unrolled: bool 
 
 
 def compile_decode(mesh, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False,
-                   kv_cache_dtype: str = "auto") -> tuple[str, int, int]:
+                   kv_cache_dtype: str = "auto", no_repeat_ngram_size: int = 0) -> tuple[str, int, int]:
     """`generate` at the GPU suite's sampling case (bench/decode_hlo.py), for the H200: (the program, decode
     steps per chunk, new tokens per row)."""
     from bench.decode_hlo import SHAPES, generate_program
 
     shapes = SHAPES["gpu"]
-    run, args, config = generate_program(shapes, teacher, batch, segments, split_layers, kv_cache_dtype)
+    run, args, config = generate_program(shapes, teacher, batch, segments, split_layers, kv_cache_dtype,
+                                         no_repeat_ngram_size)
     new = config.max_new_tokens
     return run.lower(*_placed(args, mesh)).compile().as_text(), min(config.decode_chunk, new), new
 
@@ -372,6 +374,8 @@ def main() -> None:
     parser.add_argument("--split-layers", action="store_true",
                         help="decode: SamplingConfig.split_layers (layers unrolled over per-layer weights)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="decode: SamplingConfig.kv_cache_dtype (int8)")
+    parser.add_argument("--no-repeat-ngram", type=int, default=0,
+                        help="decode: SamplingConfig.no_repeat_ngram_size (evaluation's protocol: 6)")
     parser.add_argument("--batch", type=int, help="rows (default: 16 train/score, 128 decode)")
     parser.add_argument("--length", type=int, default=512, help="train/score: tokens per row")
     parser.add_argument("--tree", help="compile this checkout's minillm_jax instead (this checkout's bench/)")
@@ -408,7 +412,7 @@ def main() -> None:
     if args.case == "decode":
         batch = args.batch or 128
         hlo, chunk, new = compile_decode(mesh, args.teacher, batch, args.segments, args.split_layers,
-                                         args.kv_cache_dtype)
+                                         args.kv_cache_dtype, args.no_repeat_ngram)
         chunks = -(-new // chunk)
         if chunks % args.segments:
             sys.exit(f"--segments {args.segments}: the estimate needs equal segments ({chunks} chunks)")
@@ -416,7 +420,8 @@ def main() -> None:
                 f": every row to the end ({chunks} chunks of {chunk} steps"
                 f"{f' in {args.segments} cache segments' if args.segments > 1 else ''}"
                 f"{', split layers' if args.split_layers else ''}"
-                f"{f', {args.kv_cache_dtype} KV cache' if args.kv_cache_dtype != 'auto' else ''})")
+                f"{f', {args.kv_cache_dtype} KV cache' if args.kv_cache_dtype != 'auto' else ''}"
+                f"{f', {args.no_repeat_ngram}-grams blocked' if args.no_repeat_ngram else ''})")
         estimate = dict(unknown_trips=chunks // args.segments, tokens=batch * new)
     else:
         estimate = {}

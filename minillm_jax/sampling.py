@@ -12,7 +12,8 @@ vocabulary split over the mesh's `tensor` axis).
 
 Distributions, all in float32: q = softmax(student_logits / T) and p = softmax(teacher_logits / T);
 tokens are drawn from the mixture after no-repeat-n-gram, top-k and top-p filtering (in that order, as
-transformers does). Unfiltered sampling (no filter on, not greedy: MiniLLM's rollouts) draws in two levels
+transformers does). Sampling without top-k, top-p or greedy (MiniLLM's rollouts; evaluation's n-gram blocking
+is fine) draws in two levels
 (`_block_draw`): a block of 128 ids from the blocks' masses, then an id within the block, by the same inverse
 CDF of one uniform per row as the filtered path's over the whole vocabulary, so it reads each step's logits
 once (a teacher's once more, for the KL) rather than once per softmax, cumulative sum and gather. `logprobs`
@@ -353,9 +354,11 @@ def sample(student: Transformer, teacher: Transformer | None, ids: Int[Array, "B
 
 def _choose(s: _LoopState, filled, key, alpha, config: SamplingConfig, num_real: int):
     """Pick one token per row; returns (token, log q(token), log p(token), importance weight, KL(q || p))."""
-    if not (config.greedy or config.top_k or config.top_p < 1.0 or config.no_repeat_ngram_size):
+    if not (config.greedy or config.top_k or config.top_p < 1.0):
+        banned = (_banned_ngrams(s.history, s.history_mask, filled, config.no_repeat_ngram_size, s.logits.shape[-1])
+                  if config.no_repeat_ngram_size else None)
         u = jax.random.uniform(key, (s.logits.shape[0],), jnp.float32)
-        return _block_draw(s.logits, s.teacher_logits, u, alpha, config.temperature, num_real)
+        return _block_draw(s.logits, s.teacher_logits, u, alpha, config.temperature, num_real, banned)
     temperature = 1.0 if config.greedy else config.temperature
     log_q = jax.nn.log_softmax(s.logits[:, :num_real].astype(jnp.float32) / temperature, axis=-1)
     if s.teacher_logits is not None:
@@ -386,40 +389,59 @@ BLOCK = 128  # ids in a block of _block_draw (the sampler's decode heads are a w
 
 
 def _block_draw(logits: Float[Array, "B Vd"], teacher_logits: Float[Array, "B Vt"] | None, u: Float[Array, " B"],
-                alpha, temperature: float, num_real: int):
-    """`_choose` without filters: one draw per row from (1 - alpha) q + alpha p (q alone without a teacher) by
-    inverting its CDF at `u` (uniform in [0, 1)) in two levels: the block of BLOCK ids whose cumulative mass
-    passes u, then the id within it, from that block's logits alone. The logits are read once for each block's
-    log-normaliser (`losses.log_normalisers`: one running pass off CPU), and with a teacher once more for
-    KL(q || p); the rest is [B, V / BLOCK] or [B, BLOCK] in size. Ids from `num_real` on have no mass. Returns
-    what `_choose` does."""
+                alpha, temperature: float, num_real: int, banned: Bool[Array, "B Vb"] | None = None):
+    """`_choose` without top-k, top-p or greedy: one draw per row from (1 - alpha) q + alpha p (q alone without a
+    teacher), over the ids not `banned` (n-gram blocking; renormalised over the rest, as the filtered path's -inf
+    scores), by inverting its CDF at `u` (uniform in [0, 1)) in two levels: the block of BLOCK ids whose
+    cumulative mass passes u, then the id within it, from that block's logits alone. The logits are read once for
+    each block's log-normaliser (`losses.log_normalisers`: one running pass off CPU; with `banned`, the allowed
+    ids' too in the same pass), and with a teacher once more for KL(q || p); the rest is [B, V / BLOCK] or
+    [B, BLOCK] in size. Ids from `num_real` on have no mass. Returns what `_choose` does: log q, log p, the
+    weight and the KL of the unfiltered distributions."""
     B = logits.shape[0]
     n = -(-num_real // BLOCK)  # blocks holding real ids
 
-    def blocked(x):  # [B, blocks, BLOCK]: all of the array's blocks, so that none spans two vocabulary shards
+    def blocked(x, fill=0):  # [B, blocks, BLOCK]: all of the array's blocks, so none spans two vocabulary shards
         if x.shape[-1] % BLOCK or x.shape[-1] < n * BLOCK:  # (the sampler's arrays are whole blocks wide)
-            x = jnp.pad(x, ((0, 0), (0, max(-(-x.shape[-1] // BLOCK), n) * BLOCK - x.shape[-1])))
+            x = jnp.pad(x, ((0, 0), (0, max(-(-x.shape[-1] // BLOCK), n) * BLOCK - x.shape[-1])),
+                        constant_values=fill)
         return x.reshape(B, -1, BLOCK)
 
     def scaled(x, at):  # logits / temperature in float32, -inf at ids from num_real on
         return jnp.where(at < num_real, x.astype(jnp.float32) / temperature, -jnp.inf)
 
-    def distribution(x):  # scaled blocks; the first n blocks' masses (relative), cumulative sums; log-normaliser
+    def bans(blocks):  # `banned` laid out as an array of `blocks` blocks, or None
+        if banned is None:
+            return None
+        ban = blocked(banned[:, :min(banned.shape[-1], blocks * BLOCK)], fill=False)
+        return jnp.pad(ban, ((0, 0), (0, blocks - ban.shape[1]), (0, 0))) if ban.shape[1] < blocks else ban
+
+    def distribution(x):
+        """Scaled blocks; the first n blocks' masses and cumulative sums for the draw (allowed ids only), both
+        relative to the whole distribution's total `z`; the log-normaliser."""
         z = scaled(x, jnp.arange(x.shape[1] * BLOCK).reshape(-1, BLOCK))
-        block_lse = losses.log_normalisers(z)[0][:, :n]  # the blocks past n hold no real id
+        ban = bans(z.shape[1])
+        if ban is None:
+            block_lse = allowed_lse = losses.log_normalisers(z)[0][:, :n]  # the blocks past n hold no real id
+        else:
+            block_lse, allowed_lse = (x[:, :n] for x in losses.log_normalisers(z, jnp.where(ban, -jnp.inf, z)))
         top = jnp.max(block_lse, axis=-1, keepdims=True)
         mass = jnp.exp(block_lse - top)
         cdf = jnp.cumsum(mass, axis=-1)
-        return z, mass, cdf, top[:, 0] + jnp.log(cdf[:, -1])
+        total = cdf[:, -1:]
+        if ban is not None:
+            mass = jnp.exp(allowed_lse - top)
+            cdf = jnp.cumsum(mass, axis=-1)
+        return z, ban, mass, cdf, total, top[:, 0] + jnp.log(total[:, 0])
 
     raw_q = blocked(logits)
-    zq, mass, cdf, lse_q = distribution(raw_q)
+    zq, ban, mass, cdf, total_q, lse_q = distribution(raw_q)
     if teacher_logits is not None:
         raw_p = blocked(teacher_logits)
-        zp, mass_p, cdf_p, lse_p = distribution(raw_p)
+        zp, _, mass_p, cdf_p, total_p, lse_p = distribution(raw_p)
         # the mixture's block masses and cumulative sums, from each side's normalised ones
-        mass, cdf = ((1 - alpha) * mass / cdf[:, -1:] + alpha * mass_p / cdf_p[:, -1:],
-                     (1 - alpha) * cdf / cdf[:, -1:] + alpha * cdf_p / cdf_p[:, -1:])
+        mass, cdf = ((1 - alpha) * mass / total_q + alpha * mass_p / total_p,
+                     (1 - alpha) * cdf / total_q + alpha * cdf_p / total_p)
         if zq.shape[1] != zp.shape[1]:  # vocabularies of two sizes: their first n blocks, the real ids
             zq, zp = zq[:, :n], zp[:, :n]
         lq, lp = zq - lse_q[:, None, None], zp - lse_p[:, None, None]
@@ -442,6 +464,8 @@ def _block_draw(logits: Float[Array, "B Vd"], teacher_logits: Float[Array, "B Vt
     if teacher_logits is not None:
         lp_block = scaled(pick(raw_p), block_ids) - lse_p[:, None]
         inside = (1 - alpha) * inside + alpha * jnp.exp(lp_block)
+    if ban is not None:
+        inside = jnp.where(pick(ban), 0.0, inside)
     inside_cdf = jnp.cumsum(inside, axis=-1)
     offset = inverted(inside_cdf, inside, share * inside_cdf[:, -1])
     token = (block * BLOCK + offset).astype(jnp.int32)

@@ -390,9 +390,10 @@ def test_teacher_mixture_distribution_and_weights(alpha):
     assert float(jnp.max(out.weights)) <= 1 / (1 - alpha) + 1e-6
 
 
-def _inverse_cdf_reference(x, y, alpha, temperature, num_real, u):
-    """float64: q and p over the real ids, the mixture, and each u's id by inverting the mixture's CDF; with how
-    close u * total lies to the nearest CDF step (relative), so float32 rounding can be told from a wrong id."""
+def _inverse_cdf_reference(x, y, alpha, temperature, num_real, u, banned=None):
+    """float64: q and p over the real ids, the mixture, and each u's id by inverting the CDF of the mixture over
+    the ids not banned; with how close u * total lies to the nearest CDF step (relative), so float32 rounding can
+    be told from a wrong id."""
     def softmax(z):
         z = z[:, :num_real].astype(np.float64) / temperature
         e = np.exp(z - z.max(-1, keepdims=True))
@@ -401,20 +402,22 @@ def _inverse_cdf_reference(x, y, alpha, temperature, num_real, u):
     q = softmax(x)
     p = softmax(y) if y is not None else q
     mix = (1 - alpha) * q + alpha * p if y is not None else q
-    cdf = np.cumsum(mix, axis=-1)
+    cdf = np.cumsum(mix if banned is None else np.where(banned[:, :num_real], 0.0, mix), axis=-1)
     target = u[:, None] * cdf[:, -1:]
     token = np.minimum((cdf <= target).sum(-1), num_real - 1)
     margin = np.abs(cdf - target).min(-1) / cdf[:, -1]
     return q, p, mix, token, margin
 
 
-@pytest.mark.parametrize("teacher", [False, True])
-def test_block_draw_inverts_the_mixture_cdf_as_float64_does(teacher):
+@pytest.mark.parametrize("teacher,ban", [(False, False), (True, False), (True, True)])
+def test_block_draw_inverts_the_mixture_cdf_as_float64_does(teacher, ban):
     """The unfiltered draw (two levels: a block of 128 ids, then an id in it) picks, for every u on a grid from 0
     to just below 1, the id that inverting the float64 CDF of the (teacher-mixed) distribution picks, and its
     log q, log p, importance weight and KL(q || p) are float64's. The logits have 300 real ids in arrays 384
     (student) and 512 (teacher) wide whose extra ids hold the largest logits (never drawn), and a block whose
-    ids have ~no mass (exp underflows: never drawn, even for u next to 1)."""
+    ids have ~no mass (exp underflows: never drawn, even for u next to 1). With banned ids (n-gram blocking: here
+    the 10 most likely of each row and a whole block of 128), the draw inverts the CDF over the others while
+    log q, log p, the weight and the KL stay the unfiltered distributions'."""
     rng = np.random.default_rng(0)
     num_real, rows, alpha, temperature = 300, 3, 0.3, 0.7
     x = rng.normal(0, 3, (rows, 384)).astype(np.float32)
@@ -424,11 +427,19 @@ def test_block_draw_inverts_the_mixture_cdf_as_float64_does(teacher):
     u = np.concatenate([np.linspace(0, 1, 400, endpoint=False), [np.nextafter(np.float32(1), np.float32(0))]])
     x, y = np.repeat(x, len(u), axis=0), np.repeat(y, len(u), axis=0)
     u = np.tile(u, rows).astype(np.float32)
-    draw = jax.jit(lambda x, y, u: sampling._block_draw(x, y, u, alpha, temperature, num_real))
-    token, logq, logp, weight, kl = map(np.asarray, draw(x, y if teacher else None, u))
-    q, p, mix, expected, margin = _inverse_cdf_reference(x, y if teacher else None, alpha, temperature, num_real, u)
+    banned = None
+    if ban:
+        banned = np.zeros((len(u), 384), bool)
+        np.put_along_axis(banned, np.argsort(-x[:, :num_real], axis=-1)[:, :10], True, axis=-1)
+        banned[:, 128:256] = True
+    draw = jax.jit(lambda x, y, u, b: sampling._block_draw(x, y, u, alpha, temperature, num_real, b))
+    token, logq, logp, weight, kl = map(np.asarray, draw(x, y if teacher else None, u, banned))
+    q, p, mix, expected, margin = _inverse_cdf_reference(x, y if teacher else None, alpha, temperature, num_real, u,
+                                                         banned)
     rows_ = np.arange(len(u))
     assert (token < num_real).all() and (mix[rows_, token] > 1e-30).all()
+    if ban:
+        assert not banned[rows_, token].any()
     differ = token != expected
     assert (margin[differ] < 1e-5).all(), (token[differ], expected[differ], margin[differ])
     assert differ.mean() < 0.01
@@ -440,21 +451,35 @@ def test_block_draw_inverts_the_mixture_cdf_as_float64_does(teacher):
 
 
 def test_unfiltered_draws_equal_the_filtered_paths_over_the_same_uniforms():
-    """MiniLLM's rollouts (no filter) take the two-level draw; a top-k filter keeping every id takes the
-    filtered path (log-softmax, mixture, CDF over the whole vocabulary) with the same distribution and the same
-    uniform per row and step: the whole sampler gives the same tokens and log-probabilities either way, with a
-    teacher mixed in and a padded checkpoint vocabulary (99 real ids in 104; decode steps give 128 logits)."""
-    student, teacher = _peaked_model(99, 104, seed=6, spread=2.0), _peaked_model(99, 104, seed=7, spread=2.0)
+    """MiniLLM's rollouts (no filter) and n-gram blocked sampling take the two-level draw; a top-k filter keeping
+    every id takes the filtered path (log-softmax, mixture, CDF over the whole vocabulary) with the same
+    distribution and the same uniform per row and step: the whole sampler gives the same tokens and
+    log-probabilities either way, alone, with a teacher mixed in, and with bigrams blocked (24 steps of models
+    peaked enough to repeat bigrams unblocked), on a padded checkpoint vocabulary (99 real ids in 104; decode
+    steps give 128 logits)."""
+    student, teacher = _peaked_model(99, 104, seed=6, spread=4.0), _peaked_model(99, 104, seed=7, spread=4.0)
     vocab = student.config.vocab_size
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
-    for kwargs in (dict(), dict(teacher=teacher, mix_alpha=0.3)):
-        outs = [generate(student, prompts, SamplingConfig(max_new_tokens=12, top_k=k), jax.random.key(3), **kwargs)
-                for k in (0, vocab)]
+
+    def run(top_k, ngram, **kwargs):
+        config = SamplingConfig(max_new_tokens=24, top_k=top_k, no_repeat_ngram_size=ngram)
+        return generate(student, prompts, config, jax.random.key(3), **kwargs)
+
+    def repeated_bigrams(out):
+        rows = [p + row.tolist() for p, row in zip(prompts, np.asarray(out.tokens))]
+        return sum(len(s) - 1 - len(set(zip(s[:-1], s[1:]))) for s in rows)
+
+    mixed = dict(teacher=teacher, mix_alpha=0.3)
+    assert repeated_bigrams(run(0, 0, **mixed)) > 0  # so that blocking them changes the draws
+    for kwargs, ngram in ((dict(), 0), (mixed, 0), (mixed, 2)):
+        outs = [run(k, ngram, **kwargs) for k in (0, vocab)]
         np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
         for name in ("logprobs", "teacher_logprobs", "weights", "reverse_kl"):
             a, b = getattr(outs[0], name), getattr(outs[1], name)
             if a is not None:
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=name)
+        if ngram:
+            assert repeated_bigrams(outs[0]) == 0
 
 
 def test_pure_teacher_and_pure_student_endpoints():
