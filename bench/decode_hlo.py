@@ -80,12 +80,13 @@ def moves(hlo: str, min_bytes: int = 1 << 20) -> list[tuple[int, str, str, str, 
 
 
 def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False,
-                     kv_cache_dtype: str = "auto", no_repeat_ngram_size: int = 0):
+                     kv_cache_dtype: str = "auto", no_repeat_ngram_size: int = 0, attention: str = "model"):
     """(the jitted `generate` of the GPU suite's sampling case at `shapes`, its abstract arguments, its
     SamplingConfig): random GPT-2 student (and GPT-2 XL teacher), nothing allocated; `segments` > 1 sets
     SamplingConfig.cache_segments, `split_layers` SamplingConfig.split_layers, `kv_cache_dtype` (not "auto")
     SamplingConfig.kv_cache_dtype, `no_repeat_ngram_size` (evaluation's n-gram blocking) likewise (each left out
-    otherwise, so checkouts from before them build too)."""
+    otherwise, so checkouts from before them build too); `attention` "cudnn": ModelConfig.attention of both
+    models (the prompt prefill's attention; decode steps read the cache in the model's own softmax)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -94,7 +95,7 @@ def generate_program(shapes: dict, teacher: bool, batch: int, segments: int = 1,
     from minillm_jax.sampling import SamplingConfig, _compiled_generate
 
     def abstract(dims):
-        return nnx.split(nnx.eval_shape(gpt2_builder(dims, shapes)))
+        return nnx.split(nnx.eval_shape(gpt2_builder(dims, shapes, attention)))
 
     student_def, student_state = abstract(shapes["student"])
     teacher_def, teacher_state = abstract(shapes["teacher"]) if teacher else (None, None)

@@ -300,14 +300,16 @@ def compile_score(mesh, attention: str, batch: int, length: int, unrolled: bool 
 
 
 def compile_decode(mesh, teacher: bool, batch: int, segments: int = 1, split_layers: bool = False,
-                   kv_cache_dtype: str = "auto", no_repeat_ngram_size: int = 0) -> tuple[str, int, int]:
+                   kv_cache_dtype: str = "auto", no_repeat_ngram_size: int = 0,
+                   attention: str = "model") -> tuple[str, int, int]:
     """`generate` at the GPU suite's sampling case (bench/decode_hlo.py), for the H200: (the program, decode
     steps per chunk, new tokens per row)."""
     from bench.decode_hlo import SHAPES, generate_program
 
     shapes = SHAPES["gpu"]
+    option = {"attention": attention} if attention != "model" else {}  # checkouts from before it build too
     run, args, config = generate_program(shapes, teacher, batch, segments, split_layers, kv_cache_dtype,
-                                         no_repeat_ngram_size)
+                                         no_repeat_ngram_size, **option)
     new = config.max_new_tokens
     return run.lower(*_placed(args, mesh)).compile().as_text(), min(config.decode_chunk, new), new
 
@@ -366,8 +368,9 @@ def report(name: str, hlo: str, top: int, *, unknown_trips: int | None = None, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("case", choices=("train", "score", "decode", "check"))
-    parser.add_argument("--attention", default="model", help='train/score: "model" (XLA), "cudnn" (the model\'s '
-                        'option) or "probe NAME" (a bench/attention_impl.py design in its place)')
+    parser.add_argument("--attention", default="model", help='"model" (XLA), "cudnn" (the model\'s option; '
+                        'decode: the prompt prefill\'s attention) or, train/score, "probe NAME" (a '
+                        'bench/attention_impl.py design in its place)')
     parser.add_argument("--teacher", action="store_true", help="decode: teacher-mixed (GPT-2 XL)")
     parser.add_argument("--unrolled", action="store_true", help="train/score: the layers unrolled (scan_layers False)")
     parser.add_argument("--segments", type=int, default=1, help="decode: SamplingConfig.cache_segments (equal ones)")
@@ -412,7 +415,7 @@ def main() -> None:
     if args.case == "decode":
         batch = args.batch or 128
         hlo, chunk, new = compile_decode(mesh, args.teacher, batch, args.segments, args.split_layers,
-                                         args.kv_cache_dtype, args.no_repeat_ngram)
+                                         args.kv_cache_dtype, args.no_repeat_ngram, args.attention)
         chunks = -(-new // chunk)
         if chunks % args.segments:
             sys.exit(f"--segments {args.segments}: the estimate needs equal segments ({chunks} chunks)")
@@ -421,7 +424,8 @@ def main() -> None:
                 f"{f' in {args.segments} cache segments' if args.segments > 1 else ''}"
                 f"{', split layers' if args.split_layers else ''}"
                 f"{f', {args.kv_cache_dtype} KV cache' if args.kv_cache_dtype != 'auto' else ''}"
-                f"{f', {args.no_repeat_ngram}-grams blocked' if args.no_repeat_ngram else ''})")
+                f"{f', {args.no_repeat_ngram}-grams blocked' if args.no_repeat_ngram else ''}"
+                f"{f', attention {args.attention}' if args.attention != 'model' else ''})")
         estimate = dict(unknown_trips=chunks // args.segments, tokens=batch * new)
     else:
         estimate = {}
