@@ -21,7 +21,9 @@
 #   [8] split layers, 4 cache segments and int8 KV caches (SamplingConfig.kv_cache_dtype: each slot's key and
 #       value vectors as int8 with a float32 scale; about half the bytes each decode step's attention reads;
 #       estimated a further 1.32x at B 128, 1.14x at B 32, 1.40x teacher-mixed with 1 us a kernel launch, the
-#       figure that reproduces this card's decode timings of 2026-12-01)
+#       figure that reproduces this card's decode timings of 2026-12-01), and the models' attention "cudnn"
+#       (the prompt prefill's attention: a further 1.03x B 128, 1.04x teacher-mixed): every option, the
+#       configuration estimated at ~10x generate at B 128
 #   [9, 10] issue 6: compiled per-device memory of the GPT-2 XL -> 124M KD step at batch 64 x 512 (measured on
 #       the H200 on 2026-12-01; last, so that a run out of time loses it first)
 # (The decode-layout A/B that stood here is decided without a GPU: compiled for an H200, the layer scan copies
@@ -72,9 +74,9 @@ section "sampling, ours with --config.sampling.split_layers=True" 200 \
   python3 bench/sampling.py --suite gpu --repeats 3 --processes 1 --no-hf --split-layers
 section "sampling, ours with --config.sampling.split_layers=True --config.sampling.cache_segments=4" 200 \
   python3 bench/sampling.py --suite gpu --repeats 3 --processes 1 --no-hf --split-layers --cache-segments 4
-section "sampling, ours with split_layers, cache_segments=4 and --config.sampling.kv_cache_dtype=int8" 200 \
+section "sampling, ours with split_layers, cache_segments=4, kv_cache_dtype=int8 and --config.attention=cudnn" 200 \
   python3 bench/sampling.py --suite gpu --repeats 3 --processes 1 --no-hf --split-layers --cache-segments 4 \
-  --kv-cache-dtype int8
+  --kv-cache-dtype int8 --attention cudnn
 for remat in none full; do
   section "memory of the GPT-2 XL -> 124M KD step, batch 64 x 512, remat $remat (issue 6)" 90 \
     env JAX_PLATFORMS=cuda python3 bench/memory_plan.py --setup gpt2xl-124m --remat "$remat" --cpu-hoisting

@@ -11,6 +11,7 @@ Prints one Markdown table.
     python bench/sampling.py --suite gpu --no-hf --cache-segments 4   # ours with SamplingConfig.cache_segments
     python bench/sampling.py --suite gpu --no-hf --split-layers       # ours with SamplingConfig.split_layers
     python bench/sampling.py --suite gpu --no-hf --kv-cache-dtype int8  # and SamplingConfig.kv_cache_dtype
+    python bench/sampling.py --suite gpu --no-hf --attention cudnn    # ModelConfig.attention (the prefill's)
 
 Random weights are written once as an HF checkpoint; each side then runs in its own process on the same
 files (torch's OpenMP workers spin after each op and would slow JAX in the same process, and JAX
@@ -90,6 +91,9 @@ def ours_worker(case: dict) -> dict:
 
     student = load_pretrained(case["student"], dtype=case["dtype"])
     teacher = load_pretrained(case["teacher"], dtype=case["dtype"]) if case.get("teacher") else None
+    if case.get("attention", "xla") != "xla":  # as a run's --config.attention sets it (experiment.py)
+        for model in filter(None, (student, teacher)):
+            model.config = model.config.replace(attention=case["attention"])
     b, p, n = case["batch"], case["prompt"], case["new"]
     prompts = np.random.default_rng(0).integers(3, case["vocab"], (b, p)).tolist()
     segments = case.get("segments", 1)  # options left out at their defaults, so older checkouts run too
@@ -170,6 +174,8 @@ def main():
                         help="our SamplingConfig.split_layers (--config.sampling.split_layers in a run)")
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="our SamplingConfig.kv_cache_dtype (--config.sampling.kv_cache_dtype in a run): int8")
+    parser.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
+                        help="our models' ModelConfig.attention (--config.attention in a run): the prompt prefill's")
     parser.add_argument("--also", help="another checkout whose sampler runs each case too (one more column)")
     parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -194,10 +200,11 @@ def main():
         params = write_checkpoint(kind, dims, dtype, tmp / "student")
         base = dict(student=str(tmp / "student"), dtype=dtype, vocab=dims["vocab_size"], prompt=prompt, new=new,
                     repeats=args.repeats, segments=args.cache_segments, split_layers=args.split_layers,
-                    kv_cache_dtype=args.kv_cache_dtype)
-        if args.cache_segments > 1 or args.split_layers or args.kv_cache_dtype != "auto":
+                    kv_cache_dtype=args.kv_cache_dtype,
+                    **({"attention": args.attention} if args.attention != "xla" else {}))
+        if args.cache_segments > 1 or args.split_layers or args.kv_cache_dtype != "auto" or args.attention != "xla":
             print(f"ours: cache_segments={args.cache_segments}, split_layers={args.split_layers}, "
-                  f"kv_cache_dtype={args.kv_cache_dtype}")
+                  f"kv_cache_dtype={args.kv_cache_dtype}, attention={args.attention}")
         label = f"{kind} {params / 1e6:.1f}M {dtype}"
         also = f" | {args.also} tok/s | it / ours" if args.also else ""
         print(f"| model | device | batch | prompt | new | HF generate tok/s | ours tok/s | ours / HF{also} |")
