@@ -447,12 +447,8 @@ def _block_draw(logits: Float[Array, "B Vd"], teacher_logits: Float[Array, "B Vt
         lq, lp = zq - lse_q[:, None, None], zp - lse_p[:, None, None]
         kl = jnp.sum(jnp.where(lq > -jnp.inf, jnp.exp(lq) * (lq - lp), 0.0), axis=(1, 2))
 
-    def inverted(cdf, mass, at):  # the first index whose cumulative mass passes `at`, never one without mass
-        last = jnp.max(jnp.where(mass > 0, jnp.arange(mass.shape[-1]), 0), axis=-1)
-        return jnp.minimum(jnp.sum(cdf <= at[:, None], axis=-1), last)
-
     at = u * cdf[:, -1]
-    block = inverted(cdf, mass, at)
+    block = _inverse_cdf(cdf, mass, at)
 
     def pick(table):  # [B, ...] at each row's block
         return jnp.take_along_axis(table, block.reshape((B,) + (1,) * (table.ndim - 1)), axis=1)[:, 0]
@@ -467,7 +463,7 @@ def _block_draw(logits: Float[Array, "B Vd"], teacher_logits: Float[Array, "B Vt
     if ban is not None:
         inside = jnp.where(pick(ban), 0.0, inside)
     inside_cdf = jnp.cumsum(inside, axis=-1)
-    offset = inverted(inside_cdf, inside, share * inside_cdf[:, -1])
+    offset = _inverse_cdf(inside_cdf, inside, share * inside_cdf[:, -1])
     token = (block * BLOCK + offset).astype(jnp.int32)
 
     def at_token(table):
@@ -486,8 +482,15 @@ def sample_categorical(key, scores: Float[Array, "B V"]) -> Int[Array, " B"]:
     (what torch.multinomial does); a Gumbel draw would need V random numbers per row and step."""
     probs = jax.nn.softmax(scores, axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, (scores.shape[0], 1), jnp.float32) * cdf[:, -1:]
-    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), scores.shape[-1] - 1)
+    u = jax.random.uniform(key, (scores.shape[0], 1), jnp.float32)[:, 0] * cdf[:, -1]
+    return _inverse_cdf(cdf, probs, u)
+
+
+def _inverse_cdf(cdf: Float[Array, "B N"], mass: Float[Array, "B N"], at: Float[Array, " B"]) -> Int[Array, " B"]:
+    """Per row, the first index whose cumulative mass passes `at`; never an index without mass (float32
+    rounding can put `at` at the total, past the last id with mass, when ids without mass follow it)."""
+    last = jnp.max(jnp.where(mass > 0, jnp.arange(mass.shape[-1]), 0), axis=-1)
+    return jnp.minimum(jnp.sum(cdf <= at[:, None], axis=-1), last)
 
 
 def top_k_filter(scores: Float[Array, "B V"], k: int) -> Float[Array, "B V"]:

@@ -390,6 +390,26 @@ def test_teacher_mixture_distribution_and_weights(alpha):
     assert float(jnp.max(out.weights)) <= 1 / (1 - alpha) + 1e-6
 
 
+def test_the_inverse_cdf_never_picks_an_id_without_mass():
+    """Every draw (the filtered path's sample_categorical and both levels of _block_draw) inverts a CDF with
+    sampling._inverse_cdf. At every point from 0 to the total, the ids without mass in the middle and at the end
+    of a row included, it picks what a float64 scan picks: the first id whose cumulative mass passes the point,
+    or at the total (where float32 rounding of u x total can land) the last id with mass, never an id after it."""
+    mass = np.array([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0]], np.float32)
+    cdf = np.cumsum(mass.astype(np.float64), axis=-1)
+    points = np.concatenate([np.linspace(0.0, 1.0, 41), cdf[0], cdf[1]])
+
+    def reference(row, at):
+        for i in range(mass.shape[1]):
+            if cdf[row, i] > at and mass[row, i] > 0:
+                return i
+        return int(np.flatnonzero(mass[row])[-1])
+
+    for at in points:
+        got = sampling._inverse_cdf(jnp.asarray(cdf, jnp.float32), jnp.asarray(mass), jnp.full((2,), at, jnp.float32))
+        assert got.tolist() == [reference(0, at), reference(1, at)], at
+
+
 def _inverse_cdf_reference(x, y, alpha, temperature, num_real, u, banned=None):
     """float64: q and p over the real ids, the mixture, and each u's id by inverting the CDF of the mixture over
     the ids not banned; with how close u * total lies to the nearest CDF step (relative), so float32 rounding can
