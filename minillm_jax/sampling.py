@@ -410,11 +410,11 @@ def _block_draw(logits: Float[Array, "B Vd"], teacher_logits: Float[Array, "B Vt
     def scaled(x, at):  # logits / temperature in float32, -inf at ids from num_real on
         return jnp.where(at < num_real, x.astype(jnp.float32) / temperature, -jnp.inf)
 
-    def bans(blocks):  # `banned` laid out as an array of `blocks` blocks, or None
+    def bans(blocks):  # `banned` laid out as an array of `blocks` blocks (unbanned past its width), or None
         if banned is None:
             return None
-        ban = blocked(banned[:, :min(banned.shape[-1], blocks * BLOCK)], fill=False)
-        return jnp.pad(ban, ((0, 0), (0, blocks - ban.shape[1]), (0, 0))) if ban.shape[1] < blocks else ban
+        ban = banned[:, :blocks * BLOCK]
+        return jnp.pad(ban, ((0, 0), (0, blocks * BLOCK - ban.shape[-1]))).reshape(B, blocks, BLOCK)
 
     def distribution(x):
         """Scaled blocks; the first n blocks' masses and cumulative sums for the draw (allowed ids only), both
