@@ -307,9 +307,8 @@ def compile_decode(mesh, teacher: bool, batch: int, segments: int = 1, split_lay
     from bench.decode_hlo import SHAPES, generate_program
 
     shapes = SHAPES["gpu"]
-    option = {"attention": attention} if attention != "model" else {}  # checkouts from before it build too
     run, args, config = generate_program(shapes, teacher, batch, segments, split_layers, kv_cache_dtype,
-                                         no_repeat_ngram_size, **option)
+                                         no_repeat_ngram_size, attention)
     new = config.max_new_tokens
     return run.lower(*_placed(args, mesh)).compile().as_text(), min(config.decode_chunk, new), new
 

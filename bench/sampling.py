@@ -200,8 +200,7 @@ def main():
         params = write_checkpoint(kind, dims, dtype, tmp / "student")
         base = dict(student=str(tmp / "student"), dtype=dtype, vocab=dims["vocab_size"], prompt=prompt, new=new,
                     repeats=args.repeats, segments=args.cache_segments, split_layers=args.split_layers,
-                    kv_cache_dtype=args.kv_cache_dtype,
-                    **({"attention": args.attention} if args.attention != "xla" else {}))
+                    kv_cache_dtype=args.kv_cache_dtype, attention=args.attention)
         if args.cache_segments > 1 or args.split_layers or args.kv_cache_dtype != "auto" or args.attention != "xla":
             print(f"ours: cache_segments={args.cache_segments}, split_layers={args.split_layers}, "
                   f"kv_cache_dtype={args.kv_cache_dtype}, attention={args.attention}")
